@@ -1,0 +1,57 @@
+//! Command-line types (clap derive) only.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// vhost-user-net backend that is the whole network of a VM sandbox.
+#[derive(Debug, Parser)]
+#[command(name = "vhost-gateway", version, about)]
+pub struct Cli {
+    /// vhost-user socket the VMM connects to.
+    #[arg(long, value_name = "PATH")]
+    pub socket_path: Option<PathBuf>,
+
+    /// Configuration file (TOML); embedded defaults without it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Log level: error, warn, info, debug, trace (or a tracing filter).
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Print the vhost-user backend capabilities JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+
+    /// A subcommand instead of running the daemon.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a configuration file: a summary line and exit 0, or every
+    /// problem with its key and line and exit 1.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// Print the embedded default configuration, every key documented.
+    PrintDefaultConfig,
+}

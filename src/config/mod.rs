@@ -1,0 +1,485 @@
+//! The configuration: serde schema (unknown keys rejected), the embedded
+//! defaults, and validation.
+//!
+//! Pure data and checks: nothing here touches sockets or the guest. Every value
+//! the rest of the daemon reads has been validated here first, so later stages
+//! may rely on the invariants listed on [`Config::validate`].
+#![forbid(unsafe_code)]
+
+mod types;
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+
+use serde::Deserialize;
+
+pub use types::{Ipv6Prefix, MacAddr};
+
+/// The embedded defaults, also shipped as `config/default.toml`.
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+/// Smallest MTU any IPv4 host must accept (RFC 791).
+const MIN_MTU_V4: u16 = 576;
+/// IPv6 links must carry at least this much (RFC 8200 5).
+const MIN_MTU_V6: u16 = 1280;
+/// Largest MTU we can carry: a 64 KiB IP packet less headers, as passt uses.
+pub const MAX_MTU: u16 = 65520;
+
+/// Errors from loading or checking a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax or schema error (unknown key, wrong type).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<Problem>),
+}
+
+/// One problem found in a configuration, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, e.g. `network.mtu`; empty when unknown.
+    pub key: String,
+    /// 1-based line in the file, when it could be found.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.key.is_empty(), self.line) {
+            (false, Some(line)) => write!(f, "{} (line {line}): {}", self.key, self.message),
+            (false, None) => write!(f, "{}: {}", self.key, self.message),
+            (true, Some(line)) => write!(f, "line {line}: {}", self.message),
+            (true, None) => write!(f, "{}", self.message),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// The guest-facing network.
+    #[serde(default)]
+    pub network: Network,
+}
+
+/// The `[network]` table: addresses and link parameters the guest is given.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Network {
+    /// MAC reported in the virtio config space.
+    pub guest_mac: MacAddr,
+    /// The gateway's own MAC.
+    pub gateway_mac: MacAddr,
+    /// The gateway's IPv4 address.
+    pub ipv4_gateway: Ipv4Addr,
+    /// The address leased to the guest.
+    pub ipv4_guest: Ipv4Addr,
+    /// Prefix length of the guest subnet.
+    pub ipv4_prefix_len: u8,
+    /// Whether router advertisements are sent and IPv6 is answered.
+    pub ipv6_enabled: bool,
+    /// The SLAAC prefix (a /64).
+    pub ipv6_prefix: Ipv6Prefix,
+    /// The gateway's address inside that prefix.
+    pub ipv6_gateway: Ipv6Addr,
+    /// Link MTU.
+    pub mtu: u16,
+    /// Advertised IPv4 DNS servers; empty means the gateway.
+    pub dns_ipv4: Vec<Ipv4Addr>,
+    /// Advertised IPv6 DNS servers; empty means the gateway.
+    pub dns_ipv6: Vec<Ipv6Addr>,
+    /// DHCP option 119 search domains.
+    pub domain_search: Vec<String>,
+    /// DHCP lease time.
+    pub dhcp_lease_seconds: u32,
+    /// Unsolicited RA interval.
+    pub ra_interval_seconds: u32,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Self {
+            guest_mac: MacAddr([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]),
+            gateway_mac: MacAddr([0x02, 0x76, 0x67, 0x00, 0x00, 0x01]),
+            ipv4_gateway: Ipv4Addr::new(198, 19, 0, 1),
+            ipv4_guest: Ipv4Addr::new(198, 19, 0, 2),
+            ipv4_prefix_len: 24,
+            ipv6_enabled: true,
+            ipv6_prefix: Ipv6Prefix {
+                addr: Ipv6Addr::new(0xfd76, 0x6761, 0x7465, 0, 0, 0, 0, 0),
+                len: 64,
+            },
+            ipv6_gateway: Ipv6Addr::new(0xfd76, 0x6761, 0x7465, 0, 0, 0, 0, 1),
+            mtu: 1500,
+            dns_ipv4: Vec::new(),
+            dns_ipv6: Vec::new(),
+            domain_search: Vec::new(),
+            dhcp_lease_seconds: 3600,
+            ra_interval_seconds: 60,
+        }
+    }
+}
+
+impl Network {
+    /// DNS servers the guest is told about over DHCP.
+    pub fn advertised_dns_v4(&self) -> Vec<Ipv4Addr> {
+        if self.dns_ipv4.is_empty() {
+            vec![self.ipv4_gateway]
+        } else {
+            self.dns_ipv4.clone()
+        }
+    }
+
+    /// DNS servers the guest is told about in router advertisements.
+    pub fn advertised_dns_v6(&self) -> Vec<Ipv6Addr> {
+        if self.dns_ipv6.is_empty() {
+            vec![self.ipv6_gateway]
+        } else {
+            self.dns_ipv6.clone()
+        }
+    }
+
+    /// The IPv4 subnet mask.
+    pub fn ipv4_netmask(&self) -> Ipv4Addr {
+        let bits = u32::MAX
+            .checked_shl(32 - u32::from(self.ipv4_prefix_len))
+            .unwrap_or(0);
+        Ipv4Addr::from(bits)
+    }
+
+    fn ipv4_network(&self, addr: Ipv4Addr) -> u32 {
+        u32::from(addr) & u32::from(self.ipv4_netmask())
+    }
+}
+
+impl Config {
+    /// Parses and validates a TOML document.
+    pub fn from_toml(text: &str) -> Result<Self, Error> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of_offset(text, s.start));
+            Error::Invalid(vec![Problem {
+                key: String::new(),
+                line,
+                message: e.message().trim().to_owned(),
+            }])
+        })?;
+        let problems: Vec<Problem> = config
+            .validate()
+            .into_iter()
+            .map(|(key, message)| Problem {
+                line: locate_key(text, &key),
+                key,
+                message,
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(Error::Invalid(problems))
+        }
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// The embedded defaults.
+    pub fn embedded() -> Self {
+        Self::default()
+    }
+
+    /// Checks every invariant the daemon relies on; returns (key, message)
+    /// pairs. After this, addresses are unicast and distinct, the guest is
+    /// inside the gateway's subnet, the MTU is in range for the enabled
+    /// families, and the IPv6 prefix is a /64 containing the gateway.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let n = &self.network;
+        let mut out = Vec::new();
+        let mut bad = |key: &str, message: String| out.push((format!("network.{key}"), message));
+
+        for (key, mac) in [("guest-mac", n.guest_mac), ("gateway-mac", n.gateway_mac)] {
+            if mac.is_multicast() || mac.is_zero() {
+                bad(key, format!("{mac} is not a unicast MAC address"));
+            }
+        }
+        if n.guest_mac == n.gateway_mac {
+            bad("gateway-mac", "must differ from guest-mac".into());
+        }
+        if !(8..=30).contains(&n.ipv4_prefix_len) {
+            bad(
+                "ipv4-prefix-len",
+                format!("{} is outside 8..=30", n.ipv4_prefix_len),
+            );
+        } else {
+            let mask = u32::from(n.ipv4_netmask());
+            for (key, addr) in [
+                ("ipv4-gateway", n.ipv4_gateway),
+                ("ipv4-guest", n.ipv4_guest),
+            ] {
+                let host = u32::from(addr) & !mask;
+                if addr.is_unspecified()
+                    || addr.is_multicast()
+                    || addr.is_broadcast()
+                    || addr.is_loopback()
+                {
+                    bad(key, format!("{addr} is not a usable unicast address"));
+                } else if host == 0 || host == !mask {
+                    bad(
+                        key,
+                        format!("{addr} is the network or broadcast address of its subnet"),
+                    );
+                }
+            }
+            if n.ipv4_network(n.ipv4_gateway) != n.ipv4_network(n.ipv4_guest) {
+                bad(
+                    "ipv4-guest",
+                    format!(
+                        "{} is not in the gateway's subnet {}/{}",
+                        n.ipv4_guest, n.ipv4_gateway, n.ipv4_prefix_len
+                    ),
+                );
+            }
+            if n.ipv4_gateway == n.ipv4_guest {
+                bad("ipv4-guest", "must differ from ipv4-gateway".into());
+            }
+        }
+        let min_mtu = if n.ipv6_enabled {
+            MIN_MTU_V6
+        } else {
+            MIN_MTU_V4
+        };
+        if !(min_mtu..=MAX_MTU).contains(&n.mtu) {
+            bad(
+                "mtu",
+                format!(
+                    "{} is outside {min_mtu}..={MAX_MTU}{}",
+                    n.mtu,
+                    if n.ipv6_enabled {
+                        " (IPv6 needs at least 1280)"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+        }
+        if n.ipv6_enabled {
+            if n.ipv6_prefix.len != 64 {
+                bad(
+                    "ipv6-prefix",
+                    format!("SLAAC needs a /64, not /{}", n.ipv6_prefix.len),
+                );
+            }
+            if !n.ipv6_prefix.contains(n.ipv6_gateway) {
+                bad(
+                    "ipv6-gateway",
+                    format!("{} is not inside {}", n.ipv6_gateway, n.ipv6_prefix),
+                );
+            }
+            if n.ipv6_gateway.is_multicast() || n.ipv6_gateway.is_unspecified() {
+                bad("ipv6-gateway", "must be a unicast address".into());
+            }
+        }
+        if n.dns_ipv4.len() > 3 {
+            bad("dns-ipv4", "at most 3 servers".into());
+        }
+        if n.dns_ipv6.len() > 3 {
+            bad("dns-ipv6", "at most 3 servers".into());
+        }
+        for name in &n.domain_search {
+            if let Err(e) = types::check_domain(name) {
+                bad("domain-search", format!("{name:?}: {e}"));
+            }
+        }
+        if types::encode_domain_search(&n.domain_search).len() > 255 {
+            bad(
+                "domain-search",
+                "encoded list exceeds 255 bytes (one DHCP option)".into(),
+            );
+        }
+        if !(60..=604_800).contains(&n.dhcp_lease_seconds) {
+            bad(
+                "dhcp-lease-seconds",
+                format!("{} is outside 60..=604800", n.dhcp_lease_seconds),
+            );
+        }
+        if !(4..=1800).contains(&n.ra_interval_seconds) {
+            bad(
+                "ra-interval-seconds",
+                format!("{} is outside 4..=1800", n.ra_interval_seconds),
+            );
+        }
+        out
+    }
+
+    /// One line describing the configuration, for `check-config`.
+    pub fn summary(&self) -> String {
+        let n = &self.network;
+        let v6 = if n.ipv6_enabled {
+            format!("IPv6 {} via {}", n.ipv6_prefix, n.ipv6_gateway)
+        } else {
+            "IPv6 off".to_owned()
+        };
+        format!(
+            "guest {}/{} via {}, {v6}, MTU {}",
+            n.ipv4_guest, n.ipv4_prefix_len, n.ipv4_gateway, n.mtu
+        )
+    }
+}
+
+pub use types::encode_domain_search;
+
+/// 1-based line number of a byte offset.
+fn line_of_offset(text: &str, offset: usize) -> usize {
+    text.get(..offset)
+        .map_or(0, |head| head.bytes().filter(|&b| b == b'\n').count())
+        + 1
+}
+
+/// Finds the line where a dotted key (`table.key`) is set, by scanning table
+/// headers and `key =` lines. Our schema is a set of flat tables, so this is
+/// exact for it; it returns None rather than guess when the key is absent.
+fn locate_key(text: &str, dotted: &str) -> Option<usize> {
+    let (table, key) = dotted.rsplit_once('.').unwrap_or(("", dotted));
+    let mut current = String::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(header) = line.strip_prefix('[') {
+            current = header
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned();
+            continue;
+        }
+        if current == table
+            && let Some((k, _)) = line.split_once('=')
+            && k.trim().trim_matches('"') == key
+        {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_default_file_equals_embedded_defaults() {
+        let parsed = Config::from_toml(DEFAULT_TOML).expect("default.toml is valid");
+        assert_eq!(parsed, Config::embedded());
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::embedded());
+    }
+
+    #[test]
+    fn defaults_validate() {
+        assert!(Config::embedded().validate().is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_line() {
+        let err = Config::from_toml("[network]\nmtu = 1500\nmut = 9000\n").unwrap_err();
+        let Error::Invalid(problems) = err else {
+            panic!("expected Invalid")
+        };
+        assert_eq!(problems[0].line, Some(3));
+        assert!(
+            problems[0].message.contains("unknown field"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn validation_table() {
+        let cases: &[(&str, &str)] = &[
+            ("[network]\nmtu = 100\n", "network.mtu"),
+            ("[network]\nmtu = 1000\n", "network.mtu"),
+            ("[network]\nmtu = 65521\n", "network.mtu"),
+            (
+                "[network]\nipv4-guest = \"10.0.0.2\"\n",
+                "network.ipv4-guest",
+            ),
+            (
+                "[network]\nipv4-guest = \"198.19.0.1\"\n",
+                "network.ipv4-guest",
+            ),
+            (
+                "[network]\nipv4-guest = \"198.19.0.255\"\n",
+                "network.ipv4-guest",
+            ),
+            (
+                "[network]\nipv4-prefix-len = 31\n",
+                "network.ipv4-prefix-len",
+            ),
+            (
+                "[network]\nguest-mac = \"01:00:5e:00:00:01\"\n",
+                "network.guest-mac",
+            ),
+            (
+                "[network]\nipv6-prefix = \"fd00::/48\"\n",
+                "network.ipv6-prefix",
+            ),
+            (
+                "[network]\nipv6-gateway = \"fd00::1\"\n",
+                "network.ipv6-gateway",
+            ),
+            (
+                "[network]\ndhcp-lease-seconds = 5\n",
+                "network.dhcp-lease-seconds",
+            ),
+            (
+                "[network]\nra-interval-seconds = 0\n",
+                "network.ra-interval-seconds",
+            ),
+            (
+                "[network]\ndomain-search = [\"bad..name\"]\n",
+                "network.domain-search",
+            ),
+        ];
+        for (text, key) in cases {
+            let Err(Error::Invalid(problems)) = Config::from_toml(text) else {
+                panic!("{text:?} should be rejected")
+            };
+            assert!(
+                problems.iter().any(|p| p.key == *key && p.line == Some(2)),
+                "{text:?}: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn mtu_9000_without_ipv6_minimum_issue() {
+        let c = Config::from_toml("[network]\nmtu = 9000\nipv6-enabled = false\n").unwrap();
+        assert_eq!(c.network.mtu, 9000);
+        let c = Config::from_toml("[network]\nmtu = 1000\nipv6-enabled = false\n").unwrap();
+        assert_eq!(c.network.mtu, 1000);
+    }
+
+    #[test]
+    fn bad_mac_syntax_is_a_parse_error() {
+        assert!(Config::from_toml("[network]\nguest-mac = \"52:54:00\"\n").is_err());
+    }
+}

@@ -1,0 +1,202 @@
+//! Value types of the configuration that TOML has no native form for: MAC
+//! addresses, IPv6 prefixes, domain names.
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::net::Ipv6Addr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer};
+
+/// A 48-bit MAC address written `aa:bb:cc:dd:ee:ff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// Group bit set (multicast or broadcast).
+    pub fn is_multicast(self) -> bool {
+        self.0[0] & 1 == 1
+    }
+
+    /// All zeros.
+    pub fn is_zero(self) -> bool {
+        self.0 == [0; 6]
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut out {
+            let part = parts
+                .next()
+                .ok_or_else(|| format!("{s:?}: expected six hex bytes"))?;
+            if part.len() != 2 {
+                return Err(format!("{s:?}: expected two hex digits per byte"));
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| format!("{s:?}: not hex"))?;
+        }
+        if parts.next().is_some() {
+            return Err(format!("{s:?}: expected six hex bytes"));
+        }
+        Ok(Self(out))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// An IPv6 prefix written `addr/len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Prefix {
+    /// The network address (host bits zero).
+    pub addr: Ipv6Addr,
+    /// Prefix length, 0..=128.
+    pub len: u8,
+}
+
+impl Ipv6Prefix {
+    fn mask(self) -> u128 {
+        u128::MAX
+            .checked_shl(128 - u32::from(self.len))
+            .unwrap_or(0)
+    }
+
+    /// Whether `addr` lies inside the prefix.
+    pub fn contains(self, addr: Ipv6Addr) -> bool {
+        u128::from(addr) & self.mask() == u128::from(self.addr)
+    }
+}
+
+impl FromStr for Ipv6Prefix {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: expected ADDRESS/LENGTH"))?;
+        let addr: Ipv6Addr = addr
+            .parse()
+            .map_err(|_| format!("{s:?}: not an IPv6 address"))?;
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= 128)
+            .ok_or_else(|| format!("{s:?}: length must be 0..=128"))?;
+        let prefix = Self { addr, len };
+        if u128::from(addr) & !prefix.mask() != 0 {
+            return Err(format!("{s:?}: host bits are set"));
+        }
+        Ok(prefix)
+    }
+}
+
+impl fmt::Display for Ipv6Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl<'de> Deserialize<'de> for Ipv6Prefix {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Checks a DNS name's syntax (RFC 1035 2.3.4 lengths, LDH labels).
+pub fn check_domain(name: &str) -> Result<(), &'static str> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() || name.len() > 253 {
+        return Err("name must be 1..=253 characters");
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("each label must be 1..=63 characters");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            || label.starts_with('-')
+            || label.ends_with('-')
+        {
+            return Err("labels are letters, digits and inner hyphens");
+        }
+    }
+    Ok(())
+}
+
+/// Encodes a domain search list as DHCP option 119 data (RFC 3397: DNS wire
+/// names, uncompressed, which every client accepts).
+pub fn encode_domain_search(names: &[String]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for name in names {
+        let name = name.strip_suffix('.').unwrap_or(name);
+        for label in name.split('.') {
+            // check_domain bounds labels to 63 bytes before this runs.
+            out.push(u8::try_from(label.len()).unwrap_or(63));
+            out.extend_from_slice(label.as_bytes());
+        }
+        out.push(0);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trip_and_errors() {
+        let m: MacAddr = "52:54:00:ab:CD:ef".parse().unwrap();
+        assert_eq!(m.to_string(), "52:54:00:ab:cd:ef");
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:ef:00",
+            "5:54:00:ab:cd:ef",
+            "zz:54:00:ab:cd:ef",
+        ] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn prefix_parse_and_contains() {
+        let p: Ipv6Prefix = "fd00:1::/64".parse().unwrap();
+        assert!(p.contains("fd00:1::5".parse().unwrap()));
+        assert!(!p.contains("fd00:2::5".parse().unwrap()));
+        assert!("fd00:1::1/64".parse::<Ipv6Prefix>().is_err());
+        assert!("fd00::/129".parse::<Ipv6Prefix>().is_err());
+        assert!("fd00::".parse::<Ipv6Prefix>().is_err());
+    }
+
+    #[test]
+    fn domain_checks_and_encoding() {
+        assert!(check_domain("example.com").is_ok());
+        assert!(check_domain("example.com.").is_ok());
+        assert!(check_domain("a..b").is_err());
+        assert!(check_domain("-a.b").is_err());
+        assert!(check_domain(&"a".repeat(64)).is_err());
+        assert_eq!(
+            encode_domain_search(&["ab.c".into()]),
+            vec![2, b'a', b'b', 1, b'c', 0]
+        );
+    }
+}

@@ -1,0 +1,261 @@
+//! Start-up and the connection loop: bind the socket (replacing a stale one,
+//! refusing a live one), tell systemd we are ready, then serve one VMM at a
+//! time, each with a fresh backend, until SIGTERM/SIGINT.
+//!
+//! Runs on the main thread. Per VMM connection it starts vhost-user-backend's
+//! request handler on a private socket and relays the VMM to it through
+//! [`crate::vhost::compat`].
+
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::config::Config;
+use crate::metrics::{Counter, Metrics};
+use crate::vhost::{NetBackend, compat};
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Something already listens on the socket path.
+    #[error("{0} is in use by a running process (another vhost-gateway?)")]
+    SocketInUse(PathBuf),
+    /// The path exists and is not a socket; we do not delete it.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// Binding the listening socket failed.
+    #[error("cannot listen on {path}")]
+    BindListener {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Signal handler installation failed.
+    #[error("cannot install signal handlers")]
+    Signals(#[source] io::Error),
+    /// Accepting a VMM connection failed.
+    #[error("cannot accept a VMM connection")]
+    Accept(#[source] io::Error),
+}
+
+/// Errors of one VMM connection; logged, then the next VMM is accepted.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("cannot set up the device")]
+    Backend(#[from] crate::vhost::Error),
+    #[error("cannot start the vhost-user handler: {0}")]
+    Daemon(vhost_user_backend::Error),
+    #[error("cannot create the private handler socket")]
+    PrivateSocket(#[source] io::Error),
+    #[error("vhost-user session failed: {0}")]
+    Session(vhost_user_backend::Error),
+}
+
+/// Runs the daemon until a signal ends it.
+pub fn run(socket_path: &Path, config: Config) -> Result<(), Error> {
+    let listener = bind(socket_path)?;
+    let metrics = Arc::new(Metrics::default());
+    spawn_signal_thread(socket_path.to_owned(), metrics.clone())?;
+    tracing::info!(socket = %socket_path.display(), config = %config.summary(), "listening");
+    notify_systemd("READY=1");
+    let config = Arc::new(config);
+    loop {
+        let vmm = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::Accept(e)),
+        };
+        metrics.inc(Counter::vmm_connections);
+        tracing::info!("VMM connected");
+        match serve(vmm, &config, &metrics) {
+            Ok(()) => {
+                tracing::info!(counters = %metrics.snapshot(), "VMM disconnected; guest state reset")
+            }
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "VMM session ended with an error; guest state reset")
+            }
+        }
+    }
+}
+
+/// Binds the socket path. An existing socket nobody answers on is stale (a
+/// crashed daemon) and is replaced; one that answers is refused.
+fn bind(path: &Path) -> Result<UnixListener, Error> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(Error::NotASocket(path.to_owned()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(Error::SocketInUse(path.to_owned()));
+        }
+        tracing::info!(socket = %path.display(), "replacing stale socket");
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|source| Error::BindListener {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Serves one VMM connection to its end.
+fn serve(
+    vmm: UnixStream,
+    config: &Arc<Config>,
+    metrics: &Arc<Metrics>,
+) -> Result<(), ConnectionError> {
+    let backend = Arc::new(NetBackend::new(config.clone(), metrics.clone())?);
+    let mut daemon = VhostUserDaemon::new(
+        "vhost-gateway".to_owned(),
+        backend.clone(),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(ConnectionError::Daemon)?;
+    for handler in daemon.get_epoll_handlers() {
+        backend.register(&handler)?;
+    }
+    let (mut inner, to_handler) = private_pair().map_err(ConnectionError::PrivateSocket)?;
+    daemon.start(&mut inner).map_err(ConnectionError::Daemon)?;
+    let relay = std::thread::Builder::new()
+        .name("vhost-relay".into())
+        .spawn(move || compat::relay(vmm, to_handler))
+        .map_err(ConnectionError::PrivateSocket)?;
+    let result = match daemon.wait() {
+        // The VMM going away mid-message is how every session ends.
+        Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected
+            | vhost::vhost_user::Error::PartialMessage
+            | vhost::vhost_user::Error::SocketBroken(_),
+        )) => Ok(()),
+        other => other.map_err(ConnectionError::Session),
+    };
+    match relay.join() {
+        Ok(Err(e)) => tracing::debug!(error = %e, "relay ended"),
+        Err(_) => tracing::warn!("relay thread panicked"),
+        Ok(Ok(())) => {}
+    }
+    // Dropping the daemon stops and joins the vring worker threads.
+    drop(daemon);
+    result
+}
+
+/// A connected pair: the backend handler's listener (already holding our
+/// connection in its backlog) and our end. vhost-user-backend only accepts
+/// from a listener, so the pair meets on a socket in a fresh 0700 directory
+/// that is removed at once; nobody else can reach it.
+fn private_pair() -> io::Result<(Listener, UnixStream)> {
+    use std::os::unix::fs::DirBuilderExt;
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "vhost-gateway-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let path = dir.join("handler.sock");
+    let result = UnixListener::bind(&path).and_then(|listener| {
+        let ours = UnixStream::connect(&path)?;
+        Ok((Listener::from(listener), ours))
+    });
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir(&dir);
+    result
+}
+
+/// SIGTERM/SIGINT remove the socket and exit; SIGUSR1 logs the counters.
+fn spawn_signal_thread(socket_path: PathBuf, metrics: Arc<Metrics>) -> Result<(), Error> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1]).map_err(Error::Signals)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if signal == SIGUSR1 {
+                    tracing::info!(counters = %metrics.snapshot(), "counters");
+                    continue;
+                }
+                tracing::info!(signal, counters = %metrics.snapshot(), "exiting");
+                let _ = std::fs::remove_file(&socket_path);
+                std::process::exit(0);
+            }
+        })
+        .map_err(Error::Signals)?;
+    Ok(())
+}
+
+/// sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET.
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let target = target.to_string_lossy().into_owned();
+    let addr = match target.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&target),
+    };
+    let sent = addr.and_then(|addr| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr));
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// "a: b: c" from an error and its sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_socket_is_replaced_live_one_refused_file_kept() {
+        let dir = std::env::temp_dir().join(format!("vg-bind-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let live = bind(&path).unwrap();
+        assert!(matches!(bind(&path), Err(Error::SocketInUse(_))));
+        drop(live);
+        // The file is still there, nobody listens: stale.
+        assert!(path.exists());
+        let _again = bind(&path).unwrap();
+        let file = dir.join("plain");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(bind(&file), Err(Error::NotASocket(_))));
+        assert!(file.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn private_pair_leaves_nothing_behind() {
+        let (_l, _s) = private_pair().unwrap();
+        let leftovers = std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("vhost-gateway-{}-", std::process::id()))
+            })
+            .count();
+        assert_eq!(leftovers, 0);
+    }
+}

@@ -1,0 +1,254 @@
+//! The smoltcp `Device` over the two virtqueues.
+//!
+//! `receive` pops a TX chain, copies the frame once into the engine's reused
+//! buffer and offers it to the gateway services; what they do not take goes to
+//! smoltcp. `transmit` hands smoltcp a token that serializes into a reused
+//! buffer behind a zeroed virtio-net header and then writes it into RX chains.
+//! Lives only for one poll pass, borrowing the engine's state.
+#![forbid(unsafe_code)]
+
+use std::time::Instant;
+
+use smoltcp::phy::{self, DeviceCapabilities};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemory;
+
+use super::Services;
+use crate::metrics::{Counter, Metrics};
+use crate::virtio::{self, Layout};
+
+/// A device with no queues, for building the smoltcp interface.
+pub struct Medium {
+    caps: DeviceCapabilities,
+}
+
+impl Medium {
+    /// Capabilities for Ethernet frames up to `max_frame` bytes.
+    pub fn new(max_frame: usize) -> Self {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = phy::Medium::Ethernet;
+        caps.max_transmission_unit = max_frame;
+        Self { caps }
+    }
+}
+
+impl phy::Device for Medium {
+    type RxToken<'a> = RxToken<'a>;
+    type TxToken<'a> = NoTx;
+
+    fn receive(
+        &mut self,
+        _timestamp: smoltcp::time::Instant,
+    ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        None
+    }
+
+    fn transmit(&mut self, _timestamp: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
+        None
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.caps.clone()
+    }
+}
+
+/// The transmit token of [`Medium`]; never handed out.
+pub struct NoTx;
+
+impl phy::TxToken for NoTx {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        f(&mut vec![0; len])
+    }
+}
+
+/// The virtqueue device for one pass.
+pub struct Device<'a, M: GuestMemory> {
+    /// Guest memory, checked by every access.
+    pub mem: &'a M,
+    /// Guest-to-device queue.
+    pub tx: &'a mut Queue,
+    /// Device-to-guest queue.
+    pub rx: &'a mut Queue,
+    /// Negotiated header layout.
+    pub layout: Layout,
+    /// Largest Ethernet frame accepted.
+    pub max_frame: usize,
+    /// Reused copy of the current guest frame (header included).
+    pub from_guest: &'a mut Vec<u8>,
+    /// Reused buffer for frames to the guest (header included).
+    pub to_guest: &'a mut Vec<u8>,
+    /// Services that see frames first.
+    pub services: &'a mut Services,
+    /// Counters.
+    pub metrics: &'a Metrics,
+    /// Frames still allowed this poll.
+    pub budget: usize,
+    /// Time of this pass.
+    pub now: Instant,
+    /// Whether TX chains were returned.
+    pub tx_used: bool,
+    /// Whether RX chains were filled.
+    pub rx_used: bool,
+}
+
+/// A frame from the guest, already copied out of guest memory.
+pub struct RxToken<'a> {
+    frame: &'a [u8],
+}
+
+impl phy::RxToken for RxToken<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(self.frame)
+    }
+}
+
+/// Permission to write one frame into the RX queue.
+pub struct TxToken<'a, M: GuestMemory> {
+    rx: &'a mut Queue,
+    mem: &'a M,
+    layout: Layout,
+    buf: &'a mut Vec<u8>,
+    metrics: &'a Metrics,
+    rx_used: &'a mut bool,
+}
+
+impl<M: GuestMemory> phy::TxToken for TxToken<'_, M> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let (out, sent) = send_to_guest(
+            self.rx,
+            self.mem,
+            self.layout,
+            self.buf,
+            self.metrics,
+            len,
+            f,
+        );
+        *self.rx_used |= sent;
+        out
+    }
+}
+
+/// Serializes a frame of `len` bytes with `fill` behind a zeroed header and
+/// writes it into the RX queue; counts the outcome. Returns what `fill`
+/// returned and whether the used ring changed.
+pub fn send_to_guest<M: GuestMemory, R>(
+    rx: &mut Queue,
+    mem: &M,
+    layout: Layout,
+    buf: &mut Vec<u8>,
+    metrics: &Metrics,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]) -> R,
+) -> (R, bool) {
+    buf.clear();
+    buf.resize(layout.hdr_len + len, 0);
+    let out = fill(buf.get_mut(layout.hdr_len..).unwrap_or_default());
+    let used = match virtio::write_rx_frame(rx, mem, layout, buf) {
+        Ok(_) => {
+            metrics.inc(Counter::frames_to_guest);
+            metrics.add(Counter::bytes_to_guest, len as u64);
+            true
+        }
+        Err(drop) => {
+            metrics.inc(counter_for(drop));
+            // Chains handed back empty still need the guest to see them.
+            drop == virtio::Drop::RxBuffersTooSmall
+        }
+    };
+    (out, used)
+}
+
+fn counter_for(drop: virtio::Drop) -> Counter {
+    match drop {
+        virtio::Drop::BadChain => Counter::drop_bad_chain,
+        virtio::Drop::WrongDirection => Counter::drop_wrong_direction,
+        virtio::Drop::TooShort => Counter::drop_too_short,
+        virtio::Drop::TooLong => Counter::drop_too_long,
+        virtio::Drop::NoRxBuffers => Counter::drop_no_rx_buffers,
+        virtio::Drop::RxBuffersTooSmall => Counter::drop_rx_buffers_too_small,
+    }
+}
+
+impl<M: GuestMemory> phy::Device for Device<'_, M> {
+    type RxToken<'a>
+        = RxToken<'a>
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = TxToken<'a, M>
+    where
+        Self: 'a;
+
+    fn receive(
+        &mut self,
+        _timestamp: smoltcp::time::Instant,
+    ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        loop {
+            if self.budget == 0 {
+                return None;
+            }
+            let chain = self.tx.pop_descriptor_chain(self.mem)?;
+            self.budget -= 1;
+            let head = chain.head_index();
+            let read = virtio::read_tx_chain(
+                self.mem,
+                chain,
+                self.layout,
+                self.max_frame,
+                self.from_guest,
+            );
+            // TX buffers are only read: used length is 0 (virtio 1.2 5.1.6.2).
+            let _ = self.tx.add_used(self.mem, head, 0);
+            self.tx_used = true;
+            let frame_len = match read {
+                Ok(len) => len,
+                Err(drop) => {
+                    self.metrics.inc(counter_for(drop));
+                    continue;
+                }
+            };
+            self.metrics.inc(Counter::frames_from_guest);
+            self.metrics
+                .add(Counter::bytes_from_guest, frame_len as u64);
+            let frame = self.layout.hdr_len..self.layout.hdr_len + frame_len;
+            let taken = match self.from_guest.get(frame.clone()) {
+                Some(bytes) => self.services.intercept(bytes, self.now),
+                None => true,
+            };
+            if taken {
+                continue;
+            }
+            return Some((
+                RxToken {
+                    frame: self.from_guest.get(frame).unwrap_or_default(),
+                },
+                TxToken {
+                    rx: self.rx,
+                    mem: self.mem,
+                    layout: self.layout,
+                    buf: self.to_guest,
+                    metrics: self.metrics,
+                    rx_used: &mut self.rx_used,
+                },
+            ));
+        }
+    }
+
+    fn transmit(&mut self, _timestamp: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
+        if !virtio::rx_available(self.rx, self.mem) {
+            return None;
+        }
+        Some(TxToken {
+            rx: self.rx,
+            mem: self.mem,
+            layout: self.layout,
+            buf: self.to_guest,
+            metrics: self.metrics,
+            rx_used: &mut self.rx_used,
+        })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        Medium::new(self.max_frame).caps
+    }
+}

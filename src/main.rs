@@ -1,0 +1,98 @@
+//! vhost-gateway: parse the command line, set up logging, run, exit code.
+
+mod cli;
+mod config;
+mod daemon;
+mod engine;
+mod metrics;
+mod vhost;
+mod virtio;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cli::{Cli, Command, LogFormat};
+use config::Config;
+
+/// The capabilities document of QEMU's vhost-user backend conventions
+/// (docs/interop/vhost-user.json): a network device with no extra features.
+const CAPABILITIES: &str = r#"{"type": "net"}"#;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.print_capabilities {
+        println!("{CAPABILITIES}");
+        return ExitCode::SUCCESS;
+    }
+    match cli.command {
+        Some(Command::PrintDefaultConfig) => {
+            print!("{}", config::DEFAULT_TOML);
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::CheckConfig { ref file }) => return check_config(file),
+        None => {}
+    }
+    let Some(socket_path) = cli.socket_path.clone() else {
+        eprintln!("vhost-gateway: --socket-path PATH is required to run the daemon");
+        return ExitCode::FAILURE;
+    };
+    let config = match &cli.config {
+        Some(path) => match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!(
+                    "vhost-gateway: {}: {}",
+                    path.display(),
+                    daemon::error_chain(&e)
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+        None => Config::embedded(),
+    };
+    if let Err(message) = init_logging(&cli.log_level, cli.log_format) {
+        eprintln!("vhost-gateway: {message}");
+        return ExitCode::FAILURE;
+    }
+    match daemon::run(&socket_path, config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %daemon::error_chain(&e), "stopped");
+            eprintln!("vhost-gateway: {}", daemon::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(c) => {
+            println!("{}: ok: {}", file.display(), c.summary());
+            ExitCode::SUCCESS
+        }
+        Err(config::Error::Invalid(problems)) => {
+            for p in problems {
+                eprintln!("{}: {p}", file.display());
+            }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{}", daemon::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str, format: LogFormat) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| format!("--log-level {level:?}: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! Process-wide counters: frames, bytes, drops by reason, service events.
+//!
+//! Written by the engine thread with relaxed atomics (no locks on the data
+//! path), read by anyone: `SIGUSR1` logs a snapshot, and the daemon logs one
+//! when a VMM disconnects.
+#![forbid(unsafe_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// One named counter.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[allow(non_camel_case_types)]
+        pub enum Counter { $($(#[$doc])* $name),* }
+
+        impl Counter {
+            /// Every counter, in declaration order.
+            pub const ALL: &'static [Counter] = &[$(Counter::$name),*];
+
+            /// The counter's name as it appears in logs.
+            pub fn name(self) -> &'static str {
+                match self { $(Counter::$name => stringify!($name)),* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Frames taken from the guest's TX queue and accepted.
+    frames_from_guest,
+    /// Bytes of those frames (without virtio-net header).
+    bytes_from_guest,
+    /// Frames written into the guest's RX queue.
+    frames_to_guest,
+    /// Bytes of those frames.
+    bytes_to_guest,
+    /// TX chains outside guest memory or malformed.
+    drop_bad_chain,
+    /// TX chains with nothing readable.
+    drop_wrong_direction,
+    /// TX frames shorter than header + Ethernet.
+    drop_too_short,
+    /// TX frames longer than the MTU allows.
+    drop_too_long,
+    /// Frames for the guest with no RX buffer posted.
+    drop_no_rx_buffers,
+    /// Frames for the guest larger than its RX buffers.
+    drop_rx_buffers_too_small,
+    /// Service replies dropped because the pending queue was full.
+    drop_pending_full,
+    /// DHCP messages that could not be parsed or were not requests.
+    dhcp_malformed,
+    /// DHCP messages from a second client while the lease is held.
+    dhcp_refused,
+    /// DHCP replies sent.
+    dhcp_replies,
+    /// Router advertisements sent.
+    router_adverts,
+    /// VMM connections accepted.
+    vmm_connections,
+}
+
+/// The counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    values: [AtomicU64; Counter::ALL.len()],
+}
+
+impl Metrics {
+    /// Adds `n` to a counter.
+    pub fn add(&self, counter: Counter, n: u64) {
+        if let Some(v) = self.values.get(counter as usize) {
+            v.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds one.
+    pub fn inc(&self, counter: Counter) {
+        self.add(counter, 1);
+    }
+
+    /// A counter's value.
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.values
+            .get(counter as usize)
+            .map_or(0, |v| v.load(Ordering::Relaxed))
+    }
+
+    /// `name=value` pairs of every non-zero counter, for a log line.
+    pub fn snapshot(&self) -> String {
+        Counter::ALL
+            .iter()
+            .filter_map(|&c| {
+                let v = self.get(c);
+                (v != 0).then(|| format!("{}={v}", c.name()))
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_snapshots() {
+        let m = Metrics::default();
+        m.inc(Counter::drop_too_short);
+        m.add(Counter::bytes_to_guest, 10);
+        assert_eq!(m.get(Counter::drop_too_short), 1);
+        assert_eq!(m.snapshot(), "bytes_to_guest=10 drop_too_short=1");
+    }
+}

@@ -1,0 +1,328 @@
+//! The vhost-user front: the only users of vhost-user types.
+//!
+//! [`NetBackend`] implements vhost-user-backend's `VhostUserBackend` for one
+//! VMM connection: feature and protocol-feature offers, the virtio-net config
+//! space, guest memory updates, and the event handler that runs the engine on
+//! the vring worker thread. [`compat`] makes QEMU 7.2's message order work.
+//! A new backend (and so a new engine) is built per VMM connection, which is
+//! how guest state is reset on reconnect.
+
+pub mod compat;
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+
+/// Queue index of the receive queue (device to guest), virtio 1.2 5.1.2.
+pub const RX_QUEUE: usize = 0;
+/// Queue index of the transmit queue (guest to device).
+pub const TX_QUEUE: usize = 1;
+const NUM_QUEUES: usize = 2;
+/// Event id of the engine's deadline timer; ids 0..=NUM_QUEUES belong to the
+/// queues and the exit event.
+const TIMER_EVENT: u16 = 3;
+/// Largest ring the VMM may choose; QEMU allows up to 1024.
+const MAX_QUEUE_SIZE: usize = 1024;
+/// Size of `struct virtio_net_config` up to `mtu` (virtio 1.2 5.1.4).
+const CONFIG_SPACE_LEN: usize = 12;
+
+/// Errors setting up a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// eventfd or timerfd creation failed.
+    #[error("cannot create event descriptors")]
+    CreateEvents(#[source] io::Error),
+    /// Adding the timer to a worker's epoll failed.
+    #[error("cannot register the engine timer")]
+    RegisterTimer(#[source] io::Error),
+}
+
+struct State {
+    engine: Engine,
+    mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    event_idx: bool,
+    timer: TimerFd,
+}
+
+/// The virtio-net device for one VMM connection.
+pub struct NetBackend {
+    config: Arc<Config>,
+    state: Mutex<State>,
+}
+
+impl NetBackend {
+    /// A backend with a fresh engine.
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self, Error> {
+        let timer = nonblocking_timer().map_err(Error::CreateEvents)?;
+        let engine = Engine::new(&config.network, metrics);
+        Ok(Self {
+            config,
+            state: Mutex::new(State {
+                engine,
+                mem: None,
+                event_idx: false,
+                timer,
+            }),
+        })
+    }
+
+    /// Adds the engine's timer to a vring worker's epoll set.
+    pub fn register(&self, handler: &VringEpollHandler<Arc<Self>>) -> Result<(), Error> {
+        use std::os::fd::AsRawFd;
+        let fd = self.lock().timer.as_raw_fd();
+        handler
+            .register_listener(fd, EventSet::IN, u64::from(TIMER_EVENT))
+            .map_err(Error::RegisterTimer)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock means an engine pass panicked; its state is still
+        // structurally valid, so carry on rather than take the guest down.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn config_space(&self) -> [u8; CONFIG_SPACE_LEN] {
+        let n = &self.config.network;
+        let mut c = [0u8; CONFIG_SPACE_LEN];
+        let link_up = u16::try_from(VIRTIO_NET_S_LINK_UP).unwrap_or(1);
+        let fields: [(&mut [u8], &[u8]); 4] = {
+            let (mac, rest) = c.split_at_mut(6);
+            let (status, rest) = rest.split_at_mut(2);
+            let (pairs, mtu) = rest.split_at_mut(2);
+            [
+                (mac, &n.guest_mac.0[..]),
+                (status, &link_up.to_le_bytes()[..]),
+                (pairs, &1u16.to_le_bytes()[..]),
+                (mtu, &n.mtu.to_le_bytes()[..]),
+            ]
+        };
+        for (dst, src) in fields {
+            dst.copy_from_slice(src);
+        }
+        c
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_NET_F_MAC,
+            VIRTIO_NET_F_MTU,
+            VIRTIO_NET_F_STATUS,
+            VIRTIO_NET_F_MRG_RXBUF,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_RING_F_INDIRECT_DESC,
+        ]
+        .iter()
+        .fold(
+            VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            |acc, bit| acc | (1u64 << bit),
+        )
+    }
+
+    fn acked_features(&self, features: u64) {
+        tracing::debug!(features = format_args!("{features:#x}"), "features acked");
+        self.lock().engine.set_features(features);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&self) {
+        let mut state = self.lock();
+        state.engine = Engine::new(&self.config.network, state.engine.metrics());
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.lock().event_idx = enabled;
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let space = self.config_space();
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let end = start.saturating_add(usize::try_from(size).unwrap_or(usize::MAX));
+        space
+            .get(start..end)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        self.lock().mem = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // Both queues on one worker: the engine is single-threaded by design.
+        vec![(1 << RX_QUEUE) | (1 << TX_QUEUE)]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        let mut state = self.lock();
+        if device_event == TIMER_EVENT {
+            // Reading clears readiness; the count does not matter.
+            let _ = state.timer.wait();
+        }
+        let (Some(rx), Some(tx)) = (vrings.get(RX_QUEUE), vrings.get(TX_QUEUE)) else {
+            return Ok(());
+        };
+        let Some(mem) = state.mem.as_ref().map(GuestAddressSpace::memory) else {
+            return Ok(());
+        };
+        let event_idx = state.event_idx;
+        run_engine(&mut state.engine, &mem, rx, tx, event_idx);
+        let delay = state.engine.next_deadline();
+        // A zero duration disarms a timerfd: wake as soon as possible instead.
+        let arm = delay.map(|d| d.max(Duration::from_micros(50)));
+        let _ = match arm {
+            Some(d) => state.timer.reset(d, None),
+            None => state.timer.clear(),
+        };
+        Ok(())
+    }
+}
+
+/// A monotonic timerfd that reads without blocking: an expiry seen by epoll
+/// may be cleared by a re-arm before the read, and the worker must not sleep
+/// in `read` then.
+fn nonblocking_timer() -> io::Result<TimerFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall with constant arguments; the result is checked.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh timerfd that nothing else owns.
+    Ok(unsafe { TimerFd::from_raw_fd(fd) })
+}
+
+/// Runs engine passes until the TX queue is drained with notifications back
+/// on, then signals the guest for each queue that needs it. Errors from the
+/// rings (guest wrote garbage indexes) end the pass; they never propagate,
+/// since a handler error would stop the worker thread for good.
+fn run_engine(
+    engine: &mut Engine,
+    mem: &GuestMemoryMmap,
+    rx: &VringRwLock,
+    tx: &VringRwLock,
+    event_idx: bool,
+) {
+    let mut rx_state = rx.get_mut();
+    let mut tx_state = tx.get_mut();
+    if !rx_state.get_queue().ready() || !tx_state.get_queue().ready() {
+        return;
+    }
+    let mut tx_used = false;
+    let mut rx_used = false;
+    loop {
+        if event_idx {
+            let _ = tx_state.disable_notification();
+        }
+        let result = engine.pass(mem, tx_state.get_queue_mut(), rx_state.get_queue_mut());
+        tx_used |= result.tx_used;
+        rx_used |= result.rx_used;
+        if result.rx_starved {
+            // Ask for a kick when the guest refills RX buffers.
+            let _ = rx_state.enable_notification();
+        }
+        if !event_idx {
+            break;
+        }
+        match tx_state.enable_notification() {
+            Ok(true) => continue,
+            _ => break,
+        }
+    }
+    for (used, state) in [(tx_used, &mut tx_state), (rx_used, &mut rx_state)] {
+        if used && state.needs_notification().unwrap_or(true) {
+            let _ = state.signal_used_queue();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_space_layout() {
+        let mut config = Config::embedded();
+        config.network.mtu = 9000;
+        let b = NetBackend::new(Arc::new(config), Arc::default()).unwrap();
+        let space = b.get_config(0, 12);
+        assert_eq!(&space[..6], &[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        assert_eq!(&space[6..8], &[1, 0]);
+        assert_eq!(&space[10..12], &9000u16.to_le_bytes());
+        assert_eq!(b.get_config(10, 2), 9000u16.to_le_bytes());
+        assert!(b.get_config(11, 4).is_empty());
+        assert!(b.get_config(u32::MAX, u32::MAX).is_empty());
+    }
+
+    #[test]
+    fn features_offer_what_the_foundation_needs() {
+        let b = NetBackend::new(Arc::new(Config::embedded()), Arc::default()).unwrap();
+        let f = b.features();
+        for bit in [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_NET_F_MAC,
+            VIRTIO_NET_F_MTU,
+            VIRTIO_NET_F_STATUS,
+            VIRTIO_NET_F_MRG_RXBUF,
+            VIRTIO_RING_F_EVENT_IDX,
+        ] {
+            assert_ne!(f & (1 << bit), 0, "bit {bit}");
+        }
+        assert_ne!(f & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
+        assert!(MAX_QUEUE_SIZE.is_power_of_two());
+    }
+}

@@ -1,0 +1,210 @@
+//! Descriptor chains <-> frame bytes, and the virtio-net header.
+//!
+//! Runs on the engine's vring worker thread. Guest memory is shared and
+//! hostile: a TX chain is copied exactly once into a daemon-owned buffer and
+//! never read again, and every address and length the guest wrote is checked by
+//! `virtio_queue`'s `Reader`/`Writer` against the memory map before use. No
+//! function here panics on guest data; failures are returned as [`Drop`]
+//! reasons for the caller to count.
+
+use std::io::{Read, Write};
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemory;
+
+/// virtio-net header size with VERSION_1 or MRG_RXBUF (virtio 1.2 5.1.6).
+pub const NET_HDR_LEN: usize = 12;
+/// Legacy header without `num_buffers` (virtio 1.2 5.1.6.1, legacy interface).
+pub const LEGACY_NET_HDR_LEN: usize = 10;
+/// Offset of `num_buffers` inside the header.
+const NUM_BUFFERS_OFFSET: usize = 10;
+/// Ethernet header length.
+pub const ETH_HDR_LEN: usize = 14;
+/// Most chains one received frame may be merged across; a guest posts at least
+/// 1.5 KiB per buffer, so 64 buffers carry any 64 KiB frame.
+const MAX_MERGED_CHAINS: usize = 64;
+
+/// Why a frame was dropped at the virtqueue boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drop {
+    /// A descriptor points outside guest memory or the chain is malformed
+    /// (loop, bad indirect table, length overflow).
+    BadChain,
+    /// The TX chain has no readable bytes (wrong direction).
+    WrongDirection,
+    /// Shorter than the virtio-net header plus an Ethernet header.
+    TooShort,
+    /// Longer than the largest frame the link allows.
+    TooLong,
+    /// No RX buffers posted by the guest.
+    NoRxBuffers,
+    /// The guest's RX buffers are too small for the frame.
+    RxBuffersTooSmall,
+}
+
+/// The header layout negotiated for this device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Bytes of virtio-net header before each frame.
+    pub hdr_len: usize,
+    /// Whether RX frames may span several chains (VIRTIO_NET_F_MRG_RXBUF).
+    pub mergeable: bool,
+}
+
+impl Layout {
+    /// The layout from the acked feature bits.
+    pub fn from_features(features: u64) -> Self {
+        use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+        use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+        let version_1 = features & (1 << VIRTIO_F_VERSION_1) != 0;
+        let mergeable = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+        Self {
+            hdr_len: if version_1 || mergeable {
+                NET_HDR_LEN
+            } else {
+                LEGACY_NET_HDR_LEN
+            },
+            mergeable,
+        }
+    }
+}
+
+/// Copies the readable part of a TX chain into `buf` (resized, reused) and
+/// returns the frame's length; the frame is `buf[layout.hdr_len..][..len]`.
+/// The header's offload fields are ignored: no TX offloads are offered.
+pub fn read_tx_chain<M>(
+    mem: &M,
+    chain: DescriptorChain<&M>,
+    layout: Layout,
+    max_frame: usize,
+    buf: &mut Vec<u8>,
+) -> Result<usize, Drop>
+where
+    M: GuestMemory,
+{
+    let mut reader = chain.reader(mem).map_err(|_| Drop::BadChain)?;
+    let total = reader.available_bytes();
+    if total == 0 {
+        return Err(Drop::WrongDirection);
+    }
+    if total < layout.hdr_len + ETH_HDR_LEN {
+        return Err(Drop::TooShort);
+    }
+    let frame_len = total - layout.hdr_len;
+    if frame_len > max_frame {
+        return Err(Drop::TooLong);
+    }
+    buf.resize(total, 0);
+    reader.read_exact(buf).map_err(|_| Drop::BadChain)?;
+    Ok(frame_len)
+}
+
+/// Writes one frame, already prefixed by `layout.hdr_len` zero bytes in
+/// `packet`, into the RX queue: into one chain, or across several when
+/// mergeable buffers are on. Returns the number of chains used. On failure
+/// nothing is left half-written in the used ring: chains taken for a frame
+/// that does not fit are put back (mergeable) or returned empty (a single
+/// chain too small for any frame of this size).
+pub fn write_rx_frame<M>(
+    queue: &mut Queue,
+    mem: &M,
+    layout: Layout,
+    packet: &mut [u8],
+) -> Result<u16, Drop>
+where
+    M: GuestMemory,
+{
+    if !layout.mergeable {
+        let chain = queue.pop_descriptor_chain(mem).ok_or(Drop::NoRxBuffers)?;
+        let head = chain.head_index();
+        let result = chain
+            .writer(mem)
+            .map_err(|_| Drop::BadChain)
+            .and_then(|mut w| {
+                if w.available_bytes() < packet.len() {
+                    return Err(Drop::RxBuffersTooSmall);
+                }
+                w.write_all(packet).map_err(|_| Drop::BadChain)
+            });
+        let used = if result.is_ok() { packet.len() } else { 0 };
+        // A chain that cannot hold the frame is handed back empty: keeping it
+        // would leave the slot unusable for the guest forever.
+        let _ = queue.add_used(mem, head, u32::try_from(used).unwrap_or(0));
+        return result.map(|()| 1);
+    }
+
+    let mut chains: [Option<DescriptorChain<&M>>; MAX_MERGED_CHAINS] =
+        [const { None }; MAX_MERGED_CHAINS];
+    let mut capacities = [0usize; MAX_MERGED_CHAINS];
+    let mut count = 0usize;
+    let mut room = 0usize;
+    while room < packet.len() {
+        let Some(slot) = chains.get_mut(count) else {
+            break;
+        };
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            break;
+        };
+        let capacity = chain
+            .clone()
+            .writer(mem)
+            .map(|w| w.available_bytes())
+            .unwrap_or(0);
+        if capacity == 0 {
+            if count == 0 {
+                // Unwritable or outside memory at the head: hand it back empty
+                // so the ring moves on.
+                let _ = queue.add_used(mem, chain.head_index(), 0);
+                continue;
+            }
+            // Behind chains already taken: put everything back in order; the
+            // guest that wrote it gets its own RX stalled, nobody else's.
+            for _ in 0..=count {
+                queue.go_to_previous_position();
+            }
+            return Err(Drop::BadChain);
+        }
+        *slot = Some(chain);
+        if let Some(c) = capacities.get_mut(count) {
+            *c = capacity;
+        }
+        room += capacity;
+        count += 1;
+    }
+    if room < packet.len() {
+        for _ in 0..count {
+            queue.go_to_previous_position();
+        }
+        return Err(Drop::NoRxBuffers);
+    }
+    let num_buffers = u16::try_from(count).unwrap_or(u16::MAX);
+    if let Some(field) = packet.get_mut(NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2) {
+        field.copy_from_slice(&num_buffers.to_le_bytes());
+    }
+    let mut offset = 0usize;
+    for (slot, capacity) in chains.iter_mut().zip(capacities).take(count) {
+        let Some(chain) = slot.take() else { break };
+        let head = chain.head_index();
+        let end = packet.len().min(offset + capacity);
+        let part = packet.get(offset..end).unwrap_or(&[]);
+        let written = chain
+            .writer(mem)
+            .ok()
+            .and_then(|mut w| w.write_all(part).ok())
+            .map_or(0, |()| part.len());
+        offset = end;
+        let _ = queue.add_used(mem, head, u32::try_from(written).unwrap_or(0));
+    }
+    Ok(num_buffers)
+}
+
+/// Whether the guest has posted RX buffers we have not used yet.
+pub fn rx_available<M: GuestMemory>(queue: &Queue, mem: &M) -> bool {
+    queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .map(|idx| idx.0 != queue.next_avail())
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests;
