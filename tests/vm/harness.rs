@@ -1,0 +1,443 @@
+//! Real-guest harness: a network namespace per test with the daemon inside
+//! it, and QEMU booting Debian's kernel with a busybox initramfs against the
+//! daemon's socket. The test's script is appended to the initramfs as a second
+//! cpio archive and run by the guest's /init; its serial console is the
+//! test's evidence. Nothing here sends traffic off the machine: the namespace
+//! has only its loopback unless a test adds veth hosts on documentation
+//! addresses.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn unique(tag: &str) -> String {
+    format!(
+        "vgt-{tag}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The cached guest (kernel, base initramfs), built once per test binary.
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+pub fn guest_image() -> &'static GuestImage {
+    static IMAGE: OnceLock<GuestImage> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        assert!(
+            nix_is_root(),
+            "VM tests need root (network namespaces); run the README's test command"
+        );
+        run(Command::new("bash").arg(root.join("tests/guest/build.sh")));
+        let dir = root.join("target/guest");
+        GuestImage {
+            kernel: dir.join("vmlinuz"),
+            initramfs: dir.join("initramfs.cpio"),
+        }
+    })
+}
+
+fn nix_is_root() -> bool {
+    run(Command::new("id").arg("-u")).trim() == "0"
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(unique(tag));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A network namespace the test owns; deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let name = unique(tag);
+        run(Command::new("ip").args(["netns", "add", &name]));
+        run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        Self { name }
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// The daemon under test, running inside a namespace; its stderr is kept.
+pub struct Daemon {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    log: Arc<Mutex<String>>,
+    _dir: TempDir,
+}
+
+impl Daemon {
+    /// Starts the daemon with `config` (None: embedded defaults) and waits
+    /// for its socket.
+    pub fn start(ns: &Netns, config: Option<&str>) -> Self {
+        let dir = TempDir::new("daemon");
+        let socket = dir.0.join("vhost.sock");
+        let mut cmd = ns.command(env!("CARGO_BIN_EXE_vhost-gateway"));
+        cmd.arg("--socket-path")
+            .arg(&socket)
+            .args(["--log-level", "debug"]);
+        if let Some(text) = config {
+            let path = dir.0.join("config.toml");
+            std::fs::write(&path, text).unwrap();
+            cmd.arg("--config").arg(path);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        collect(child.stderr.take().unwrap(), log.clone(), None);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not listen: {}",
+                log.lock().unwrap()
+            );
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("daemon exited with {status}: {}", log.lock().unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child: Some(child),
+            socket,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGTERM; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        // `ip netns exec` execs the daemon, so the child's pid is the daemon's.
+        run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+        wait_timeout(&mut child, Duration::from_secs(10)).expect("daemon exits on SIGTERM")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Appends everything `stream` prints to `sink`; signals `marker` sightings.
+fn collect(
+    stream: impl Read + Send + 'static,
+    sink: Arc<Mutex<String>>,
+    marker: Option<(String, std::sync::mpsc::Sender<()>)>,
+) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+            let text = String::from_utf8_lossy(&line).into_owned();
+            if let Some((m, tx)) = &marker
+                && text.contains(m.as_str())
+            {
+                let _ = tx.send(());
+            }
+            sink.lock().unwrap().push_str(&text);
+            line.clear();
+        }
+    });
+}
+
+/// Shell functions every guest script can use.
+const PRELUDE: &str = r#"
+# DAD would delay the SLAAC address by a second for no benefit here.
+echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_dad
+echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad
+ip link set eth0 up
+dhcp() { udhcpc -i eth0 -s /etc/udhcpc.sh -q -n -t 10 -T 1 -O mtu -O search; }
+wait_v6() {
+  for i in $(seq 1 150); do
+    a=$(ip -6 addr show dev eth0 scope global | awk '/inet6/ {print $2; exit}')
+    if [ -n "$a" ]; then echo "VG-V6 $a"; return 0; fi
+    sleep 0.1
+  done
+  echo "VG-V6 none"; return 1
+}
+"#;
+
+/// How to boot one guest.
+pub struct GuestOpts<'a> {
+    pub socket: &'a Path,
+    pub mac: &'a str,
+    pub script: &'a str,
+    pub timeout: Duration,
+}
+
+impl<'a> GuestOpts<'a> {
+    pub fn new(socket: &'a Path, script: &'a str) -> Self {
+        Self {
+            socket,
+            mac: "52:54:00:12:34:56",
+            script,
+            timeout: Duration::from_secs(180),
+        }
+    }
+}
+
+/// A running QEMU with its console being collected.
+pub struct Guest {
+    child: Child,
+    console: Arc<Mutex<String>>,
+    marker: std::sync::mpsc::Receiver<()>,
+    _dir: TempDir,
+    timeout: Duration,
+}
+
+/// Where to find the wanted accelerator: KVM only with real KVM modules
+/// (FACTS.md: /dev/kvm here is PVM, which cannot boot a stock kernel).
+fn accel_args() -> Vec<&'static str> {
+    if Path::new("/sys/module/kvm_intel").exists() || Path::new("/sys/module/kvm_amd").exists() {
+        vec!["-accel", "kvm", "-cpu", "host"]
+    } else {
+        vec!["-accel", "tcg,thread=multi", "-cpu", "max"]
+    }
+}
+
+impl Guest {
+    /// Boots QEMU; `marker` is a console string the test may wait for.
+    pub fn spawn(opts: &GuestOpts<'_>, marker: &str) -> Self {
+        let image = guest_image();
+        let dir = TempDir::new("guest");
+        let initrd = dir.0.join("initrd");
+        let mut data = std::fs::read(&image.initramfs).unwrap();
+        data.extend(cpio_newc(&[(
+            "test.sh",
+            format!("{PRELUDE}\n{}", opts.script).as_bytes(),
+        )]));
+        std::fs::write(&initrd, data).unwrap();
+        let chardev = format!("socket,id=c0,path={}", opts.socket.display());
+        let device = format!(
+            "virtio-net-pci,netdev=n0,mac={},vectors=0,romfile=",
+            opts.mac
+        );
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(accel_args())
+            .args([
+                "-m",
+                "512M",
+                "-smp",
+                "1",
+                "-nographic",
+                "-nodefaults",
+                "-no-reboot",
+            ])
+            .args(["-serial", "stdio"])
+            .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+            .args(["-numa", "node,memdev=mem"])
+            .args(["-chardev", &chardev])
+            .args(["-netdev", "vhost-user,id=n0,chardev=c0"])
+            .args(["-device", &device])
+            .arg("-kernel")
+            .arg(&image.kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", "console=ttyS0 quiet panic=-1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("qemu-system-x86_64 runs");
+        let console = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        collect(
+            child.stdout.take().unwrap(),
+            console.clone(),
+            Some((marker.to_owned(), tx)),
+        );
+        collect(child.stderr.take().unwrap(), console.clone(), None);
+        Self {
+            child,
+            console,
+            marker: rx,
+            _dir: dir,
+            timeout: opts.timeout,
+        }
+    }
+
+    /// Waits for the marker on the console.
+    pub fn wait_marker(&self, limit: Duration) -> bool {
+        self.marker.recv_timeout(limit).is_ok()
+    }
+
+    pub fn console(&self) -> String {
+        self.console.lock().unwrap().clone()
+    }
+
+    /// Kills QEMU at once, as a crashing VMM would end.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the guest to power off; returns its console.
+    pub fn finish(mut self) -> String {
+        let status = wait_timeout(&mut self.child, self.timeout);
+        // Let the collector threads drain the pipes.
+        std::thread::sleep(Duration::from_millis(100));
+        let console = self.console();
+        assert!(status.is_some(), "guest timed out:\n{console}");
+        console
+    }
+}
+
+/// Boots a guest, runs `script`, returns the console once it powers off.
+pub fn boot(opts: &GuestOpts<'_>) -> String {
+    let console = Guest::spawn(opts, "VG-EXIT").finish();
+    assert!(
+        console.contains("VG-BOOTED"),
+        "guest did not boot:\n{console}"
+    );
+    assert!(
+        !console.contains("VG-MODULE-FAILED"),
+        "module load failed:\n{console}"
+    );
+    console
+}
+
+/// The text after `prefix` on the first console line that has it.
+pub fn line_after<'a>(console: &'a str, prefix: &str) -> Option<&'a str> {
+    console
+        .lines()
+        .find_map(|l| l.find(prefix).map(|i| l[i + prefix.len()..].trim()))
+}
+
+/// `key=value` from a `VG-LEASE ...` line.
+pub fn lease_field(console: &str, key: &str) -> Option<String> {
+    let line = line_after(console, "VG-LEASE")?;
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_owned))
+}
+
+/// (transmitted, received) of the ping summary after `marker`.
+pub fn ping_result(console: &str, marker: &str) -> Option<(u32, u32)> {
+    let start = console.find(marker)?;
+    let line = console[start..]
+        .lines()
+        .find(|l| l.contains("packets transmitted"))?;
+    let nums: Vec<u32> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    Some((*nums.first()?, *nums.get(1)?))
+}
+
+/// A cpio "newc" archive of regular files (mode 0755), as the kernel's
+/// initramfs unpacker reads it.
+fn cpio_newc(files: &[(&str, &[u8])]) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, ino: usize, name: &str, mode: u32, data: &[u8]) {
+        let header = format!(
+            "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            0,
+            0,
+            1,
+            0,
+            data.len(),
+            0,
+            0,
+            0,
+            0,
+            name.len() + 1,
+            0
+        );
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+    }
+    let mut out = Vec::new();
+    for (i, (name, data)) in files.iter().enumerate() {
+        entry(&mut out, i + 1, name, 0o100_755, data);
+    }
+    entry(&mut out, 0, "TRAILER!!!", 0, &[]);
+    out
+}
