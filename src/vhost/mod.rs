@@ -264,6 +264,7 @@ fn run_engine(
     }
     let mut tx_used = false;
     let mut rx_used = false;
+    let mut idle_passes = 0;
     loop {
         if event_idx {
             let _ = tx_state.disable_notification();
@@ -278,8 +279,12 @@ fn run_engine(
         if !event_idx {
             break;
         }
+        idle_passes = if result.tx_used { 0 } else { idle_passes + 1 };
+        // "More available" after a pass that took nothing twice in a row
+        // means an avail index no chain can be popped from (a guest writing
+        // garbage): stop rather than spin; its next kick retries.
         match tx_state.enable_notification() {
-            Ok(true) => continue,
+            Ok(true) if idle_passes < 2 => continue,
             _ => break,
         }
     }

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // test harness: a failed set-up step should panic
 
+#[path = "../common/mod.rs"]
+mod common;
 mod harness;
 
 use std::time::Duration;

@@ -1,0 +1,220 @@
+//! Helpers shared by the integration tests: scratch directories, network
+//! namespaces, and the daemon under test as a child process.
+#![allow(dead_code, clippy::unwrap_used)] // each test binary uses a subset
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+pub fn unique(tag: &str) -> String {
+    format!(
+        "vgt-{tag}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(unique(tag));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A network namespace the test owns; deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let name = unique(tag);
+        run(Command::new("ip").args(["netns", "add", &name]));
+        run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        Self { name }
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// The daemon under test, running inside a namespace; its stderr is kept.
+pub struct Daemon {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    log: Arc<Mutex<String>>,
+    _dir: TempDir,
+}
+
+impl Daemon {
+    /// Starts the daemon inside `ns` with `config` (None: embedded
+    /// defaults) and waits for its socket.
+    pub fn start(ns: &Netns, config: Option<&str>) -> Self {
+        Self::start_with(Some(ns), config, &[])
+    }
+
+    /// Starts the daemon, in a namespace or not, with extra environment.
+    pub fn start_with(ns: Option<&Netns>, config: Option<&str>, env: &[(&str, &str)]) -> Self {
+        let dir = TempDir::new("daemon");
+        let socket = dir.0.join("vhost.sock");
+        let bin = env!("CARGO_BIN_EXE_vhost-gateway");
+        let mut cmd = match ns {
+            Some(ns) => ns.command(bin),
+            None => Command::new(bin),
+        };
+        cmd.arg("--socket-path")
+            .arg(&socket)
+            .args(["--log-level", "debug"])
+            .envs(env.iter().copied());
+        if let Some(text) = config {
+            let path = dir.0.join("config.toml");
+            std::fs::write(&path, text).unwrap();
+            cmd.arg("--config").arg(path);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        collect(child.stderr.take().unwrap(), log.clone(), None);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not listen: {}",
+                log.lock().unwrap()
+            );
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("daemon exited with {status}: {}", log.lock().unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child: Some(child),
+            socket,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Sends a signal (`kill -SIG`); `ip netns exec` execs the daemon, so
+    /// the child's pid is the daemon's.
+    pub fn signal(&self, sig: &str) {
+        let child = self.child.as_ref().expect("daemon running");
+        run(Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]));
+    }
+
+    /// Waits until the log contains `text`.
+    pub fn wait_log(&self, text: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.log().contains(text) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// SIGTERM; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let mut child = self.child.take().expect("daemon running");
+        wait_timeout(&mut child, Duration::from_secs(10)).expect("daemon exits on SIGTERM")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Appends everything `stream` prints to `sink`; signals `marker` sightings.
+pub fn collect(
+    stream: impl Read + Send + 'static,
+    sink: Arc<Mutex<String>>,
+    marker: Option<(String, std::sync::mpsc::Sender<()>)>,
+) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+            let text = String::from_utf8_lossy(&line).into_owned();
+            if let Some((m, tx)) = &marker
+                && text.contains(m.as_str())
+            {
+                let _ = tx.send(());
+            }
+            sink.lock().unwrap().push_str(&text);
+            line.clear();
+        }
+    });
+}

@@ -1,0 +1,420 @@
+//! The daemon driven by a VMM the test plays: vhost-user message orders,
+//! hostile descriptor chains and messages, reconnect, readiness and
+//! shutdown. Frames go only to the gateway itself; nothing leaves the
+//! process pair.
+#![allow(clippy::unwrap_used)] // test harness: a failed set-up step should panic
+
+#[path = "../common/mod.rs"]
+mod common;
+mod vmm;
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, DhcpMessageType, DhcpPacket, DhcpRepr, EthernetAddress,
+    EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4Packet, Icmpv4Repr, IpProtocol,
+    Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr,
+};
+
+use common::Daemon;
+use vmm::{BUF_SIZE, MEM_SIZE, TX_BUFS, Vmm};
+
+const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0xab, 0xcd, 0xef]);
+const GW_MAC: EthernetAddress = EthernetAddress([0x02, 0x76, 0x67, 0, 0, 1]);
+const GW: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+const GUEST: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+const WAIT: Duration = Duration::from_secs(5);
+
+fn ethernet(dst: EthernetAddress, ethertype: EthernetProtocol, payload_len: usize) -> Vec<u8> {
+    let mut frame = vec![0u8; 14 + payload_len];
+    EthernetRepr {
+        src_addr: GUEST_MAC,
+        dst_addr: dst,
+        ethertype,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
+    frame
+}
+
+fn arp_request() -> Vec<u8> {
+    let repr = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: GUEST_MAC,
+        source_protocol_addr: GUEST,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: GW,
+    };
+    let mut frame = ethernet(
+        EthernetAddress::BROADCAST,
+        EthernetProtocol::Arp,
+        repr.buffer_len(),
+    );
+    repr.emit(&mut ArpPacket::new_unchecked(&mut frame[14..]));
+    frame
+}
+
+fn is_arp_reply(frame: &[u8]) -> bool {
+    let Ok(eth) = EthernetFrame::new_checked(frame) else {
+        return false;
+    };
+    if eth.ethertype() != EthernetProtocol::Arp {
+        return false;
+    }
+    let Ok(arp) = ArpPacket::new_checked(eth.payload()) else {
+        return false;
+    };
+    matches!(
+        ArpRepr::parse(&arp),
+        Ok(ArpRepr::EthernetIpv4 { operation: ArpOperation::Reply, source_hardware_addr, source_protocol_addr, .. })
+            if source_hardware_addr == GW_MAC && source_protocol_addr == GW
+    )
+}
+
+fn ping(dst: Ipv4Addr, seq: u16, payload: &[u8]) -> Vec<u8> {
+    let icmp = Icmpv4Repr::EchoRequest {
+        ident: 0x4242,
+        seq_no: seq,
+        data: payload,
+    };
+    let ip = Ipv4Repr {
+        src_addr: GUEST,
+        dst_addr: dst,
+        next_header: IpProtocol::Icmp,
+        payload_len: icmp.buffer_len(),
+        hop_limit: 64,
+    };
+    let mut frame = ethernet(
+        GW_MAC,
+        EthernetProtocol::Ipv4,
+        ip.buffer_len() + icmp.buffer_len(),
+    );
+    let caps = ChecksumCapabilities::default();
+    let mut packet = Ipv4Packet::new_unchecked(&mut frame[14..]);
+    ip.emit(&mut packet, &caps);
+    icmp.emit(
+        &mut Icmpv4Packet::new_unchecked(packet.payload_mut()),
+        &caps,
+    );
+    frame
+}
+
+fn echo_reply_seq(frame: &[u8]) -> Option<(Ipv4Addr, u16, usize)> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    let icmp = Icmpv4Packet::new_checked(ip.payload()).ok()?;
+    match Icmpv4Repr::parse(&icmp, &ChecksumCapabilities::default()).ok()? {
+        Icmpv4Repr::EchoReply { seq_no, data, .. } => Some((ip.src_addr(), seq_no, data.len())),
+        _ => None,
+    }
+}
+
+fn dhcp_discover(mac: EthernetAddress) -> Vec<u8> {
+    let repr = DhcpRepr {
+        message_type: DhcpMessageType::Discover,
+        transaction_id: 7,
+        secs: 0,
+        client_hardware_address: mac,
+        client_ip: Ipv4Addr::UNSPECIFIED,
+        your_ip: Ipv4Addr::UNSPECIFIED,
+        server_ip: Ipv4Addr::UNSPECIFIED,
+        router: None,
+        subnet_mask: None,
+        relay_agent_ip: Ipv4Addr::UNSPECIFIED,
+        broadcast: true,
+        requested_ip: None,
+        client_identifier: None,
+        server_identifier: None,
+        parameter_request_list: None,
+        dns_servers: None,
+        max_size: None,
+        lease_duration: None,
+        renew_duration: None,
+        rebind_duration: None,
+        additional_options: &[],
+    };
+    let udp = UdpRepr {
+        src_port: 68,
+        dst_port: 67,
+    };
+    let ip = Ipv4Repr {
+        src_addr: Ipv4Addr::UNSPECIFIED,
+        dst_addr: Ipv4Addr::BROADCAST,
+        next_header: IpProtocol::Udp,
+        payload_len: 8 + repr.buffer_len(),
+        hop_limit: 64,
+    };
+    let mut frame = ethernet(
+        EthernetAddress::BROADCAST,
+        EthernetProtocol::Ipv4,
+        ip.buffer_len() + 8 + repr.buffer_len(),
+    );
+    frame[6..12].copy_from_slice(&mac.0);
+    let caps = ChecksumCapabilities::default();
+    let mut packet = Ipv4Packet::new_unchecked(&mut frame[14..]);
+    ip.emit(&mut packet, &caps);
+    let mut u = UdpPacket::new_unchecked(packet.payload_mut());
+    udp.emit(
+        &mut u,
+        &Ipv4Addr::UNSPECIFIED.into(),
+        &Ipv4Addr::BROADCAST.into(),
+        repr.buffer_len(),
+        |b| repr.emit(&mut DhcpPacket::new_unchecked(b)).unwrap(),
+        &caps,
+    );
+    frame
+}
+
+fn dhcp_offer_for(frame: &[u8], mac: EthernetAddress) -> bool {
+    let parse = || -> Option<bool> {
+        let eth = EthernetFrame::new_checked(frame).ok()?;
+        let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+        let udp = UdpPacket::new_checked(ip.payload()).ok()?;
+        let dhcp = DhcpPacket::new_checked(udp.payload()).ok()?;
+        let repr = DhcpRepr::parse(&dhcp).ok()?;
+        Some(
+            repr.message_type == DhcpMessageType::Offer
+                && repr.client_hardware_address == mac
+                && repr.your_ip == GUEST,
+        )
+    };
+    parse().unwrap_or(false)
+}
+
+/// ARP, ping and DHCP through a started VMM.
+fn exercise_gateway(vmm: &mut Vmm) {
+    vmm.post_rx(64);
+    vmm.send_frame(&arp_request());
+    assert!(vmm.wait_frame(WAIT, is_arp_reply).is_some(), "no ARP reply");
+    for seq in 0..3 {
+        vmm.send_frame(&ping(GW, seq, b"hello gateway"));
+        let reply = vmm.wait_frame(WAIT, |f| {
+            echo_reply_seq(f).is_some_and(|(_, s, _)| s == seq)
+        });
+        assert!(reply.is_some(), "no echo reply for seq {seq}");
+    }
+    vmm.send_frame(&dhcp_discover(GUEST_MAC));
+    assert!(
+        vmm.wait_frame(WAIT, |f| dhcp_offer_for(f, GUEST_MAC))
+            .is_some(),
+        "no DHCP offer"
+    );
+}
+
+#[test]
+fn qemu_message_order_brings_the_device_up() {
+    let daemon = Daemon::start_with(None, None, &[]);
+    let mut vmm = Vmm::qemu_start(&daemon.socket, true);
+    exercise_gateway(&mut vmm);
+    assert!(daemon.log().contains("holding SET_VRING_ENABLE"));
+}
+
+#[test]
+fn qemu_order_without_event_idx() {
+    let daemon = Daemon::start_with(None, None, &[]);
+    let mut vmm = Vmm::qemu_start(&daemon.socket, false);
+    exercise_gateway(&mut vmm);
+}
+
+#[test]
+fn cloud_hypervisor_message_order_brings_the_device_up() {
+    let daemon = Daemon::start_with(None, None, &[]);
+    let mut vmm = Vmm::cloud_hypervisor_start(&daemon.socket);
+    exercise_gateway(&mut vmm);
+    assert!(!daemon.log().contains("holding SET_VRING_ENABLE"));
+    // Config space: MAC, link up, one pair, MTU.
+    let config = vmm.get_config(12);
+    assert_eq!(&config[..6], &[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+    assert_eq!(u16::from_le_bytes([config[6], config[7]]), 1);
+    assert_eq!(u16::from_le_bytes([config[10], config[11]]), 1500);
+}
+
+#[test]
+fn echo_to_other_destinations_is_not_answered() {
+    let daemon = Daemon::start_with(None, None, &[]);
+    let mut vmm = Vmm::qemu_start(&daemon.socket, true);
+    vmm.post_rx(16);
+    vmm.send_frame(&arp_request());
+    assert!(vmm.wait_frame(WAIT, is_arp_reply).is_some());
+    vmm.send_frame(&ping(Ipv4Addr::new(192, 0, 2, 99), 1, b"x"));
+    vmm.send_frame(&ping(GW, 2, b"y"));
+    // The gateway's own reply arrives; none for the outside address.
+    let mut replies = Vec::new();
+    let _ = vmm.wait_frame(WAIT, |f| {
+        if let Some(r) = echo_reply_seq(f) {
+            replies.push(r);
+        }
+        false
+    });
+    assert_eq!(replies, vec![(GW, 2, 1)]);
+}
+
+#[test]
+fn hostile_descriptor_chains_are_dropped_and_the_device_keeps_working() {
+    let daemon = Daemon::start_with(None, None, &[]);
+    let mut vmm = Vmm::qemu_start(&daemon.socket, true);
+    vmm.post_rx(32);
+    let mem_end = MEM_SIZE as u64;
+    let chains: Vec<Vec<(u64, u32, u16)>> = vec![
+        vec![(mem_end + 0x1000, 200, 0)],        // outside memory
+        vec![(mem_end - 16, 200, 0)],            // straddles the end
+        vec![(TX_BUFS, 200, 2)],                 // write-only on TX
+        vec![(TX_BUFS, 8, 0)],                   // shorter than the header
+        vec![(TX_BUFS, 12, 0), (TX_BUFS, 5, 0)], // header, no Ethernet
+        vec![(TX_BUFS, 12 + 70_000, 0)],         // huge
+        vec![(TX_BUFS, u32::MAX, 0), (TX_BUFS, u32::MAX, 0)], // length overflow
+    ];
+    let n = chains.len();
+    for chain in &chains {
+        vmm.send_chain(chain);
+    }
+    // A descriptor loop: 100 -> 101 -> 100.
+    let tx = &mut vmm.rings[vmm::TX as usize];
+    tx.write_desc(&vmm.mem, 100, TX_BUFS, 64, 1, 101);
+    tx.write_desc(&vmm.mem, 101, TX_BUFS, 64, 1, 100);
+    tx.publish(&vmm.mem, 100);
+    // A head index beyond the ring.
+    tx.publish(&vmm.mem, 4000);
+    vmm.kick(vmm::TX);
+    // Every hostile chain is consumed, and the device still answers.
+    std::thread::sleep(Duration::from_millis(300));
+    vmm.send_frame(&arp_request());
+    assert!(
+        vmm.wait_frame(WAIT, is_arp_reply).is_some(),
+        "device dead after hostile chains"
+    );
+    vmm.send_frame(&ping(GW, 9, &[0xa5; 1000]));
+    assert!(
+        vmm.wait_frame(WAIT, |f| echo_reply_seq(f).is_some_and(|r| r.1 == 9))
+            .is_some()
+    );
+    assert!(vmm.tx_completed() >= n + 2);
+    daemon.signal("USR1");
+    assert!(daemon.wait_log("counters", WAIT));
+    let log = daemon.log();
+    for counter in [
+        "drop_bad_chain=",
+        "drop_wrong_direction=",
+        "drop_too_short=",
+        "drop_too_long=",
+    ] {
+        assert!(log.contains(counter), "{counter} not counted: {log}");
+    }
+}
+
+#[test]
+fn frames_larger_than_one_rx_buffer_are_merged() {
+    let daemon = Daemon::start_with(None, Some("[network]\nmtu = 9000\n"), &[]);
+    let mut vmm = Vmm::qemu_start(&daemon.socket, true);
+    vmm.post_rx(64);
+    vmm.send_frame(&arp_request());
+    assert!(vmm.wait_frame(WAIT, is_arp_reply).is_some());
+    // Needs three 4 KiB buffers on the way back.
+    vmm.send_frame(&ping(GW, 5, &[0x5a; 8900]));
+    let reply = vmm.wait_frame(WAIT, |f| echo_reply_seq(f).is_some_and(|r| r.1 == 5));
+    assert_eq!(reply.map(|f| f.len()), Some(14 + 20 + 8 + 8900));
+    let _ = BUF_SIZE;
+}
+
+#[test]
+fn reconnecting_vmm_gets_a_fresh_guest_state() {
+    let daemon = Daemon::start_with(None, None, &[]);
+    let mut first = Vmm::qemu_start(&daemon.socket, true);
+    exercise_gateway(&mut first);
+    drop(first);
+    // A second VMM with another MAC gets the lease the first one held.
+    let mut second = Vmm::qemu_start(&daemon.socket, true);
+    second.post_rx(16);
+    let other = EthernetAddress([0x52, 0x54, 0, 1, 1, 1]);
+    second.send_frame(&dhcp_discover(other));
+    assert!(
+        second
+            .wait_frame(WAIT, |f| dhcp_offer_for(f, other))
+            .is_some(),
+        "lease survived the disconnect"
+    );
+    assert!(daemon.wait_log("guest state reset", WAIT));
+}
+
+#[test]
+fn malformed_vhost_messages_end_the_session_not_the_daemon() {
+    let daemon = Daemon::start_with(None, None, &[]);
+    // A message claiming a 4 GiB payload.
+    let mut bad = Vmm::connect(&daemon.socket);
+    let mut msg = Vec::new();
+    for v in [vmm::SET_FEATURES, 1, u32::MAX] {
+        msg.extend_from_slice(&v.to_le_bytes());
+    }
+    bad.send_raw(&msg, &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(bad.is_closed(), "oversized message accepted");
+    // An unknown request and a ring index out of range.
+    let mut bad = Vmm::connect(&daemon.socket);
+    bad.send(9999, &[], &[], false);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(bad.is_closed());
+    let mut bad = Vmm::connect(&daemon.socket);
+    bad.send(
+        vmm::SET_VRING_NUM,
+        &[[7u8, 0, 0, 0], [0, 1, 0, 0]].concat(),
+        &[],
+        false,
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    drop(bad);
+    // The daemon still serves the next VMM.
+    let mut good = Vmm::qemu_start(&daemon.socket, true);
+    exercise_gateway(&mut good);
+}
+
+#[test]
+fn ready_notification_and_clean_sigterm() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = common::TempDir::new("notify");
+    let notify_path = dir.0.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(WAIT)).unwrap();
+    let mut daemon = Daemon::start_with(
+        None,
+        None,
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    let status = daemon.terminate();
+    assert!(status.success(), "{status}");
+    assert!(!daemon.socket.exists());
+}
+
+#[test]
+fn live_socket_is_refused() {
+    let daemon = Daemon::start_with(None, None, &[]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-gateway"))
+        .arg("--socket-path")
+        .arg(&daemon.socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("in use by a running process"), "{stderr}");
+}
+
+#[test]
+fn garbage_avail_index_does_not_take_the_daemon_down() {
+    let daemon = Daemon::start_with(None, None, &[]);
+    let mut vmm = Vmm::qemu_start(&daemon.socket, true);
+    vmm.post_rx(8);
+    // The driver claims 40000 new TX buffers on a 256-entry ring, and as
+    // many RX buffers.
+    for q in [vmm::TX, vmm::RX] {
+        let mem = vmm.mem.clone();
+        vmm.rings[q as usize].set_avail_idx(&mem, 40_000);
+        vmm.kick(q);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    drop(vmm);
+    let mut next = Vmm::qemu_start(&daemon.socket, true);
+    exercise_gateway(&mut next);
+}
