@@ -136,6 +136,10 @@ impl Daemon {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }

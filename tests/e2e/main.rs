@@ -418,3 +418,52 @@ fn garbage_avail_index_does_not_take_the_daemon_down() {
     let mut next = Vmm::qemu_start(&daemon.socket, true);
     exercise_gateway(&mut next);
 }
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which ends with ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn idle_guest_costs_no_cpu() {
+    let daemon = Daemon::start_with(None, None, &[]);
+    let mut vmm = Vmm::qemu_start(&daemon.socket, true);
+    exercise_gateway(&mut vmm);
+    let pid = daemon.pid();
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(pid) - before;
+    // A busy-polling loop would burn ~300 ticks (100 Hz) here.
+    assert!(used <= 2, "daemon used {used} ticks while idle");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = common::TempDir::new("json");
+    let socket = dir.0.join("s.sock");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-gateway"))
+        .args(["--log-format", "json", "--socket-path"])
+        .arg(&socket)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !socket.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8(out.stderr).unwrap();
+    assert!(text.lines().count() >= 2, "{text}");
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["fields"]["message"].is_string(), "{line}");
+    }
+}
