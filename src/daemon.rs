@@ -18,6 +18,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::Config;
 use crate::metrics::{Counter, Metrics};
+use crate::ports::Publisher;
 use crate::vhost::{NetBackend, compat};
 
 /// Errors that stop the daemon.
@@ -41,6 +42,12 @@ pub enum Error {
     /// Signal handler installation failed.
     #[error("cannot install signal handlers")]
     Signals(#[source] io::Error),
+    /// The host-side runtime could not start.
+    #[error("cannot start the host-side runtime")]
+    Runtime(#[source] io::Error),
+    /// A published port could not be bound.
+    #[error(transparent)]
+    Publish(#[from] crate::ports::Error),
     /// Accepting a VMM connection failed.
     #[error("cannot accept a VMM connection")]
     Accept(#[source] io::Error),
@@ -59,14 +66,41 @@ enum ConnectionError {
     Session(vhost_user_backend::Error),
 }
 
+/// tokio worker threads for host sockets; the engine has its own thread.
+const HOST_THREADS: usize = 1;
+
 /// Runs the daemon until a signal ends it.
 pub fn run(socket_path: &Path, config: Config) -> Result<(), Error> {
-    let listener = bind(socket_path)?;
     let metrics = Arc::new(Metrics::default());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(HOST_THREADS)
+        .thread_name("vg-host")
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+    // Published ports are bound before the socket: a port we cannot have
+    // stops the daemon before any VMM relies on it.
+    let publisher = if config.publish.is_empty() {
+        None
+    } else {
+        Some(Arc::new(Publisher::start(
+            runtime.handle(),
+            &config.publish,
+            &metrics,
+        )?))
+    };
+    let listener = bind(socket_path)?;
     spawn_signal_thread(socket_path.to_owned(), metrics.clone())?;
     tracing::info!(socket = %socket_path.display(), config = %config.summary(), "listening");
     notify_systemd("READY=1");
     let config = Arc::new(config);
+    let icmp_available = crate::proxy::icmp::available();
+    if !icmp_available {
+        tracing::warn!(
+            "ping sockets are not permitted for this group (net.ipv4.ping_group_range): \
+             guest pings to outside hosts will be dropped and counted"
+        );
+    }
     loop {
         let vmm = match listener.accept() {
             Ok((stream, _)) => stream,
@@ -75,7 +109,14 @@ pub fn run(socket_path: &Path, config: Config) -> Result<(), Error> {
         };
         metrics.inc(Counter::vmm_connections);
         tracing::info!("VMM connected");
-        match serve(vmm, &config, &metrics) {
+        match serve(
+            vmm,
+            &config,
+            &metrics,
+            runtime.handle(),
+            icmp_available,
+            publisher.clone(),
+        ) {
             Ok(()) => {
                 tracing::info!(counters = %metrics.snapshot(), "VMM disconnected; guest state reset")
             }
@@ -111,8 +152,17 @@ fn serve(
     vmm: UnixStream,
     config: &Arc<Config>,
     metrics: &Arc<Metrics>,
+    runtime: &tokio::runtime::Handle,
+    icmp_available: bool,
+    publisher: Option<Arc<Publisher>>,
 ) -> Result<(), ConnectionError> {
-    let backend = Arc::new(NetBackend::new(config.clone(), metrics.clone())?);
+    let backend = Arc::new(NetBackend::new(
+        config.clone(),
+        metrics.clone(),
+        runtime.clone(),
+        icmp_available,
+        publisher,
+    )?);
     let mut daemon = VhostUserDaemon::new(
         "vhost-gateway".to_owned(),
         backend.clone(),

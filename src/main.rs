@@ -5,6 +5,8 @@ mod config;
 mod daemon;
 mod engine;
 mod metrics;
+mod ports;
+mod proxy;
 mod vhost;
 mod virtio;
 

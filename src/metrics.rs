@@ -59,12 +59,64 @@ counters! {
     router_adverts,
     /// VMM connections accepted.
     vmm_connections,
+    /// ARP requests and Neighbor Solicitations for addresses not ours.
+    neighbor_not_ours,
+    /// IPv4 fragments of UDP or ICMP (not reassembled).
+    drop_fragment,
+    /// Outbound TCP flows opened (SYN held, upstream dialled).
+    tcp_flows,
+    /// Inbound TCP flows opened for published ports.
+    tcp_inbound,
+    /// SYNs refused because the destination is not allowed.
+    tcp_denied,
+    /// SYNs refused at max-connections.
+    tcp_over_limit,
+    /// Upstream dials that failed or timed out.
+    tcp_connect_failed,
+    /// RSTs sent to the guest for refused SYNs.
+    tcp_resets_sent,
+    /// Flows reset after idling past the timeout.
+    tcp_idle_timeouts,
+    /// UDP sessions opened.
+    udp_sessions,
+    /// UDP datagrams to destinations that are not allowed.
+    udp_denied,
+    /// UDP datagrams dropped at max-sessions.
+    udp_over_limit,
+    /// UDP datagrams dropped because a session's queue was full.
+    udp_queue_full,
+    /// UDP sends to the host network that failed.
+    udp_send_failed,
+    /// UDP replies dropped because the engine's queue was full.
+    udp_reply_dropped,
+    /// Echo requests dropped because ping sockets are not available.
+    icmp_unavailable,
+    /// Echo requests to destinations that are not allowed.
+    icmp_denied,
+    /// Echo requests dropped at max-sessions.
+    icmp_over_limit,
+    /// Echo requests dropped because a session's queue was full.
+    icmp_queue_full,
+    /// Echo sends that failed.
+    icmp_send_failed,
+    /// Echo replies dropped because the engine's queue was full.
+    icmp_reply_dropped,
+    /// Connections or datagrams at published ports with no guest to take them.
+    publish_refused,
 }
 
 /// The counters.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     values: [AtomicU64; Counter::ALL.len()],
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            values: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
 }
 
 impl Metrics {

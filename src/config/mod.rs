@@ -71,6 +71,114 @@ pub struct Config {
     /// The guest-facing network.
     #[serde(default)]
     pub network: Network,
+    /// Where guest flows may go.
+    #[serde(default)]
+    pub outbound: Outbound,
+    /// TCP flow limits and buffers.
+    #[serde(default)]
+    pub tcp: Tcp,
+    /// UDP session limits.
+    #[serde(default)]
+    pub udp: Udp,
+    /// ICMP echo session limits.
+    #[serde(default)]
+    pub icmp: Icmp,
+    /// Host ports published to guest ports.
+    #[serde(default)]
+    pub publish: Vec<Publish>,
+}
+
+/// The `[outbound]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Outbound {
+    /// Whether the gateway's addresses reach the host's loopback (same port).
+    pub allow_host_loopback: bool,
+}
+
+/// The `[tcp]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Tcp {
+    /// Most concurrent flows; further SYNs are answered with RST.
+    pub max_connections: usize,
+    /// Upstream connect timeout.
+    pub connect_timeout_ms: u64,
+    /// A flow with no data either way for this long is reset.
+    pub idle_timeout_seconds: u64,
+    /// Receive and send buffer of each flow's socket on the guest side.
+    pub buffer_bytes: usize,
+}
+
+impl Default for Tcp {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            connect_timeout_ms: 10_000,
+            idle_timeout_seconds: 3600,
+            buffer_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// The `[udp]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Udp {
+    /// Most concurrent sessions (guest source, destination).
+    pub max_sessions: usize,
+    /// A session with no datagram either way for this long is closed.
+    pub idle_timeout_seconds: u64,
+}
+
+impl Default for Udp {
+    fn default() -> Self {
+        Self {
+            max_sessions: 512,
+            idle_timeout_seconds: 60,
+        }
+    }
+}
+
+/// The `[icmp]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Icmp {
+    /// Most concurrent echo sessions (guest, destination, identifier).
+    pub max_sessions: usize,
+    /// A session with no echo for this long is closed.
+    pub idle_timeout_seconds: u64,
+}
+
+impl Default for Icmp {
+    fn default() -> Self {
+        Self {
+            max_sessions: 64,
+            idle_timeout_seconds: 10,
+        }
+    }
+}
+
+/// Transport of a published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// One `[[publish]]` entry: a host address forwarded to a guest port.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Publish {
+    /// tcp or udp.
+    pub protocol: Protocol,
+    /// Host address and port to listen on.
+    pub host: std::net::SocketAddr,
+    /// Guest port connections are forwarded to.
+    pub guest_port: u16,
 }
 
 /// The `[network]` table: addresses and link parameters the guest is given.
@@ -211,7 +319,9 @@ impl Config {
     pub fn validate(&self) -> Vec<(String, String)> {
         let n = &self.network;
         let mut out = Vec::new();
-        let mut bad = |key: &str, message: String| out.push((format!("network.{key}"), message));
+        let mut bad_network = Vec::new();
+        let mut bad =
+            |key: &str, message: String| bad_network.push((format!("network.{key}"), message));
 
         for (key, mac) in [("guest-mac", n.guest_mac), ("gateway-mac", n.gateway_mac)] {
             if mac.is_multicast() || mac.is_zero() {
@@ -322,6 +432,71 @@ impl Config {
             bad(
                 "ra-interval-seconds",
                 format!("{} is outside 4..=1800", n.ra_interval_seconds),
+            );
+        }
+        out.append(&mut bad_network);
+        let mut check = |key: &str, ok: bool, message: String| {
+            if !ok {
+                out.push((key.to_owned(), message));
+            }
+        };
+        let t = &self.tcp;
+        check(
+            "tcp.max-connections",
+            (1..=65_536).contains(&t.max_connections),
+            format!("{} is outside 1..=65536", t.max_connections),
+        );
+        check(
+            "tcp.connect-timeout-ms",
+            (100..=300_000).contains(&t.connect_timeout_ms),
+            format!("{} is outside 100..=300000", t.connect_timeout_ms),
+        );
+        check(
+            "tcp.idle-timeout-seconds",
+            (1..=604_800).contains(&t.idle_timeout_seconds),
+            format!("{} is outside 1..=604800", t.idle_timeout_seconds),
+        );
+        check(
+            "tcp.buffer-bytes",
+            (4096..=16 << 20).contains(&t.buffer_bytes),
+            format!("{} is outside 4096..=16777216", t.buffer_bytes),
+        );
+        check(
+            "udp.max-sessions",
+            (1..=65_536).contains(&self.udp.max_sessions),
+            format!("{} is outside 1..=65536", self.udp.max_sessions),
+        );
+        check(
+            "udp.idle-timeout-seconds",
+            (1..=86_400).contains(&self.udp.idle_timeout_seconds),
+            format!("{} is outside 1..=86400", self.udp.idle_timeout_seconds),
+        );
+        check(
+            "icmp.max-sessions",
+            (1..=4096).contains(&self.icmp.max_sessions),
+            format!("{} is outside 1..=4096", self.icmp.max_sessions),
+        );
+        check(
+            "icmp.idle-timeout-seconds",
+            (1..=3600).contains(&self.icmp.idle_timeout_seconds),
+            format!("{} is outside 1..=3600", self.icmp.idle_timeout_seconds),
+        );
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.publish {
+            check(
+                "publish.guest-port",
+                p.guest_port != 0,
+                "guest-port must be 1..=65535".into(),
+            );
+            check(
+                "publish.host",
+                p.host.port() != 0,
+                format!("{}: host port must not be 0", p.host),
+            );
+            check(
+                "publish.host",
+                seen.insert((p.protocol, p.host)),
+                format!("{} is published twice", p.host),
             );
         }
         out

@@ -183,6 +183,25 @@ impl<M: GuestMemory> phy::Device for Device<'_, M> {
         &mut self,
         _timestamp: smoltcp::time::Instant,
     ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        if let Some(frame) = self.services.inject.pop_front() {
+            // A held SYN released into smoltcp: it was counted when the guest
+            // sent it.
+            self.from_guest.clear();
+            self.from_guest.extend_from_slice(&frame);
+            return Some((
+                RxToken {
+                    frame: self.from_guest.as_slice(),
+                },
+                TxToken {
+                    rx: self.rx,
+                    mem: self.mem,
+                    layout: self.layout,
+                    buf: self.to_guest,
+                    metrics: self.metrics,
+                    rx_used: &mut self.rx_used,
+                },
+            ));
+        }
         loop {
             if self.budget == 0 {
                 return None;

@@ -5,14 +5,17 @@
 //! leased, to the first client that asks, until it is released or expires.
 #![forbid(unsafe_code)]
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use smoltcp::wire::{DhcpMessageType, DhcpOption, DhcpPacket, DhcpRepr, EthernetAddress};
 
-use super::frames::{self, DHCP_CLIENT_PORT, DHCP_SERVER_PORT, UdpV4};
+use super::classify::DHCP_SERVER_PORT;
+use super::frames::{self, Ends};
 use crate::config::{Network, encode_domain_search};
 
+/// DHCP client port (RFC 2131 4.1).
+const DHCP_CLIENT_PORT: u16 = 68;
 /// DHCP option: interface MTU (RFC 2132 5.1).
 const OPT_INTERFACE_MTU: u8 = 26;
 /// DHCP option: domain search (RFC 3397).
@@ -194,17 +197,16 @@ impl Server {
         } else {
             (request.client_hardware_address, self.guest)
         };
-        let ends = UdpV4 {
+        let ends = Ends {
             src_mac: self.gateway_mac,
             dst_mac,
-            src_ip: self.gateway,
-            dst_ip,
-            src_port: DHCP_SERVER_PORT,
-            dst_port: DHCP_CLIENT_PORT,
+            src: IpAddr::V4(self.gateway),
+            dst: IpAddr::V4(dst_ip),
+            hop_limit: 64,
         };
         let len = repr.buffer_len();
         let mut emitted = Ok(());
-        let frame = frames::udp_v4(&ends, len, |buf| {
+        let frame = frames::udp_with(&ends, DHCP_SERVER_PORT, DHCP_CLIENT_PORT, len, |buf| {
             let mut packet = DhcpPacket::new_unchecked(buf);
             emitted = repr.emit(&mut packet);
         });

@@ -1,256 +1,282 @@
-//! Parsing a guest frame just far enough to route it to a gateway service,
-//! and building the frames those services send back.
+//! Frames the gateway writes itself, outside smoltcp: DHCP and RA replies,
+//! relayed UDP datagrams and echo replies, and resets for refused SYNs.
 //!
-//! Runs on the engine thread, on the daemon's own copy of a frame. Every
-//! accessor is a smoltcp `new_checked` view, so lengths are checked before any
-//! field is read; nothing here panics on guest data.
+//! Pure builders on smoltcp's wire types; checksums are always filled in
+//! (no checksum offload is negotiated with the guest).
 #![forbid(unsafe_code)]
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpProtocol, Ipv4Packet,
-    Ipv4Repr, Ipv6Packet, UdpPacket, UdpRepr,
+    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4Packet, Icmpv6Packet,
+    IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpPacket, UdpPacket,
 };
-
-/// What a frame is, as far as the gateway's own services care.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Kind<'a> {
-    /// A UDP datagram to port 67: for the DHCP server.
-    Dhcp {
-        /// The BOOTP/DHCP payload.
-        payload: &'a [u8],
-    },
-    /// An ICMPv6 Router Solicitation that passed RFC 4861 6.1.1 checks.
-    RouterSolicit,
-    /// Anything else: for the IP stack.
-    Other,
-}
-
-/// DHCP server port (RFC 2131 4.1).
-pub const DHCP_SERVER_PORT: u16 = 67;
-/// DHCP client port.
-pub const DHCP_CLIENT_PORT: u16 = 68;
-/// ICMPv6 type of a Router Solicitation (RFC 4861 4.1).
-const ICMPV6_ROUTER_SOLICIT: u8 = 133;
-/// Neighbor Discovery messages must arrive with this hop limit (RFC 4861 6.1.1).
-const NDP_HOP_LIMIT: u8 = 255;
-
-/// Sorts a guest frame. Malformed frames are `Other`: smoltcp then drops them
-/// and counts nothing twice.
-pub fn classify(frame: &[u8]) -> Kind<'_> {
-    let Ok(eth) = EthernetFrame::new_checked(frame) else {
-        return Kind::Other;
-    };
-    match eth.ethertype() {
-        EthernetProtocol::Ipv4 => classify_v4(eth.payload()),
-        EthernetProtocol::Ipv6 => classify_v6(eth.payload()),
-        _ => Kind::Other,
-    }
-}
-
-fn classify_v4(packet: &[u8]) -> Kind<'_> {
-    let Ok(ip) = Ipv4Packet::new_checked(packet) else {
-        return Kind::Other;
-    };
-    if ip.next_header() != IpProtocol::Udp || !ip.verify_checksum() || ip.more_frags() {
-        return Kind::Other;
-    }
-    let header_len = usize::from(ip.header_len());
-    let total_len = usize::from(ip.total_len());
-    let Some(udp_bytes) = packet.get(header_len..total_len) else {
-        return Kind::Other;
-    };
-    let Ok(udp) = UdpPacket::new_checked(udp_bytes) else {
-        return Kind::Other;
-    };
-    if udp.dst_port() != DHCP_SERVER_PORT {
-        return Kind::Other;
-    }
-    let udp_len = usize::from(udp.len());
-    match udp_bytes.get(8..udp_len) {
-        Some(payload) => Kind::Dhcp { payload },
-        None => Kind::Other,
-    }
-}
-
-fn classify_v6(packet: &[u8]) -> Kind<'_> {
-    let Ok(ip) = Ipv6Packet::new_checked(packet) else {
-        return Kind::Other;
-    };
-    if ip.next_header() != IpProtocol::Icmpv6 || ip.hop_limit() != NDP_HOP_LIMIT {
-        return Kind::Other;
-    }
-    let payload = ip.payload();
-    match payload {
-        [ICMPV6_ROUTER_SOLICIT, 0, ..] if payload.len() >= 8 => {
-            let Ok(icmp) = smoltcp::wire::Icmpv6Packet::new_checked(payload) else {
-                return Kind::Other;
-            };
-            if icmp.verify_checksum(&ip.src_addr(), &ip.dst_addr()) {
-                Kind::RouterSolicit
-            } else {
-                Kind::Other
-            }
-        }
-        _ => Kind::Other,
-    }
-}
-
-/// Endpoints of a UDP/IPv4 frame.
-pub struct UdpV4 {
-    /// Ethernet source.
-    pub src_mac: EthernetAddress,
-    /// Ethernet destination.
-    pub dst_mac: EthernetAddress,
-    /// IP source.
-    pub src_ip: Ipv4Addr,
-    /// IP destination.
-    pub dst_ip: Ipv4Addr,
-    /// UDP source port.
-    pub src_port: u16,
-    /// UDP destination port.
-    pub dst_port: u16,
-}
 
 const ETH_LEN: usize = 14;
 const IPV4_LEN: usize = 20;
 const IPV6_LEN: usize = 40;
 const UDP_LEN: usize = 8;
+const TCP_LEN: usize = 20;
+const ICMP_ECHO_LEN: usize = 8;
+const ICMPV4_ECHO_REPLY: u8 = 0;
+const ICMPV6_ECHO_REPLY: u8 = 129;
 
-/// Builds an Ethernet/IPv4/UDP frame whose payload `fill` writes; the payload
-/// is `payload_len` bytes. Checksums are filled in.
-pub fn udp_v4(ends: &UdpV4, payload_len: usize, fill: impl FnOnce(&mut [u8])) -> Vec<u8> {
-    let mut frame = vec![0u8; ETH_LEN + IPV4_LEN + UDP_LEN + payload_len];
+/// Who a frame is from and to. `src` and `dst` are the same family.
+#[derive(Debug, Clone, Copy)]
+pub struct Ends {
+    /// Ethernet source.
+    pub src_mac: EthernetAddress,
+    /// Ethernet destination.
+    pub dst_mac: EthernetAddress,
+    /// IP source.
+    pub src: IpAddr,
+    /// IP destination.
+    pub dst: IpAddr,
+    /// TTL / hop limit.
+    pub hop_limit: u8,
+}
+
+/// Builds Ethernet + IP headers around a `payload_len` payload written by
+/// `fill`, which gets the payload bytes; returns the frame.
+fn ip_frame(
+    ends: &Ends,
+    protocol: IpProtocol,
+    payload_len: usize,
+    fill: impl FnOnce(&mut [u8]),
+) -> Vec<u8> {
+    let ip_len = if ends.dst.is_ipv4() {
+        IPV4_LEN
+    } else {
+        IPV6_LEN
+    };
+    let mut frame = vec![0u8; ETH_LEN + ip_len + payload_len];
     let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
+    let ethertype = if ends.dst.is_ipv4() {
+        EthernetProtocol::Ipv4
+    } else {
+        EthernetProtocol::Ipv6
+    };
     EthernetRepr {
         src_addr: ends.src_mac,
         dst_addr: ends.dst_mac,
-        ethertype: EthernetProtocol::Ipv4,
+        ethertype,
     }
     .emit(&mut eth);
-    let caps = ChecksumCapabilities::default();
-    let ip_repr = Ipv4Repr {
-        src_addr: ends.src_ip,
-        dst_addr: ends.dst_ip,
-        next_header: IpProtocol::Udp,
-        payload_len: UDP_LEN + payload_len,
-        hop_limit: 64,
-    };
-    let mut ip = Ipv4Packet::new_unchecked(eth.payload_mut());
-    ip_repr.emit(&mut ip, &caps);
-    let mut udp = UdpPacket::new_unchecked(ip.payload_mut());
-    UdpRepr {
-        src_port: ends.src_port,
-        dst_port: ends.dst_port,
+    match (ends.src, ends.dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let mut ip = Ipv4Packet::new_unchecked(eth.payload_mut());
+            Ipv4Repr {
+                src_addr: src,
+                dst_addr: dst,
+                next_header: protocol,
+                payload_len,
+                hop_limit: ends.hop_limit,
+            }
+            .emit(&mut ip, &ChecksumCapabilities::default());
+            fill(ip.payload_mut());
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let mut ip = Ipv6Packet::new_unchecked(eth.payload_mut());
+            Ipv6Repr {
+                src_addr: src,
+                dst_addr: dst,
+                next_header: protocol,
+                payload_len,
+                hop_limit: ends.hop_limit,
+            }
+            .emit(&mut ip);
+            fill(ip.payload_mut());
+        }
+        // Mixed families cannot be built; callers pair addresses from one
+        // flow key, so this stays an empty payload rather than a panic.
+        _ => {}
     }
-    .emit(
-        &mut udp,
-        &ends.src_ip.into(),
-        &ends.dst_ip.into(),
-        payload_len,
-        fill,
-        &caps,
-    );
     frame
 }
 
-/// Builds an Ethernet/IPv6/ICMPv6 frame around an ICMPv6 message whose
-/// checksum field is zero; fills in the checksum.
-pub fn icmp_v6(
-    src_mac: EthernetAddress,
-    dst_mac: EthernetAddress,
-    src_ip: Ipv6Addr,
-    dst_ip: Ipv6Addr,
-    hop_limit: u8,
-    message: &[u8],
+/// A UDP datagram whose payload `fill` writes.
+pub fn udp_with(
+    ends: &Ends,
+    src_port: u16,
+    dst_port: u16,
+    payload_len: usize,
+    fill: impl FnOnce(&mut [u8]),
 ) -> Vec<u8> {
-    let mut frame = vec![0u8; ETH_LEN + IPV6_LEN + message.len()];
-    let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
-    EthernetRepr {
-        src_addr: src_mac,
-        dst_addr: dst_mac,
-        ethertype: EthernetProtocol::Ipv6,
+    ip_frame(ends, IpProtocol::Udp, UDP_LEN + payload_len, |buf| {
+        let mut udp = UdpPacket::new_unchecked(buf);
+        udp.set_src_port(src_port);
+        udp.set_dst_port(dst_port);
+        udp.set_len(u16::try_from(UDP_LEN + payload_len).unwrap_or(u16::MAX));
+        fill(udp.payload_mut());
+        udp.fill_checksum(&ends.src.into(), &ends.dst.into());
+    })
+}
+
+/// A UDP datagram carrying `payload`.
+pub fn udp(ends: &Ends, src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    udp_with(ends, src_port, dst_port, payload.len(), |buf| {
+        buf.copy_from_slice(payload);
+    })
+}
+
+/// An ICMP (v4) or ICMPv6 echo reply.
+pub fn echo_reply(ends: &Ends, ident: u16, seq: u16, data: &[u8]) -> Vec<u8> {
+    let protocol = if ends.dst.is_ipv4() {
+        IpProtocol::Icmp
+    } else {
+        IpProtocol::Icmpv6
+    };
+    ip_frame(ends, protocol, ICMP_ECHO_LEN + data.len(), |buf| {
+        let kind = if ends.dst.is_ipv4() {
+            ICMPV4_ECHO_REPLY
+        } else {
+            ICMPV6_ECHO_REPLY
+        };
+        let header = [kind, 0, 0, 0];
+        buf.get_mut(..4)
+            .unwrap_or_default()
+            .copy_from_slice(&header);
+        buf.get_mut(4..6)
+            .unwrap_or_default()
+            .copy_from_slice(&ident.to_be_bytes());
+        buf.get_mut(6..8)
+            .unwrap_or_default()
+            .copy_from_slice(&seq.to_be_bytes());
+        buf.get_mut(8..).unwrap_or_default().copy_from_slice(data);
+        fill_icmp_checksum(ends, buf);
+    })
+}
+
+/// An ICMPv6 message (checksum field zero) from the gateway, e.g. an RA.
+pub fn icmp_v6(ends: &Ends, message: &[u8]) -> Vec<u8> {
+    ip_frame(ends, IpProtocol::Icmpv6, message.len(), |buf| {
+        buf.copy_from_slice(message);
+        fill_icmp_checksum(ends, buf);
+    })
+}
+
+fn fill_icmp_checksum(ends: &Ends, buf: &mut [u8]) {
+    match (ends.src, ends.dst) {
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            Icmpv6Packet::new_unchecked(buf).fill_checksum(&src, &dst);
+        }
+        _ => Icmpv4Packet::new_unchecked(buf).fill_checksum(),
     }
-    .emit(&mut eth);
-    let mut ip = Ipv6Packet::new_unchecked(eth.payload_mut());
-    smoltcp::wire::Ipv6Repr {
-        src_addr: src_ip,
-        dst_addr: dst_ip,
-        next_header: IpProtocol::Icmpv6,
-        payload_len: message.len(),
-        hop_limit,
-    }
-    .emit(&mut ip);
-    let payload = ip.payload_mut();
-    payload.copy_from_slice(message);
-    let mut icmp = smoltcp::wire::Icmpv6Packet::new_unchecked(payload);
-    icmp.fill_checksum(&src_ip, &dst_ip);
-    frame
+}
+
+/// A RST|ACK answering a SYN with sequence number `syn_seq` (RFC 9293
+/// 3.10.7.1: a closed port answers SEG.ACK = SEG.SEQ + SEG.LEN).
+pub fn tcp_reset_for_syn(ends: &Ends, src_port: u16, dst_port: u16, syn_seq: u32) -> Vec<u8> {
+    ip_frame(ends, IpProtocol::Tcp, TCP_LEN, |buf| {
+        let mut tcp = TcpPacket::new_unchecked(buf);
+        tcp.set_src_port(src_port);
+        tcp.set_dst_port(dst_port);
+        tcp.set_seq_number(smoltcp::wire::TcpSeqNumber(0));
+        tcp.set_ack_number(smoltcp::wire::TcpSeqNumber(i32::from_ne_bytes(
+            syn_seq.wrapping_add(1).to_ne_bytes(),
+        )));
+        tcp.set_header_len(u8::try_from(TCP_LEN).unwrap_or(20));
+        tcp.clear_flags();
+        tcp.set_rst(true);
+        tcp.set_ack(true);
+        tcp.set_window_len(0);
+        tcp.fill_checksum(&ends.src.into(), &ends.dst.into());
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use smoltcp::wire::{Icmpv4Repr, TcpRepr};
 
     const GUEST: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 1, 2, 3]);
     const GW: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 1]);
 
-    fn dhcp_like(dst_port: u16) -> Vec<u8> {
-        udp_v4(
-            &UdpV4 {
-                src_mac: GUEST,
-                dst_mac: EthernetAddress::BROADCAST,
-                src_ip: Ipv4Addr::UNSPECIFIED,
-                dst_ip: Ipv4Addr::BROADCAST,
-                src_port: 68,
-                dst_port,
-            },
-            4,
-            |p| p.copy_from_slice(b"abcd"),
-        )
+    fn ends(src: &str, dst: &str) -> Ends {
+        Ends {
+            src_mac: GW,
+            dst_mac: GUEST,
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            hop_limit: 64,
+        }
+    }
+
+    fn payload_of(frame: &[u8]) -> (IpAddr, IpAddr, Vec<u8>) {
+        let eth = EthernetFrame::new_checked(frame).unwrap();
+        if eth.ethertype() == EthernetProtocol::Ipv4 {
+            let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+            assert!(ip.verify_checksum());
+            (
+                ip.src_addr().into(),
+                ip.dst_addr().into(),
+                ip.payload().to_vec(),
+            )
+        } else {
+            let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+            (
+                ip.src_addr().into(),
+                ip.dst_addr().into(),
+                ip.payload().to_vec(),
+            )
+        }
     }
 
     #[test]
-    fn classify_table() {
-        let dhcp = dhcp_like(67);
-        assert_eq!(classify(&dhcp), Kind::Dhcp { payload: b"abcd" });
-        assert_eq!(classify(&dhcp_like(53)), Kind::Other);
-        // Every truncation of a DHCP frame is Other, never a panic.
-        for cut in 0..dhcp.len() {
-            assert_eq!(classify(&dhcp[..cut]), Kind::Other, "cut at {cut}");
+    fn udp_both_families_with_valid_checksums() {
+        for (s, d) in [("192.0.2.1", "198.19.0.2"), ("2001:db8::1", "fd00::2")] {
+            let f = udp(&ends(s, d), 7, 5353, b"hello");
+            let (src, dst, body) = payload_of(&f);
+            let u = UdpPacket::new_checked(&body[..]).unwrap();
+            assert!(u.verify_checksum(&src.into(), &dst.into()));
+            assert_eq!(
+                (u.src_port(), u.dst_port(), u.payload()),
+                (7, 5353, &b"hello"[..])
+            );
         }
-        // A corrupted IPv4 header checksum is not handed to the DHCP server.
-        let mut bad = dhcp.clone();
-        bad[ETH_LEN + 10] ^= 0xff;
-        assert_eq!(classify(&bad), Kind::Other);
+    }
 
-        let rs = icmp_v6(
-            GUEST,
-            GW,
-            "fe80::1234".parse().unwrap(),
-            "ff02::2".parse().unwrap(),
-            255,
-            &[133, 0, 0, 0, 0, 0, 0, 0],
+    #[test]
+    fn echo_reply_both_families() {
+        let f = echo_reply(&ends("192.0.2.1", "198.19.0.2"), 0x1234, 7, b"abc");
+        let (_, _, body) = payload_of(&f);
+        let p = Icmpv4Packet::new_checked(&body[..]).unwrap();
+        assert_eq!(
+            Icmpv4Repr::parse(&p, &ChecksumCapabilities::default()).unwrap(),
+            Icmpv4Repr::EchoReply {
+                ident: 0x1234,
+                seq_no: 7,
+                data: b"abc"
+            }
         );
-        assert_eq!(classify(&rs), Kind::RouterSolicit);
-        let low_hop = icmp_v6(
-            GUEST,
-            GW,
-            "fe80::1234".parse().unwrap(),
-            "ff02::2".parse().unwrap(),
-            64,
-            &[133, 0, 0, 0, 0, 0, 0, 0],
-        );
-        assert_eq!(classify(&low_hop), Kind::Other);
-        let mut bad_sum = rs.clone();
-        let last = bad_sum.len() - 1;
-        bad_sum[last] ^= 1;
-        assert_eq!(classify(&bad_sum), Kind::Other);
-        for cut in 0..rs.len() {
-            assert_eq!(classify(&rs[..cut]), Kind::Other, "cut at {cut}");
+        let e = ends("2001:db8::1", "fd00::2");
+        let f = echo_reply(&e, 1, 2, b"xy");
+        let (src, dst, body) = payload_of(&f);
+        let p = Icmpv6Packet::new_checked(&body[..]).unwrap();
+        let (IpAddr::V6(s), IpAddr::V6(d)) = (src, dst) else {
+            panic!()
+        };
+        assert!(p.verify_checksum(&s, &d));
+        assert_eq!(body[0], 129);
+    }
+
+    #[test]
+    fn reset_acknowledges_the_syn() {
+        for (s, d) in [("192.0.2.1", "198.19.0.2"), ("2001:db8::1", "fd00::2")] {
+            let f = tcp_reset_for_syn(&ends(s, d), 80, 40000, u32::MAX);
+            let (src, dst, body) = payload_of(&f);
+            let p = TcpPacket::new_checked(&body[..]).unwrap();
+            let r = TcpRepr::parse(
+                &p,
+                &src.into(),
+                &dst.into(),
+                &ChecksumCapabilities::default(),
+            )
+            .unwrap();
+            assert_eq!(r.control, smoltcp::wire::TcpControl::Rst);
+            assert_eq!(r.ack_number, Some(smoltcp::wire::TcpSeqNumber(0)));
+            assert_eq!((r.src_port, r.dst_port), (80, 40000));
         }
-        assert_eq!(classify(&[]), Kind::Other);
     }
 }

@@ -2,20 +2,28 @@
 //!
 //! Runs on the single vring worker thread of vhost-user-backend and never
 //! blocks or awaits. Each pass drains the TX queue through a smoltcp `Device`
-//! (one copy per frame into a reused buffer), lets the gateway services (DHCP,
-//! router advertisements) take their frames before smoltcp sees them, lets
-//! smoltcp answer ARP, NDP and pings to the gateway's own addresses, and
-//! writes what goes to the guest straight into RX chains. Between passes the
-//! thread sleeps in epoll on queue kicks and a timerfd armed for the next
-//! deadline ([`Engine::next_deadline`]), so an idle guest costs no CPU.
-#![forbid(unsafe_code)]
+//! (one copy per frame into a reused buffer); [`classify`] hands each frame
+//! to its owner first: the DHCP server, the router advertiser, the TCP flow
+//! table (new connections are held until the host side connects), the UDP and
+//! ICMP relays, or smoltcp, which terminates guest TCP for any destination
+//! (`any_ip`) and answers ARP, NDP and pings for the gateway's own addresses.
+//! After smoltcp has run, the flow table moves data between smoltcp sockets
+//! and host tasks. Frames for the guest go straight into RX chains. Between
+//! passes the thread sleeps in epoll on queue kicks, the host side's wake
+//! eventfd and a timerfd armed for [`Engine::next_deadline`].
 
+pub mod classify;
 pub mod device;
 pub mod dhcp;
 pub mod frames;
+pub mod icmp;
 pub mod ndp;
+pub mod publish;
+pub mod tcp;
+pub mod udp;
 
 use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,31 +32,103 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 use virtio_queue::Queue;
 use vm_memory::GuestMemory;
 
-use crate::config::Network;
+use crate::config::Config;
 use crate::metrics::{Counter, Metrics};
+use crate::proxy::Host;
 use crate::virtio::{self, Layout};
 use device::{Device, Medium};
 
-/// Frames from gateway services waiting for RX buffers; beyond this they are
-/// dropped and counted (the guest is not reading).
-const MAX_PENDING_TO_GUEST: usize = 64;
+/// Frames from the gateway itself (service replies, relayed datagrams,
+/// resets) waiting for RX buffers; beyond this they are dropped and counted.
+const MAX_PENDING_TO_GUEST: usize = 512;
 /// TX frames taken per smoltcp poll before egress gets its turn, so a flood
 /// from the guest cannot starve frames going to it.
 pub const TX_BUDGET_PER_POLL: usize = 256;
+/// Poll/service rounds per pass; more work left after them re-wakes the
+/// engine instead of holding the thread.
+const MAX_ROUNDS: usize = 16;
+/// How often idle flows and sessions are looked for when any exist.
+const EXPIRY_TICK: Duration = Duration::from_secs(1);
 
-/// Gateway services that answer frames before smoltcp sees them.
+/// What flow and session tables need from the engine for one frame.
+pub struct Ctx<'a> {
+    /// Where host tasks run.
+    pub host: &'a Host,
+    /// Counters.
+    pub metrics: &'a Arc<Metrics>,
+    /// The gateway's addresses.
+    pub own: classify::Own,
+    /// Whether the gateway's addresses lead to the host's loopback.
+    pub allow_host_loopback: bool,
+    /// Time of this pass.
+    pub now: Instant,
+}
+
+impl Ctx<'_> {
+    /// Where traffic the guest sends to `dst` really goes, or None when
+    /// nowhere: the gateway's addresses map to the host's loopback (same
+    /// port) when allowed; unspecified, multicast, broadcast and port 0 go
+    /// nowhere.
+    pub fn upstream(&self, dst: SocketAddr) -> Option<SocketAddr> {
+        let ip = dst.ip();
+        if self.own.is_own(ip) {
+            let loopback = if ip.is_ipv4() {
+                IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+            } else {
+                IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+            };
+            return self
+                .allow_host_loopback
+                .then_some(SocketAddr::new(loopback, dst.port()));
+        }
+        let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+        if ip.is_unspecified() || ip.is_multicast() || broadcast || dst.port() == 0 {
+            return None;
+        }
+        Some(dst)
+    }
+}
+
+/// Everything that sees guest frames before smoltcp, and what it queues.
 pub struct Services {
+    own: classify::Own,
+    gateway_mac: EthernetAddress,
+    guest_mac: EthernetAddress,
     dhcp: dhcp::Server,
     ra: Option<ndp::Advertiser>,
+    tcp: tcp::Flows,
+    udp: udp::Sessions,
+    icmp: icmp::Sessions,
+    /// Frames for the guest.
     pending: VecDeque<Vec<u8>>,
+    /// Frames for smoltcp (SYNs released once their upstream connected).
+    inject: VecDeque<Vec<u8>>,
+    host: Host,
     metrics: Arc<Metrics>,
+    allow_host_loopback: bool,
+    published: Option<publish::Published>,
+    gateway_v4: std::net::Ipv4Addr,
+    guest_v4: std::net::Ipv4Addr,
 }
 
 impl Services {
     /// Offers a guest frame to the services; true when one of them took it.
     pub fn intercept(&mut self, frame: &[u8], now: Instant) -> bool {
-        match frames::classify(frame) {
-            frames::Kind::Dhcp { payload } => {
+        if let Some(src) = frame.get(6..12).and_then(|b| <[u8; 6]>::try_from(b).ok()) {
+            let mac = EthernetAddress(src);
+            if mac.is_unicast() {
+                self.guest_mac = mac;
+            }
+        }
+        let ctx = Ctx {
+            host: &self.host,
+            metrics: &self.metrics,
+            own: self.own,
+            allow_host_loopback: self.allow_host_loopback,
+            now,
+        };
+        match classify::classify(frame, &self.own) {
+            classify::Kind::Dhcp { payload } => {
                 match self.dhcp.handle(payload, now) {
                     dhcp::Outcome::Reply(reply) => {
                         self.metrics.inc(Counter::dhcp_replies);
@@ -60,15 +140,64 @@ impl Services {
                 }
                 true
             }
-            frames::Kind::RouterSolicit => {
+            classify::Kind::RouterSolicit => {
                 if let Some(reply) = self.ra.as_mut().and_then(|ra| ra.solicited(now)) {
                     self.metrics.inc(Counter::router_adverts);
                     self.queue(reply);
                 }
                 true
             }
-            frames::Kind::Other => false,
+            classify::Kind::NotOurs => {
+                self.metrics.inc(Counter::neighbor_not_ours);
+                true
+            }
+            classify::Kind::Fragment => {
+                self.metrics.inc(Counter::drop_fragment);
+                true
+            }
+            classify::Kind::TcpSyn { src, dst, seq } => {
+                match self.tcp.on_syn(&ctx, frame, src, dst, seq) {
+                    tcp::Syn::Held => true,
+                    tcp::Syn::Pass => false,
+                    tcp::Syn::Refuse => {
+                        self.refuse(src, dst, seq);
+                        true
+                    }
+                }
+            }
+            classify::Kind::Udp { src, dst, payload } => {
+                let published = self.own.is_own(dst.ip())
+                    && self.published.as_mut().is_some_and(|p| {
+                        p.datagram_from_guest(dst.port(), payload, now, &self.metrics)
+                    });
+                if !published {
+                    self.udp.send(&ctx, src, dst, payload);
+                }
+                true
+            }
+            classify::Kind::Echo(echo) => {
+                self.icmp.send(&ctx, &echo);
+                true
+            }
+            classify::Kind::Stack => false,
         }
+    }
+
+    fn to_guest(&self, from: IpAddr, to: IpAddr) -> frames::Ends {
+        frames::Ends {
+            src_mac: self.gateway_mac,
+            dst_mac: self.guest_mac,
+            src: from,
+            dst: to,
+            hop_limit: 64,
+        }
+    }
+
+    fn refuse(&mut self, guest: SocketAddr, remote: SocketAddr, seq: u32) {
+        let ends = self.to_guest(remote.ip(), guest.ip());
+        let rst = frames::tcp_reset_for_syn(&ends, remote.port(), guest.port(), seq);
+        self.metrics.inc(Counter::tcp_resets_sent);
+        self.queue(rst);
     }
 
     fn queue(&mut self, frame: Vec<u8>) {
@@ -79,11 +208,38 @@ impl Services {
         self.pending.push_back(frame);
     }
 
+    fn has_room(&self) -> bool {
+        self.pending.len() < MAX_PENDING_TO_GUEST
+    }
+
     fn timers(&mut self, now: Instant) {
         if let Some(frame) = self.ra.as_mut().and_then(|ra| ra.periodic(now)) {
             self.metrics.inc(Counter::router_adverts);
             self.queue(frame);
         }
+    }
+
+    /// Replies from the UDP and ICMP relays, as far as there is room.
+    fn relay_replies(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        while self.has_room() {
+            let Some((guest, remote, payload)) = self.udp.next_reply(now) else {
+                break;
+            };
+            let ends = self.to_guest(remote.ip(), guest.ip());
+            let frame = frames::udp(&ends, remote.port(), guest.port(), &payload);
+            self.queue(frame);
+            any = true;
+        }
+        while self.has_room() {
+            let Some((guest, remote, ident, seq, data)) = self.icmp.next_reply() else {
+                break;
+            };
+            let ends = self.to_guest(remote, guest);
+            self.queue(frames::echo_reply(&ends, ident, seq, &data));
+            any = true;
+        }
+        any
     }
 }
 
@@ -97,6 +253,7 @@ pub struct Engine {
     from_guest: Vec<u8>,
     to_guest: Vec<u8>,
     metrics: Arc<Metrics>,
+    next_expiry: Instant,
 }
 
 /// What a pass did to each queue, for notification decisions.
@@ -112,14 +269,23 @@ pub struct PassResult {
 
 impl Engine {
     /// A fresh engine for one guest.
-    pub fn new(net: &Network, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        host: Host,
+        icmp_available: bool,
+        attachment: Option<crate::ports::Attachment>,
+    ) -> Self {
+        let net = &config.network;
         let max_frame = usize::from(net.mtu) + virtio::ETH_HDR_LEN;
         let mut medium = Medium::new(max_frame);
-        let mut config = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(
-            net.gateway_mac.0,
-        )));
-        config.random_seed = seed();
-        let mut iface = Interface::new(config, &mut medium, smoltcp::time::Instant::now());
+        let gateway_mac = EthernetAddress(net.gateway_mac.0);
+        let mut iface_config = IfaceConfig::new(HardwareAddress::Ethernet(gateway_mac));
+        iface_config.random_seed = seed();
+        let mut iface = Interface::new(iface_config, &mut medium, smoltcp::time::Instant::now());
+        // Terminate guest TCP for any destination; classify keeps ARP, NDP
+        // and pings for other addresses away from smoltcp.
+        iface.set_any_ip(true);
         iface.update_ip_addrs(|addrs| {
             let _ = addrs.push(IpCidr::new(
                 IpAddress::Ipv4(net.ipv4_gateway),
@@ -130,20 +296,45 @@ impl Engine {
                 let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(ndp::GATEWAY_LINK_LOCAL), 64));
             }
         });
+        let allow_loopback = config.outbound.allow_host_loopback;
         Self {
             iface,
             sockets: SocketSet::new(Vec::new()),
             services: Services {
+                own: classify::Own {
+                    v4: net.ipv4_gateway,
+                    v6: net
+                        .ipv6_enabled
+                        .then_some((net.ipv6_gateway, ndp::GATEWAY_LINK_LOCAL)),
+                },
+                gateway_mac,
+                guest_mac: EthernetAddress(net.guest_mac.0),
                 dhcp: dhcp::Server::new(net),
                 ra: ndp::Advertiser::new(net),
+                tcp: tcp::Flows::new(config.tcp.clone()),
+                udp: udp::Sessions::new(config.udp.clone()),
+                icmp: icmp::Sessions::new(config.icmp.clone(), icmp_available),
                 pending: VecDeque::new(),
+                inject: VecDeque::new(),
+                host,
                 metrics: metrics.clone(),
+                allow_host_loopback: allow_loopback,
+                published: attachment.map(|a| {
+                    publish::Published::new(
+                        a,
+                        config.udp.max_sessions,
+                        Duration::from_secs(config.udp.idle_timeout_seconds),
+                    )
+                }),
+                gateway_v4: net.ipv4_gateway,
+                guest_v4: net.ipv4_guest,
             },
             layout: Layout::from_features(0),
             max_frame,
             from_guest: Vec::with_capacity(max_frame + virtio::NET_HDR_LEN),
             to_guest: Vec::with_capacity(max_frame + virtio::NET_HDR_LEN),
             metrics,
+            next_expiry: Instant::now() + EXPIRY_TICK,
         }
     }
 
@@ -157,13 +348,20 @@ impl Engine {
         self.metrics.clone()
     }
 
-    /// One pass: drain the TX queue (bounded per poll), run smoltcp and the
-    /// service timers, flush pending service frames into the RX queue.
+    /// The host side this engine uses.
+    pub fn host(&self) -> Host {
+        self.services.host.clone()
+    }
+
+    /// One pass: drain the TX queue (bounded per poll), run smoltcp, move
+    /// flow data, run timers, flush frames for the guest into the RX queue.
     pub fn pass<M: GuestMemory>(&mut self, mem: &M, tx: &mut Queue, rx: &mut Queue) -> PassResult {
         let now = Instant::now();
+        self.services.host.wake.clear();
         self.services.timers(now);
         let mut result = PassResult::default();
-        loop {
+        let mut more = true;
+        for _ in 0..MAX_ROUNDS {
             let mut device = Device {
                 mem,
                 tx: &mut *tx,
@@ -187,9 +385,15 @@ impl Engine {
             let budget_left = device.budget;
             result.tx_used |= device.tx_used;
             result.rx_used |= device.rx_used;
-            if budget_left > 0 {
+            let serviced = self.service(now);
+            if budget_left > 0 && !serviced {
+                more = false;
                 break;
             }
+        }
+        if more {
+            // Work is left: come back after the other events are handled.
+            self.services.host.wake.wake();
         }
         while let Some(frame) = self.services.pending.front() {
             if !virtio::rx_available(rx, mem) {
@@ -211,6 +415,93 @@ impl Engine {
         result
     }
 
+    /// Flow and session work after smoltcp ran; true when smoltcp has new
+    /// input or output to process.
+    fn service(&mut self, now: Instant) -> bool {
+        let mut effects = tcp::Effects::default();
+        self.services
+            .tcp
+            .service(&mut self.sockets, &self.metrics, now, &mut effects);
+        let injected = !effects.inject.is_empty();
+        self.services.inject.extend(effects.inject);
+        for (guest, remote, seq) in effects.refuse {
+            self.services.refuse(guest, remote, seq);
+        }
+        let relayed = self.services.relay_replies(now);
+        let opened = self.inbound(now);
+        if now >= self.next_expiry {
+            self.services.udp.expire(now);
+            self.services.icmp.expire(now);
+            if let Some(p) = self.services.published.as_mut() {
+                p.expire(now);
+            }
+            self.next_expiry = now + EXPIRY_TICK;
+        }
+        // Relayed replies only wait for RX buffers; they need no new poll.
+        let _ = relayed;
+        injected || effects.progress || opened
+    }
+
+    /// Takes connections and datagrams from published ports; true when a
+    /// connection to the guest was opened (smoltcp has a SYN to send).
+    fn inbound(&mut self, now: Instant) -> bool {
+        let mut opened = false;
+        for _ in 0..publish::INBOUND_PER_PASS {
+            if !self.services.has_room() {
+                break;
+            }
+            let Some(item) = self
+                .services
+                .published
+                .as_mut()
+                .and_then(publish::Published::next)
+            else {
+                break;
+            };
+            let services = &mut self.services;
+            match item {
+                crate::ports::Inbound::Tcp { stream, guest_port } => {
+                    let ctx = Ctx {
+                        host: &services.host,
+                        metrics: &services.metrics,
+                        own: services.own,
+                        allow_host_loopback: services.allow_host_loopback,
+                        now,
+                    };
+                    let guest = SocketAddr::new(IpAddr::V4(services.guest_v4), guest_port);
+                    let local = IpAddr::V4(services.gateway_v4);
+                    opened |= services.tcp.open_inbound(
+                        &ctx,
+                        &mut self.iface,
+                        &mut self.sockets,
+                        stream,
+                        local,
+                        guest,
+                    );
+                }
+                crate::ports::Inbound::Udp {
+                    entry,
+                    peer,
+                    payload,
+                } => {
+                    let ports = services
+                        .published
+                        .as_mut()
+                        .and_then(|p| p.datagram_to_guest(entry, peer, now, &services.metrics));
+                    if let Some((from_port, guest_port)) = ports {
+                        let ends = services.to_guest(
+                            IpAddr::V4(services.gateway_v4),
+                            IpAddr::V4(services.guest_v4),
+                        );
+                        let frame = frames::udp(&ends, from_port, guest_port, &payload);
+                        services.queue(frame);
+                    }
+                }
+            }
+        }
+        opened
+    }
+
     /// When the engine next needs to run without a kick.
     pub fn next_deadline(&mut self) -> Option<Duration> {
         let now = Instant::now();
@@ -224,10 +515,9 @@ impl Engine {
             .as_ref()
             .and_then(ndp::Advertiser::deadline)
             .map(|t| t.saturating_duration_since(now));
-        match (smol, ra) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let expiry = (!self.services.tcp.is_empty() || self.services.udp.len() > 0)
+            .then(|| self.next_expiry.saturating_duration_since(now));
+        [smol, ra, expiry].into_iter().flatten().min()
     }
 }
 

@@ -83,14 +83,14 @@ impl Advertiser {
     fn send(&mut self, now: Instant) -> Vec<u8> {
         self.last_sent = Some(now);
         self.next_periodic = Some(now + self.interval);
-        frames::icmp_v6(
-            self.gateway_mac,
-            ALL_NODES_MAC,
-            GATEWAY_LINK_LOCAL,
-            ALL_NODES,
-            255,
-            &self.message,
-        )
+        let ends = frames::Ends {
+            src_mac: self.gateway_mac,
+            dst_mac: ALL_NODES_MAC,
+            src: GATEWAY_LINK_LOCAL.into(),
+            dst: ALL_NODES.into(),
+            hop_limit: 255,
+        };
+        frames::icmp_v6(&ends, &self.message)
     }
 }
 

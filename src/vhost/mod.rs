@@ -32,6 +32,8 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
+use crate::ports::Publisher;
+use crate::proxy::{Direct, Host, Wake};
 
 /// Queue index of the receive queue (device to guest), virtio 1.2 5.1.2.
 pub const RX_QUEUE: usize = 0;
@@ -41,6 +43,8 @@ const NUM_QUEUES: usize = 2;
 /// Event id of the engine's deadline timer; ids 0..=NUM_QUEUES belong to the
 /// queues and the exit event.
 const TIMER_EVENT: u16 = 3;
+/// Event id of the host side's wake eventfd.
+const WAKE_EVENT: u16 = 4;
 /// Largest ring the VMM may choose; QEMU allows up to 1024.
 const MAX_QUEUE_SIZE: usize = 1024;
 /// Size of `struct virtio_net_config` up to `mtu` (virtio 1.2 5.1.4).
@@ -52,9 +56,9 @@ pub enum Error {
     /// eventfd or timerfd creation failed.
     #[error("cannot create event descriptors")]
     CreateEvents(#[source] io::Error),
-    /// Adding the timer to a worker's epoll failed.
-    #[error("cannot register the engine timer")]
-    RegisterTimer(#[source] io::Error),
+    /// Adding the timer or wake eventfd to a worker's epoll set failed.
+    #[error("cannot register the engine's timer and wake events")]
+    RegisterEvents(#[source] io::Error),
 }
 
 struct State {
@@ -68,13 +72,28 @@ struct State {
 pub struct NetBackend {
     config: Arc<Config>,
     state: Mutex<State>,
+    icmp_available: bool,
+    publisher: Option<Arc<Publisher>>,
 }
 
 impl NetBackend {
-    /// A backend with a fresh engine.
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self, Error> {
+    /// A backend with a fresh engine whose host side runs on `runtime`;
+    /// `icmp_available` says whether ping sockets work on this host.
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        runtime: tokio::runtime::Handle,
+        icmp_available: bool,
+        publisher: Option<Arc<Publisher>>,
+    ) -> Result<Self, Error> {
         let timer = nonblocking_timer().map_err(Error::CreateEvents)?;
-        let engine = Engine::new(&config.network, metrics);
+        let host = Host {
+            runtime,
+            wake: Arc::new(Wake::new().map_err(Error::CreateEvents)?),
+            upstream: Arc::new(Direct),
+        };
+        let attachment = publisher.as_ref().map(|p| p.attach(host.wake.clone()));
+        let engine = Engine::new(&config, metrics, host, icmp_available, attachment);
         Ok(Self {
             config,
             state: Mutex::new(State {
@@ -83,16 +102,23 @@ impl NetBackend {
                 event_idx: false,
                 timer,
             }),
+            icmp_available,
+            publisher,
         })
     }
 
-    /// Adds the engine's timer to a vring worker's epoll set.
+    /// Adds the engine's timer and the host side's wake eventfd to a vring
+    /// worker's epoll set.
     pub fn register(&self, handler: &VringEpollHandler<Arc<Self>>) -> Result<(), Error> {
         use std::os::fd::AsRawFd;
-        let fd = self.lock().timer.as_raw_fd();
+        let state = self.lock();
+        let timer = state.timer.as_raw_fd();
+        let wake = state.engine.host().wake.as_raw_fd();
+        drop(state);
         handler
-            .register_listener(fd, EventSet::IN, u64::from(TIMER_EVENT))
-            .map_err(Error::RegisterTimer)
+            .register_listener(timer, EventSet::IN, u64::from(TIMER_EVENT))
+            .and_then(|()| handler.register_listener(wake, EventSet::IN, u64::from(WAKE_EVENT)))
+            .map_err(Error::RegisterEvents)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -165,7 +191,9 @@ impl VhostUserBackend for NetBackend {
 
     fn reset_device(&self) {
         let mut state = self.lock();
-        state.engine = Engine::new(&self.config.network, state.engine.metrics());
+        let (metrics, host) = (state.engine.metrics(), state.engine.host());
+        let attachment = self.publisher.as_ref().map(|p| p.attach(host.wake.clone()));
+        state.engine = Engine::new(&self.config, metrics, host, self.icmp_available, attachment);
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -299,11 +327,26 @@ fn run_engine(
 mod tests {
     use super::*;
 
+    fn test_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     #[test]
     fn config_space_layout() {
         let mut config = Config::embedded();
         config.network.mtu = 9000;
-        let b = NetBackend::new(Arc::new(config), Arc::default()).unwrap();
+        let rt = test_runtime();
+        let b = NetBackend::new(
+            Arc::new(config),
+            Arc::default(),
+            rt.handle().clone(),
+            false,
+            None,
+        )
+        .unwrap();
         let space = b.get_config(0, 12);
         assert_eq!(&space[..6], &[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
         assert_eq!(&space[6..8], &[1, 0]);
@@ -315,7 +358,15 @@ mod tests {
 
     #[test]
     fn features_offer_what_the_foundation_needs() {
-        let b = NetBackend::new(Arc::new(Config::embedded()), Arc::default()).unwrap();
+        let rt = test_runtime();
+        let b = NetBackend::new(
+            Arc::new(Config::embedded()),
+            Arc::default(),
+            rt.handle().clone(),
+            false,
+            None,
+        )
+        .unwrap();
         let f = b.features();
         for bit in [
             VIRTIO_F_VERSION_1,

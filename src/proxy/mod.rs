@@ -1,0 +1,97 @@
+//! The host side: tokio tasks that carry guest flows over real host sockets.
+//!
+//! One task per TCP flow, UDP session and ICMP echo session, spawned by the
+//! engine thread through a runtime [`tokio::runtime::Handle`] (spawning is
+//! synchronous, so the engine never awaits). Tasks and engine meet only in
+//! bounded channels: the engine uses `try_send`/`try_recv`, a task awaits, and
+//! every task message is followed by a [`Wake`] of the engine's eventfd. A full
+//! channel means the side that feeds it stops reading its source, which is how
+//! backpressure reaches the guest's TCP window or the host socket. Tasks never
+//! touch smoltcp.
+
+pub mod icmp;
+pub mod tcp;
+pub mod udp;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// Wakes the engine's worker thread from any thread, at most one eventfd
+/// write per engine pass however many tasks call it.
+pub struct Wake {
+    fd: EventFd,
+    pending: AtomicBool,
+}
+
+impl Wake {
+    /// A new, non-blocking wake eventfd.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            fd: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            pending: AtomicBool::new(false),
+        })
+    }
+
+    /// Asks the engine to run a pass soon.
+    pub fn wake(&self) {
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            // The counter cannot overflow in practice; a failed write only
+            // means the engine is already readable.
+            let _ = self.fd.write(1);
+        }
+    }
+
+    /// Called by the engine when woken, before it looks at any channel, so a
+    /// message sent after this call wakes it again.
+    pub fn clear(&self) {
+        let _ = self.fd.read();
+        self.pending.store(false, Ordering::Release);
+    }
+
+    /// The eventfd, for the worker's epoll set.
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.fd.as_raw_fd()
+    }
+}
+
+/// What the host side needs from the engine's world.
+#[derive(Clone)]
+pub struct Host {
+    /// Where tasks run.
+    pub runtime: tokio::runtime::Handle,
+    /// The engine's wake-up.
+    pub wake: Arc<Wake>,
+    /// Dials upstream connections (real sockets; tests inject failures).
+    pub upstream: Arc<dyn Upstream>,
+}
+
+/// How the host side opens TCP connections; a trait so tests can inject
+/// refusals, stalls and slow peers.
+pub trait Upstream: Send + Sync {
+    /// Connects to `dst`.
+    fn connect(
+        &self,
+        dst: SocketAddr,
+    ) -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>>;
+}
+
+/// Dials with the kernel's TCP stack, `TCP_NODELAY` set.
+pub struct Direct;
+
+impl Upstream for Direct {
+    fn connect(
+        &self,
+        dst: SocketAddr,
+    ) -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>>
+    {
+        Box::pin(async move {
+            let stream = tokio::net::TcpStream::connect(dst).await?;
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        })
+    }
+}
