@@ -7,7 +7,7 @@
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
 
-packages=(qemu-system-x86 busybox-static cpio kmod iproute2 procps)
+packages=(qemu-system-x86 busybox-static cpio kmod iproute2 procps libc6-dev)
 
 missing=()
 for p in "${packages[@]}"; do

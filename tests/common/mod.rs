@@ -67,6 +67,38 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Adds an address (CIDR) to the namespace's loopback: a test host.
+    pub fn add_addr(&self, cidr: &str) {
+        run(Command::new("ip").args(["-n", &self.name, "addr", "add", cidr, "dev", "lo"]));
+    }
+
+    /// Lets unprivileged ping sockets be used in the namespace (the
+    /// daemon's ICMP relay needs them; the default range allows no group).
+    pub fn allow_ping_sockets(&self) {
+        run(self
+            .command("sysctl")
+            .args(["-qw", "net.ipv4.ping_group_range=0 2147483647"]));
+    }
+
+    /// Runs `f` on a thread inside the namespace and returns its result:
+    /// sockets it creates belong to the namespace and can be used anywhere.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let ns = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns on a namespace fd we just opened; it only changes
+            // this thread's network namespace.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}");
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")
@@ -221,4 +253,73 @@ pub fn collect(
             line.clear();
         }
     });
+}
+
+/// A child process killed on drop (test servers).
+pub struct Server(pub Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Serves every connection on `listener` by echoing it back.
+pub fn serve_tcp_echo(listener: std::net::TcpListener) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut stream = stream;
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if stream.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Echoes every datagram on `socket`.
+pub fn serve_udp_echo(socket: std::net::UdpSocket) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..n], peer);
+        }
+    });
+}
+
+/// Writes each connection's bytes to `dir/upload-N` and reports the path
+/// once the peer has finished sending.
+pub fn serve_sink(
+    listener: std::net::TcpListener,
+    dir: PathBuf,
+) -> std::sync::mpsc::Receiver<PathBuf> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for (i, stream) in listener.incoming().flatten().enumerate() {
+            let path = dir.join(format!("upload-{i}"));
+            let mut file = std::fs::File::create(&path).unwrap();
+            let mut stream = stream;
+            let _ = std::io::copy(&mut stream, &mut file);
+            drop(stream);
+            let _ = tx.send(path);
+        }
+    });
+    rx
+}
+
+/// `sha256sum` of a file.
+pub fn sha256_file(path: &std::path::Path) -> String {
+    let out = run(Command::new("sha256sum").arg(path));
+    out.split_whitespace().next().unwrap_or_default().to_owned()
 }

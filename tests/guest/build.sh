@@ -3,7 +3,8 @@
 # and a busybox-static initramfs (initramfs.cpio) with the virtio-net modules.
 # Idempotent: a stamp names the kernel package and this script's hash, and a
 # matching stamp means nothing is rebuilt. Needs: apt (after apt-get update),
-# dpkg-deb, depmod (kmod), cpio, busybox-static.
+# dpkg-deb, depmod (kmod), cpio, busybox-static, cargo with glibc's static
+# libraries (libc6-dev) for the probe.
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
 
@@ -17,7 +18,7 @@ if [ -z "$pkg" ]; then
   echo "build.sh: cannot resolve linux-image-cloud-amd64 (run apt-get update)" >&2
   exit 1
 fi
-want="$pkg $(cat "$here/build.sh" "$here/init" "$here/udhcpc.sh" | sha256sum | cut -c1-16)"
+want="$pkg $(cat "$here/build.sh" "$here/init" "$here/udhcpc.sh" "$here/probe/Cargo.toml" "$here/probe/src/main.rs" | sha256sum | cut -c1-16)"
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$want" ] &&
   [ -f "$out/vmlinuz" ] && [ -f "$out/initramfs.cpio" ]; then
   exit 0
@@ -56,6 +57,11 @@ for m in virtio_pci virtio_net; do resolve "$m"; done
 rootfs="$work/rootfs"
 mkdir -p "$rootfs"/{bin,sbin,etc,proc,sys,dev,tmp,run,modules,usr/bin,usr/sbin}
 cp /bin/busybox "$rootfs/bin/busybox"
+# The probe: UDP client/servers, connection flood, latency loops; static, so
+# it needs nothing else in the initramfs.
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
+  --manifest-path "$here/probe/Cargo.toml" --target-dir "$root/target/probe"
+install -m 0755 "$root/target/probe/release/vg-probe" "$rootfs/bin/vg-probe"
 : > "$rootfs/modules.order"
 for path in "${order[@]}"; do
   name=$(basename "$path")

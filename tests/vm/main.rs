@@ -6,6 +6,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod flows;
 mod harness;
 
 use std::time::Duration;

@@ -1,0 +1,232 @@
+//! Guest-side probe for the VM tests and the benchmark: the UDP client and
+//! servers, the connection flood and the latency loops that busybox lacks.
+//! Prints one `VG-...` line per result for the harness to read.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: vg-probe udp-echo ADDR COUNT SIZE | udp-echo-server PORT | tcp-echo-server PORT \
+         | tcp-many ADDR N | tcp-rr ADDR N | tcp-crr ADDR N | tcp-send ADDR MIB \
+         | tcp-send-file ADDR PATH | tcp-connect ADDR"
+    );
+    std::process::exit(2)
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize) -> T {
+    args.get(i)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| usage())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("udp-echo") => udp_echo(arg(&args, 2), arg(&args, 3), arg(&args, 4)),
+        Some("udp-echo-server") => udp_echo_server(arg(&args, 2)),
+        Some("tcp-echo-server") => tcp_echo_server(arg(&args, 2)),
+        Some("tcp-many") => tcp_many(arg(&args, 2), arg(&args, 3)),
+        Some("tcp-rr") => tcp_rr(arg(&args, 2), arg(&args, 3)),
+        Some("tcp-crr") => tcp_crr(arg(&args, 2), arg(&args, 3)),
+        Some("tcp-send") => tcp_send(arg(&args, 2), arg(&args, 3)),
+        Some("tcp-send-file") => tcp_send_file(arg(&args, 2), &arg::<String>(&args, 3)),
+        Some("tcp-connect") => tcp_connect(arg(&args, 2)),
+        _ => usage(),
+    }
+}
+
+/// COUNT datagrams of SIZE bytes, each waiting up to a second for its echo.
+fn udp_echo(addr: SocketAddr, count: u32, size: usize) {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .unwrap();
+    let sock = UdpSocket::bind(bind).expect("bind");
+    sock.connect(addr).expect("connect");
+    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut ok = 0;
+    let mut buf = vec![0u8; 65536];
+    for seq in 0..count {
+        let mut msg = vec![(seq % 251) as u8; size.max(4)];
+        msg[..4].copy_from_slice(&seq.to_be_bytes());
+        let _ = sock.send(&msg);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            match sock.recv(&mut buf) {
+                Ok(n) if buf[..n] == msg[..] => {
+                    ok += 1;
+                    break;
+                }
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+    println!("VG-UDP sent={count} ok={ok}");
+}
+
+fn udp_echo_server(port: u16) {
+    let sock = UdpSocket::bind(("0.0.0.0", port)).expect("bind");
+    println!("VG-UDP-SERVER {port}");
+    let mut buf = vec![0u8; 65536];
+    loop {
+        if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(&buf[..n], peer);
+        }
+    }
+}
+
+fn tcp_echo_server(port: u16) {
+    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    println!("VG-TCP-SERVER {port}");
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || echo(stream));
+    }
+}
+
+fn echo(mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// N connections opened at once and held open together, then each does one
+/// echo exchange: counts successes and refusals.
+fn tcp_many(addr: SocketAddr, n: usize) {
+    let barrier = Arc::new(Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(20));
+                barrier.wait();
+                let mut stream = match stream {
+                    Ok(s) => s,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return 1,
+                    Err(_) => return 2,
+                };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
+                let msg = format!("hello {i}\n");
+                let mut back = vec![0u8; msg.len()];
+                match stream
+                    .write_all(msg.as_bytes())
+                    .and_then(|()| stream.read_exact(&mut back))
+                {
+                    Ok(()) if back == msg.as_bytes() => 0,
+                    _ => 2,
+                }
+            })
+        })
+        .collect();
+    let (mut ok, mut refused, mut failed) = (0, 0, 0);
+    for h in handles {
+        match h.join().unwrap_or(2) {
+            0 => ok += 1,
+            1 => refused += 1,
+            _ => failed += 1,
+        }
+    }
+    println!("VG-MANY ok={ok} refused={refused} failed={failed}");
+}
+
+fn percentiles(mut samples: Vec<Duration>) -> (u128, u128) {
+    samples.sort();
+    let at = |q: f64| {
+        samples
+            .get(((samples.len() as f64 - 1.0) * q) as usize)
+            .map_or(0, |d| d.as_micros())
+    };
+    (at(0.5), at(0.99))
+}
+
+/// N one-byte request/response round trips on one connection.
+fn tcp_rr(addr: SocketAddr, n: usize) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_nodelay(true).unwrap();
+    let mut samples = Vec::with_capacity(n);
+    let mut b = [0u8; 1];
+    for i in 0..n {
+        let t = Instant::now();
+        stream.write_all(&[i as u8]).unwrap();
+        stream.read_exact(&mut b).unwrap();
+        samples.push(t.elapsed());
+    }
+    let (p50, p99) = percentiles(samples);
+    println!("VG-RR n={n} p50_us={p50} p99_us={p99}");
+}
+
+/// N sequential connect, one-byte exchange, close.
+fn tcp_crr(addr: SocketAddr, n: usize) {
+    let mut samples = Vec::with_capacity(n);
+    let mut b = [0u8; 1];
+    for _ in 0..n {
+        let t = Instant::now();
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).unwrap();
+        stream.write_all(b"x").unwrap();
+        stream.read_exact(&mut b).unwrap();
+        drop(stream);
+        samples.push(t.elapsed());
+    }
+    let (p50, p99) = percentiles(samples);
+    println!("VG-CRR n={n} p50_us={p50} p99_us={p99}");
+}
+
+/// Sends MIB mebibytes of zeros as fast as possible; prints the rate.
+fn tcp_send(addr: SocketAddr, mib: usize) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    let chunk = vec![0u8; 1 << 20];
+    let t = Instant::now();
+    for _ in 0..mib {
+        stream.write_all(&chunk).unwrap();
+    }
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "VG-SEND mib={mib} secs={secs:.3} gbit={:.3}",
+        (mib as f64 * 8.0 * 1.048_576) / 1000.0 / secs
+    );
+}
+
+/// Sends a file, half-closes, waits for the peer to close.
+fn tcp_send_file(addr: SocketAddr, path: &str) {
+    let mut file = std::fs::File::open(path).expect("open");
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    let sent = std::io::copy(&mut file, &mut stream).expect("send");
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    println!("VG-SENT bytes={sent}");
+}
+
+/// One connection attempt: how it ended and how long it took.
+fn tcp_connect(addr: SocketAddr) {
+    let t = Instant::now();
+    let result = match TcpStream::connect_timeout(&addr, Duration::from_secs(30)) {
+        Ok(_) => "connected",
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => "refused",
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => "timeout",
+        Err(_) => "error",
+    };
+    println!(
+        "VG-CONNECT {addr} result={result} ms={}",
+        t.elapsed().as_millis()
+    );
+}

@@ -1,0 +1,351 @@
+//! Guest flows to the outside: test hosts on documentation addresses inside
+//! the test's namespace (its loopback holds 192.0.2.10 and 2001:db8::10), the
+//! daemon in the same namespace, the guest under QEMU.
+
+use std::net::{TcpListener, UdpSocket};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::common::{Server, TempDir, serve_sink, serve_tcp_echo, serve_udp_echo, sha256_file};
+use crate::harness::{Daemon, Guest, GuestOpts, Netns, boot, line_after};
+
+const HOST_V4: &str = "192.0.2.10";
+const HOST_V6: &str = "2001:db8::10";
+
+/// A namespace with the two test hosts, an HTTP server on both (port 80),
+/// TCP and UDP echo on port 7 and a sink on port 5001.
+struct World {
+    ns: Netns,
+    www: TempDir,
+    _httpd: Vec<Server>,
+    uploads: std::sync::mpsc::Receiver<std::path::PathBuf>,
+}
+
+impl World {
+    fn new(tag: &str) -> Self {
+        let ns = Netns::new(tag);
+        ns.add_addr("192.0.2.10/32");
+        ns.add_addr("2001:db8::10/128");
+        ns.allow_ping_sockets();
+        let www = TempDir::new("www");
+        std::fs::write(www.0.join("small"), "hello from the namespace\n").unwrap();
+        let httpd = [
+            "192.0.2.10:80",
+            "[2001:db8::10]:80",
+            "127.0.0.1:8080",
+            "[::1]:8080",
+        ]
+        .iter()
+        .map(|addr| {
+            Server(
+                ns.command("busybox")
+                    .args(["httpd", "-f", "-p", addr, "-h"])
+                    .arg(&www.0)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+        for addr in ["192.0.2.10:7", "[2001:db8::10]:7"] {
+            let addr = addr.to_owned();
+            let (tcp, udp) = ns.enter(move || {
+                (
+                    TcpListener::bind(&addr).unwrap(),
+                    UdpSocket::bind(&addr).unwrap(),
+                )
+            });
+            serve_tcp_echo(tcp);
+            serve_udp_echo(udp);
+        }
+        let sink = ns.enter(|| TcpListener::bind("192.0.2.10:5001").unwrap());
+        let uploads = serve_sink(sink, www.0.clone());
+        // busybox httpd binds in the background; give it a moment.
+        std::thread::sleep(Duration::from_millis(200));
+        Self {
+            ns,
+            www,
+            _httpd: httpd,
+            uploads,
+        }
+    }
+}
+
+fn connect_result<'a>(console: &'a str, addr: &str) -> (&'a str, u64) {
+    let line = line_after(console, &format!("VG-CONNECT {addr} ")).unwrap_or("result=none ms=0");
+    let mut result = "none";
+    let mut ms = 0;
+    for kv in line.split_whitespace() {
+        if let Some(r) = kv.strip_prefix("result=") {
+            result = r;
+        }
+        if let Some(m) = kv.strip_prefix("ms=") {
+            ms = m.parse().unwrap_or(0);
+        }
+    }
+    (result, ms)
+}
+
+#[test]
+fn tcp_udp_and_icmp_reach_namespace_hosts() {
+    let world = World::new("flows");
+    let daemon = Daemon::start(&world.ns, None);
+    let script = format!(
+        r#"
+dhcp
+wait_v6
+echo VG-GET4; wget -q -O - http://{HOST_V4}/small
+echo VG-GET6; wget -q -O - http://[{HOST_V6}]/small
+vg-probe tcp-connect {HOST_V4}:81
+vg-probe tcp-connect [{HOST_V6}]:81
+vg-probe tcp-connect 198.19.0.1:8080
+vg-probe udp-echo {HOST_V4}:7 20 1000
+vg-probe udp-echo [{HOST_V6}]:7 20 1400
+echo VG-PING-HOST; ping -c 3 -W 2 {HOST_V4}
+echo VG-PING-HOST6; ping6 -c 3 -W 2 {HOST_V6}
+echo VG-PING-NONE; ping -c 2 -W 1 192.0.2.99
+vg-probe tcp-many {HOST_V4}:7 200
+"#
+    );
+    let console = boot(&GuestOpts::new(&daemon.socket, &script));
+    let after = |m: &str| console.split(m).nth(1).unwrap_or("").to_owned();
+    assert!(
+        after("VG-GET4").contains("hello from the namespace"),
+        "{console}"
+    );
+    assert!(
+        after("VG-GET6").contains("hello from the namespace"),
+        "{console}"
+    );
+    // A closed port fails fast with a reset, on both families.
+    for addr in [format!("{HOST_V4}:81"), format!("[{HOST_V6}]:81")] {
+        let (result, ms) = connect_result(&console, &addr);
+        assert_eq!(result, "refused", "{addr}: {console}");
+        assert!(ms < 1000, "{addr} took {ms} ms");
+    }
+    // The host loopback behind the gateway address is off by default.
+    assert_eq!(connect_result(&console, "198.19.0.1:8080").0, "refused");
+    let udp: Vec<&str> = console
+        .lines()
+        .filter(|l| l.contains("VG-UDP sent="))
+        .collect();
+    assert_eq!(udp.len(), 2, "{console}");
+    for line in udp {
+        assert!(line.contains("sent=20 ok=20"), "{line}");
+    }
+    assert_eq!(
+        crate::harness::ping_result(&console, "VG-PING-HOST"),
+        Some((3, 3)),
+        "{console}"
+    );
+    assert_eq!(
+        crate::harness::ping_result(&console, "VG-PING-HOST6"),
+        Some((3, 3)),
+        "{console}"
+    );
+    assert_eq!(
+        crate::harness::ping_result(&console, "VG-PING-NONE"),
+        Some((2, 0)),
+        "{console}"
+    );
+    assert!(
+        console.contains("VG-MANY ok=200 refused=0 failed=0"),
+        "{console}"
+    );
+}
+
+#[test]
+fn hundred_mib_each_way_with_checksums() {
+    let world = World::new("bulk");
+    let big = world.www.0.join("big");
+    let out = Command::new("dd")
+        .args(["if=/dev/urandom", "bs=1M", "count=100", "status=none"])
+        .arg(format!("of={}", big.display()))
+        .status()
+        .unwrap();
+    assert!(out.success());
+    let download_sum = sha256_file(&big);
+    let daemon = Daemon::start(&world.ns, None);
+    let script = format!(
+        r#"
+dhcp
+echo VG-DOWN $(wget -q -O - http://{HOST_V4}/big | sha256sum)
+dd if=/dev/urandom of=/tmp/blob bs=1M count=100 2>/dev/null
+echo VG-UPSUM $(sha256sum /tmp/blob)
+vg-probe tcp-send-file {HOST_V4}:5001 /tmp/blob
+"#
+    );
+    let mut opts = GuestOpts::new(&daemon.socket, &script);
+    opts.timeout = Duration::from_secs(300);
+    let console = boot(&opts);
+    let down = line_after(&console, "VG-DOWN").unwrap_or("");
+    assert!(
+        down.starts_with(&download_sum),
+        "download corrupted: {down} vs {download_sum}\n{console}"
+    );
+    let up = line_after(&console, "VG-UPSUM")
+        .unwrap_or("none")
+        .split_whitespace()
+        .next()
+        .unwrap_or("none")
+        .to_owned();
+    assert!(console.contains("VG-SENT bytes=104857600"), "{console}");
+    let received = world.uploads.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(sha256_file(&received), up, "upload corrupted");
+}
+
+#[test]
+fn host_loopback_through_the_gateway_when_allowed() {
+    let world = World::new("loop");
+    let daemon = Daemon::start(&world.ns, Some("[outbound]\nallow-host-loopback = true\n"));
+    let script = r#"
+dhcp
+wait_v6
+echo VG-GET4; wget -q -O - http://198.19.0.1:8080/small
+echo VG-GET6; wget -q -O - http://[fd76:6761:7465::1]:8080/small
+"#;
+    let console = boot(&GuestOpts::new(&daemon.socket, script));
+    let after = |m: &str| console.split(m).nth(1).unwrap_or("").to_owned();
+    assert!(
+        after("VG-GET4").contains("hello from the namespace"),
+        "{console}"
+    );
+    assert!(
+        after("VG-GET6").contains("hello from the namespace"),
+        "{console}"
+    );
+}
+
+#[test]
+fn published_ports_reach_guest_services() {
+    let ns = Netns::new("publish");
+    let config = r#"
+[[publish]]
+protocol = "tcp"
+host = "127.0.0.1:18080"
+guest-port = 8080
+
+[[publish]]
+protocol = "udp"
+host = "127.0.0.1:18081"
+guest-port = 8081
+
+[[publish]]
+protocol = "tcp"
+host = "127.0.0.1:18082"
+guest-port = 9999
+"#;
+    let daemon = Daemon::start(&ns, Some(config));
+    let script = r#"
+dhcp
+vg-probe tcp-echo-server 8080 &
+vg-probe udp-echo-server 8081 &
+sleep 1
+echo VG-SERVING
+sleep 600
+"#;
+    let guest = Guest::spawn(&GuestOpts::new(&daemon.socket, script), "VG-SERVING");
+    assert!(
+        guest.wait_marker(Duration::from_secs(120)),
+        "{}",
+        guest.console()
+    );
+    let (tcp_ok, udp_ok, unbound_ms) = ns.enter(|| {
+        use std::io::{Read, Write};
+        // 20 concurrent connections, each echoing its own line.
+        let handles: Vec<_> = (0..20)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let mut s = std::net::TcpStream::connect("127.0.0.1:18080").ok()?;
+                    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+                    let msg = format!("published {i}\n");
+                    s.write_all(msg.as_bytes()).ok()?;
+                    let mut back = vec![0u8; msg.len()];
+                    s.read_exact(&mut back).ok()?;
+                    (back == msg.as_bytes()).then_some(())
+                })
+            })
+            .collect();
+        let tcp_ok = handles
+            .into_iter()
+            .map(|h| h.join())
+            .filter(|r| matches!(r, Ok(Some(()))))
+            .count();
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut udp_ok = 0;
+        let mut buf = [0u8; 100];
+        for i in 0..10u8 {
+            udp.send_to(&[i; 50], "127.0.0.1:18081").unwrap();
+            if let Ok((n, _)) = udp.recv_from(&mut buf)
+                && buf[..n] == [i; 50]
+            {
+                udp_ok += 1;
+            }
+        }
+        // Nobody listens on guest port 9999: the host side must close fast.
+        let t = std::time::Instant::now();
+        let mut s = std::net::TcpStream::connect("127.0.0.1:18082").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.read(&mut buf);
+        (tcp_ok, udp_ok, t.elapsed().as_millis())
+    });
+    guest.kill();
+    assert_eq!(tcp_ok, 20, "{}", daemon.log());
+    assert_eq!(udp_ok, 10);
+    assert!(
+        unbound_ms < 2000,
+        "unbound guest port took {unbound_ms} ms to close"
+    );
+}
+
+#[test]
+fn connection_flood_is_capped_and_earlier_flows_keep_working() {
+    let world = World::new("flood");
+    let daemon = Daemon::start(&world.ns, Some("[tcp]\nmax-connections = 40\n"));
+    let script = format!(
+        r#"
+dhcp
+vg-probe tcp-many {HOST_V4}:7 100
+echo VG-AFTER; wget -q -O - http://{HOST_V4}/small
+"#
+    );
+    let console = boot(&GuestOpts::new(&daemon.socket, &script));
+    let line = line_after(&console, "VG-MANY").unwrap_or("");
+    let field = |k: &str| -> u32 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u32::MAX)
+    };
+    assert_eq!(field("ok="), 40, "{console}");
+    assert_eq!(field("refused="), 60, "{console}");
+    assert!(
+        console
+            .split("VG-AFTER")
+            .nth(1)
+            .unwrap_or("")
+            .contains("hello from the namespace")
+    );
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(
+        rss_kib < 128 * 1024,
+        "daemon RSS {rss_kib} KiB after the flood"
+    );
+    assert!(
+        daemon.log().contains("tcp_over_limit=60")
+            || daemon_counters(&daemon).contains("tcp_over_limit=60")
+    );
+}
+
+fn daemon_counters(daemon: &Daemon) -> String {
+    daemon.signal("USR1");
+    daemon.wait_log("counters", Duration::from_secs(5));
+    daemon.log()
+}
