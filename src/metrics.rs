@@ -43,6 +43,9 @@ counters! {
     drop_too_short,
     /// TX frames longer than the MTU allows.
     drop_too_long,
+    /// TX frames asking for an offload not offered, or with a partial
+    /// checksum outside the frame.
+    drop_bad_offload,
     /// Frames for the guest with no RX buffer posted.
     drop_no_rx_buffers,
     /// Frames for the guest larger than its RX buffers.

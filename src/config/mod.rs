@@ -116,7 +116,7 @@ impl Default for Tcp {
             max_connections: 1024,
             connect_timeout_ms: 10_000,
             idle_timeout_seconds: 3600,
-            buffer_bytes: 256 * 1024,
+            buffer_bytes: 1024 * 1024,
         }
     }
 }
@@ -229,7 +229,7 @@ impl Default for Network {
                 len: 64,
             },
             ipv6_gateway: Ipv6Addr::new(0xfd76, 0x6761, 0x7465, 0, 0, 0, 0, 1),
-            mtu: 1500,
+            mtu: MAX_MTU,
             dns_ipv4: Vec::new(),
             dns_ipv6: Vec::new(),
             domain_search: Vec::new(),

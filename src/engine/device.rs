@@ -89,6 +89,8 @@ pub struct Device<'a, M: GuestMemory> {
     pub tx_used: bool,
     /// Whether RX chains were filled.
     pub rx_used: bool,
+    /// Whether smoltcp had a frame for the guest and no RX buffer for it.
+    pub rx_starved: bool,
 }
 
 /// A frame from the guest, already copied out of guest memory.
@@ -142,6 +144,7 @@ pub fn send_to_guest<M: GuestMemory, R>(
 ) -> (R, bool) {
     buf.clear();
     buf.resize(layout.hdr_len + len, 0);
+    virtio::rx_header(layout, buf.get_mut(..layout.hdr_len).unwrap_or_default());
     let out = fill(buf.get_mut(layout.hdr_len..).unwrap_or_default());
     let used = match virtio::write_rx_frame(rx, mem, layout, buf) {
         Ok(_) => {
@@ -163,6 +166,7 @@ fn counter_for(drop: virtio::Drop) -> Counter {
         virtio::Drop::BadChain => Counter::drop_bad_chain,
         virtio::Drop::WrongDirection => Counter::drop_wrong_direction,
         virtio::Drop::TooShort => Counter::drop_too_short,
+        virtio::Drop::BadOffload => Counter::drop_bad_offload,
         virtio::Drop::TooLong => Counter::drop_too_long,
         virtio::Drop::NoRxBuffers => Counter::drop_no_rx_buffers,
         virtio::Drop::RxBuffersTooSmall => Counter::drop_rx_buffers_too_small,
@@ -255,6 +259,7 @@ impl<M: GuestMemory> phy::Device for Device<'_, M> {
 
     fn transmit(&mut self, _timestamp: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
         if !virtio::rx_available(self.rx, self.mem) {
+            self.rx_starved = true;
             return None;
         }
         Some(TxToken {
@@ -268,6 +273,13 @@ impl<M: GuestMemory> phy::Device for Device<'_, M> {
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
-        Medium::new(self.max_frame).caps
+        let mut caps = Medium::new(self.max_frame).caps;
+        if self.layout.guest_csum {
+            // The guest takes DATA_VALID frames without checking TCP/UDP
+            // sums; the IPv4 header sum it checks regardless, so that stays.
+            caps.checksum.tcp = phy::Checksum::Rx;
+            caps.checksum.udp = phy::Checksum::Rx;
+        }
+        caps
     }
 }

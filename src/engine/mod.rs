@@ -376,6 +376,7 @@ impl Engine {
                 now,
                 tx_used: false,
                 rx_used: false,
+                rx_starved: false,
             };
             self.iface.poll(
                 smoltcp::time::Instant::now(),
@@ -385,6 +386,7 @@ impl Engine {
             let budget_left = device.budget;
             result.tx_used |= device.tx_used;
             result.rx_used |= device.rx_used;
+            result.rx_starved |= device.rx_starved;
             let serviced = self.service(now);
             if budget_left > 0 && !serviced {
                 more = false;

@@ -54,13 +54,16 @@ impl Advertiser {
         })
     }
 
-    /// Answers a Router Solicitation, unless one was just answered.
+    /// Answers a Router Solicitation at once, or, within
+    /// MIN_DELAY_BETWEEN_RAS of the last advertisement, as soon as that delay
+    /// has passed (RFC 4861 6.2.6: delayed, never dropped).
     pub fn solicited(&mut self, now: Instant) -> Option<Vec<u8>> {
-        if self
-            .last_sent
-            .is_some_and(|t| now.saturating_duration_since(t) < MIN_DELAY_BETWEEN_RAS)
-        {
-            return None;
+        if let Some(last) = self.last_sent {
+            let earliest = last + MIN_DELAY_BETWEEN_RAS;
+            if now < earliest {
+                self.next_periodic = Some(self.next_periodic.map_or(earliest, |t| t.min(earliest)));
+                return None;
+            }
         }
         Some(self.send(now))
     }
@@ -190,10 +193,15 @@ mod tests {
         let t0 = Instant::now();
         assert!(ra.periodic(t0).is_some());
         assert!(ra.periodic(t0).is_none());
+        // A solicitation right after an advertisement is answered 3 s after
+        // it, by the periodic path; not dropped.
         assert!(ra.solicited(t0 + Duration::from_secs(1)).is_none());
-        assert!(ra.solicited(t0 + Duration::from_secs(4)).is_some());
-        assert_eq!(ra.deadline(), Some(t0 + Duration::from_secs(64)));
-        assert!(ra.periodic(t0 + Duration::from_secs(64)).is_some());
+        assert_eq!(ra.deadline(), Some(t0 + Duration::from_secs(3)));
+        assert!(ra.periodic(t0 + Duration::from_secs(2)).is_none());
+        assert!(ra.periodic(t0 + Duration::from_secs(3)).is_some());
+        assert!(ra.solicited(t0 + Duration::from_secs(7)).is_some());
+        assert_eq!(ra.deadline(), Some(t0 + Duration::from_secs(67)));
+        assert!(ra.periodic(t0 + Duration::from_secs(67)).is_some());
     }
 
     #[test]

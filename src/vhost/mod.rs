@@ -17,8 +17,8 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
@@ -47,6 +47,9 @@ const TIMER_EVENT: u16 = 3;
 const WAKE_EVENT: u16 = 4;
 /// Largest ring the VMM may choose; QEMU allows up to 1024.
 const MAX_QUEUE_SIZE: usize = 1024;
+/// Re-check interval while the guest's RX queue has no buffers and we have
+/// frames for it; its refill kick normally comes first.
+const STARVED_RETRY: Duration = Duration::from_millis(20);
 /// Size of `struct virtio_net_config` up to `mtu` (virtio 1.2 5.1.4).
 const CONFIG_SPACE_LEN: usize = 12;
 
@@ -164,6 +167,10 @@ impl VhostUserBackend for NetBackend {
     fn features(&self) -> u64 {
         [
             VIRTIO_F_VERSION_1,
+            // Checksum offload both ways: the guest may leave TX checksums
+            // partial (completed on our copy) and skip verifying ours.
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_GUEST_CSUM,
             VIRTIO_NET_F_MAC,
             VIRTIO_NET_F_MTU,
             VIRTIO_NET_F_STATUS,
@@ -243,10 +250,18 @@ impl VhostUserBackend for NetBackend {
             return Ok(());
         };
         let event_idx = state.event_idx;
-        run_engine(&mut state.engine, &mem, rx, tx, event_idx);
+        let starved = run_engine(&mut state.engine, &mem, rx, tx, event_idx);
         let delay = state.engine.next_deadline();
         // A zero duration disarms a timerfd: wake as soon as possible instead.
-        let arm = delay.map(|d| d.max(Duration::from_micros(50)));
+        // While the guest has no RX buffers, smoltcp wants to send "now"
+        // forever; the guest's refill kick is what we wait for then, with a
+        // slow timer only as a safety net.
+        let floor = if starved {
+            STARVED_RETRY
+        } else {
+            Duration::from_micros(50)
+        };
+        let arm = delay.map(|d| d.max(floor));
         let _ = match arm {
             Some(d) => state.timer.reset(d, None),
             None => state.timer.clear(),
@@ -275,23 +290,25 @@ fn nonblocking_timer() -> io::Result<TimerFd> {
 }
 
 /// Runs engine passes until the TX queue is drained with notifications back
-/// on, then signals the guest for each queue that needs it. Errors from the
-/// rings (guest wrote garbage indexes) end the pass; they never propagate,
-/// since a handler error would stop the worker thread for good.
+/// on, then signals the guest for each queue that needs it; returns whether
+/// frames still wait for RX buffers. Errors from the rings (guest wrote
+/// garbage indexes) end the pass; they never propagate, since a handler
+/// error would stop the worker thread for good.
 fn run_engine(
     engine: &mut Engine,
     mem: &GuestMemoryMmap,
     rx: &VringRwLock,
     tx: &VringRwLock,
     event_idx: bool,
-) {
+) -> bool {
     let mut rx_state = rx.get_mut();
     let mut tx_state = tx.get_mut();
     if !rx_state.get_queue().ready() || !tx_state.get_queue().ready() {
-        return;
+        return false;
     }
     let mut tx_used = false;
     let mut rx_used = false;
+    let mut starved;
     let mut idle_passes = 0;
     loop {
         if event_idx {
@@ -300,20 +317,23 @@ fn run_engine(
         let result = engine.pass(mem, tx_state.get_queue_mut(), rx_state.get_queue_mut());
         tx_used |= result.tx_used;
         rx_used |= result.rx_used;
-        if result.rx_starved {
-            // Ask for a kick when the guest refills RX buffers.
-            let _ = rx_state.enable_notification();
+        starved = result.rx_starved;
+        // Ask for a kick when the guest refills RX buffers; if it already
+        // has (raced us), that kick will never come: go again now.
+        let mut again = starved && matches!(rx_state.enable_notification(), Ok(true));
+        if event_idx {
+            again |= matches!(tx_state.enable_notification(), Ok(true));
         }
-        if !event_idx {
+        idle_passes = if result.tx_used || result.rx_used {
+            0
+        } else {
+            idle_passes + 1
+        };
+        // "More available" after passes that moved nothing means an avail
+        // index no chain can be popped from (a guest writing garbage): stop
+        // rather than spin; its next kick retries.
+        if !again || idle_passes >= 2 {
             break;
-        }
-        idle_passes = if result.tx_used { 0 } else { idle_passes + 1 };
-        // "More available" after a pass that took nothing twice in a row
-        // means an avail index no chain can be popped from (a guest writing
-        // garbage): stop rather than spin; its next kick retries.
-        match tx_state.enable_notification() {
-            Ok(true) if idle_passes < 2 => continue,
-            _ => break,
         }
     }
     for (used, state) in [(tx_used, &mut tx_state), (rx_used, &mut rx_state)] {
@@ -321,6 +341,7 @@ fn run_engine(
             let _ = state.signal_used_queue();
         }
     }
+    starved
 }
 
 #[cfg(test)]

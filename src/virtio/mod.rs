@@ -34,6 +34,9 @@ pub enum Drop {
     WrongDirection,
     /// Shorter than the virtio-net header plus an Ethernet header.
     TooShort,
+    /// A header asking for an offload we did not offer (GSO), or a partial
+    /// checksum pointing outside the frame.
+    BadOffload,
     /// Longer than the largest frame the link allows.
     TooLong,
     /// No RX buffers posted by the guest.
@@ -49,16 +52,20 @@ pub struct Layout {
     pub hdr_len: usize,
     /// Whether RX frames may span several chains (VIRTIO_NET_F_MRG_RXBUF).
     pub mergeable: bool,
+    /// Whether frames to the guest may skip their TCP/UDP checksums and say
+    /// so with DATA_VALID (VIRTIO_NET_F_GUEST_CSUM).
+    pub guest_csum: bool,
 }
 
 impl Layout {
     /// The layout from the acked feature bits.
     pub fn from_features(features: u64) -> Self {
         use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-        use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+        use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF};
         let version_1 = features & (1 << VIRTIO_F_VERSION_1) != 0;
         let mergeable = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
         Self {
+            guest_csum: features & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0,
             hdr_len: if version_1 || mergeable {
                 NET_HDR_LEN
             } else {
@@ -71,7 +78,8 @@ impl Layout {
 
 /// Copies the readable part of a TX chain into `buf` (resized, reused) and
 /// returns the frame's length; the frame is `buf[layout.hdr_len..][..len]`.
-/// The header's offload fields are ignored: no TX offloads are offered.
+/// A partial checksum the guest left to us (VIRTIO_NET_F_CSUM) is completed
+/// on the copy, so everything after this sees ordinary, valid frames.
 pub fn read_tx_chain<M>(
     mem: &M,
     chain: DescriptorChain<&M>,
@@ -96,7 +104,75 @@ where
     }
     buf.resize(total, 0);
     reader.read_exact(buf).map_err(|_| Drop::BadChain)?;
+    complete_checksum(buf, layout.hdr_len)?;
     Ok(frame_len)
+}
+
+/// virtio-net header flag: the checksum from `csum_start` on is partial.
+const HDR_F_NEEDS_CSUM: u8 = 1;
+/// virtio-net header flag (RX): checksums are known good.
+const HDR_F_DATA_VALID: u8 = 2;
+
+/// Finishes a partial checksum (virtio 1.2 5.1.6.2): the 16-bit ones'
+/// complement sum over the frame from `csum_start` (whose checksum field
+/// holds the pseudo-header sum) goes, complemented, to `csum_start +
+/// csum_offset`. Offsets are checked against the frame; GSO is refused since
+/// no segmentation offload is offered.
+fn complete_checksum(packet: &mut [u8], hdr_len: usize) -> Result<(), Drop> {
+    let (Some(&flags), Some(&gso_type)) = (packet.first(), packet.get(1)) else {
+        return Err(Drop::TooShort);
+    };
+    if gso_type != 0 {
+        return Err(Drop::BadOffload);
+    }
+    if flags & HDR_F_NEEDS_CSUM == 0 {
+        return Ok(());
+    }
+    let field = |at: usize| {
+        packet
+            .get(at..at + 2)
+            .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])))
+    };
+    let (Some(start), Some(offset)) = (field(6), field(8)) else {
+        return Err(Drop::TooShort);
+    };
+    let (frame_start, frame_end) = (hdr_len + start, packet.len());
+    let at = frame_start + offset;
+    if at + 2 > frame_end || frame_start >= frame_end {
+        return Err(Drop::BadOffload);
+    }
+    let sum = ones_complement_sum(packet.get(frame_start..frame_end).unwrap_or_default());
+    if let Some(slot) = packet.get_mut(at..at + 2) {
+        slot.copy_from_slice(&(!sum).to_be_bytes());
+    }
+    Ok(())
+}
+
+/// RFC 1071 sum, folded to 16 bits.
+fn ones_complement_sum(data: &[u8]) -> u16 {
+    let mut sum: u64 = 0;
+    let mut chunks = data.chunks_exact(2);
+    for pair in &mut chunks {
+        sum += u64::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u64::from(u16::from_be_bytes([*last, 0]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    u16::try_from(sum).unwrap_or(u16::MAX)
+}
+
+/// Fills the header of a frame for the guest: zeroed, DATA_VALID when the
+/// guest accepts it.
+pub fn rx_header(layout: Layout, header: &mut [u8]) {
+    header.fill(0);
+    if layout.guest_csum
+        && let Some(flags) = header.first_mut()
+    {
+        *flags = HDR_F_DATA_VALID;
+    }
 }
 
 /// Writes one frame, already prefixed by `layout.hdr_len` zero bytes in

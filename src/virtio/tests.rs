@@ -13,6 +13,7 @@ const MTU_FRAME: usize = 1514;
 const LAYOUT: Layout = Layout {
     hdr_len: NET_HDR_LEN,
     mergeable: true,
+    guest_csum: false,
 };
 
 fn memory() -> GuestMemoryMmap {
@@ -197,6 +198,7 @@ fn rx_single_chain_too_small_is_returned_empty() {
     let layout = Layout {
         hdr_len: NET_HDR_LEN,
         mergeable: false,
+        guest_csum: false,
     };
     let mut packet = vec![0u8; NET_HDR_LEN + 500];
     assert_eq!(
@@ -247,4 +249,83 @@ fn layout_follows_features() {
         NET_HDR_LEN
     );
     assert!(Layout::from_features(1 << VIRTIO_NET_F_MRG_RXBUF).mergeable);
+}
+
+/// A UDP/IPv4 frame whose checksum the guest left partial: the pseudo-header
+/// sum in the field, NEEDS_CSUM with start and offset in the header.
+#[test]
+fn partial_checksums_are_completed_and_bad_offsets_dropped() {
+    use smoltcp::wire::{EthernetFrame, IpAddress, Ipv4Packet, UdpPacket};
+    let (src, dst): (IpAddress, IpAddress) =
+        (IpAddress::v4(198, 19, 0, 2), IpAddress::v4(192, 0, 2, 1));
+    let mut frame = vec![0u8; 14 + 20 + 8 + 5];
+    frame[12] = 0x08; // IPv4
+    {
+        let mut ip = Ipv4Packet::new_unchecked(&mut frame[14..]);
+        ip.set_version(4);
+        ip.set_header_len(20);
+        ip.set_total_len(33);
+        ip.set_hop_limit(64);
+        ip.set_next_header(smoltcp::wire::IpProtocol::Udp);
+        ip.set_src_addr("198.19.0.2".parse().unwrap());
+        ip.set_dst_addr("192.0.2.1".parse().unwrap());
+        ip.fill_checksum();
+        let mut udp = UdpPacket::new_unchecked(ip.payload_mut());
+        udp.set_src_port(1000);
+        udp.set_dst_port(2000);
+        udp.set_len(13);
+        udp.payload_mut().copy_from_slice(b"hello");
+        udp.fill_checksum(&src, &dst);
+    }
+    let good = frame.clone();
+    // Replace the full checksum with the pseudo-header sum, as Linux does
+    // with checksum offload: sum(src, dst, proto, udp length).
+    let pseudo: u32 = 0xc613 + 0x0002 + 0xc000 + 0x0201 + 17 + 13;
+    let folded = u16::try_from((pseudo & 0xffff) + (pseudo >> 16)).unwrap();
+    frame[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&folded.to_be_bytes());
+    let mut packet = vec![0u8; NET_HDR_LEN];
+    packet[0] = 1; // NEEDS_CSUM
+    packet[6..8].copy_from_slice(&34u16.to_le_bytes());
+    packet[8..10].copy_from_slice(&6u16.to_le_bytes());
+    packet.extend_from_slice(&frame);
+    complete_checksum(&mut packet, NET_HDR_LEN).unwrap();
+    assert_eq!(&packet[NET_HDR_LEN..], &good[..]);
+    let eth = EthernetFrame::new_checked(&packet[NET_HDR_LEN..]).unwrap();
+    assert!(
+        Ipv4Packet::new_checked(eth.payload())
+            .unwrap()
+            .verify_checksum()
+    );
+
+    for (start, offset) in [(60u16, 0u16), (34, 100), (u16::MAX, u16::MAX)] {
+        let mut p = packet.clone();
+        p[6..8].copy_from_slice(&start.to_le_bytes());
+        p[8..10].copy_from_slice(&offset.to_le_bytes());
+        assert_eq!(
+            complete_checksum(&mut p, NET_HDR_LEN),
+            Err(Drop::BadOffload),
+            "{start}/{offset}"
+        );
+    }
+    let mut gso = packet.clone();
+    gso[1] = 1;
+    assert_eq!(
+        complete_checksum(&mut gso, NET_HDR_LEN),
+        Err(Drop::BadOffload)
+    );
+}
+
+#[test]
+fn rx_header_marks_data_valid_only_when_acked() {
+    let mut h = [0xffu8; NET_HDR_LEN];
+    rx_header(LAYOUT, &mut h);
+    assert_eq!(h, [0; NET_HDR_LEN]);
+    rx_header(
+        Layout {
+            guest_csum: true,
+            ..LAYOUT
+        },
+        &mut h,
+    );
+    assert_eq!(h[0], 2);
 }

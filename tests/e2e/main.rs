@@ -227,7 +227,7 @@ fn cloud_hypervisor_message_order_brings_the_device_up() {
     let config = vmm.get_config(12);
     assert_eq!(&config[..6], &[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
     assert_eq!(u16::from_le_bytes([config[6], config[7]]), 1);
-    assert_eq!(u16::from_le_bytes([config[10], config[11]]), 1500);
+    assert_eq!(u16::from_le_bytes([config[10], config[11]]), 65520);
 }
 
 #[test]

@@ -60,19 +60,38 @@ wait_v6() {
 
 /// How to boot one guest.
 pub struct GuestOpts<'a> {
-    pub socket: &'a Path,
+    pub backend: Backend<'a>,
     pub mac: &'a str,
     pub script: &'a str,
     pub timeout: Duration,
+    /// Extra files for the initramfs (path in the guest, contents, mode).
+    pub extra_files: Vec<(String, Vec<u8>, u32)>,
+    /// Run QEMU inside this namespace (libslirp's "host" is QEMU's).
+    pub netns: Option<&'a str>,
+}
+
+/// What the guest's NIC is connected to (the VM tests use vhost-gateway;
+/// the benchmark all three).
+#[derive(Clone, Copy)]
+#[allow(dead_code)]
+pub enum Backend<'a> {
+    /// vhost-gateway's socket.
+    VhostUser(&'a Path),
+    /// QEMU's built-in libslirp.
+    Slirp,
+    /// passt's socket (`-netdev stream`).
+    Passt(&'a Path),
 }
 
 impl<'a> GuestOpts<'a> {
     pub fn new(socket: &'a Path, script: &'a str) -> Self {
         Self {
-            socket,
+            backend: Backend::VhostUser(socket),
             mac: "52:54:00:12:34:56",
             script,
             timeout: Duration::from_secs(180),
+            extra_files: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -103,17 +122,42 @@ impl Guest {
         let dir = TempDir::new("guest");
         let initrd = dir.0.join("initrd");
         let mut data = std::fs::read(&image.initramfs).unwrap();
-        data.extend(cpio_newc(&[(
-            "test.sh",
-            format!("{PRELUDE}\n{}", opts.script).as_bytes(),
-        )]));
+        let script = format!("{PRELUDE}\n{}", opts.script);
+        let mut files: Vec<(&str, &[u8], u32)> = vec![("test.sh", script.as_bytes(), 0o100_755)];
+        for (path, contents, mode) in &opts.extra_files {
+            files.push((path.as_str(), contents.as_slice(), *mode));
+        }
+        data.extend(cpio_newc(&files));
         std::fs::write(&initrd, data).unwrap();
-        let chardev = format!("socket,id=c0,path={}", opts.socket.display());
         let device = format!(
             "virtio-net-pci,netdev=n0,mac={},vectors=0,romfile=",
             opts.mac
         );
-        let mut child = Command::new("qemu-system-x86_64")
+        let netdev: Vec<String> = match opts.backend {
+            Backend::VhostUser(socket) => vec![
+                "-chardev".into(),
+                format!("socket,id=c0,path={}", socket.display()),
+                "-netdev".into(),
+                "vhost-user,id=n0,chardev=c0".into(),
+            ],
+            Backend::Slirp => vec!["-netdev".into(), "user,id=n0".into()],
+            Backend::Passt(socket) => vec![
+                "-netdev".into(),
+                format!(
+                    "stream,id=n0,server=off,addr.type=unix,addr.path={}",
+                    socket.display()
+                ),
+            ],
+        };
+        let mut qemu = match opts.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+                c
+            }
+            None => Command::new("qemu-system-x86_64"),
+        };
+        let mut child = qemu
             .args(accel_args())
             .args([
                 "-m",
@@ -127,8 +171,7 @@ impl Guest {
             .args(["-serial", "stdio"])
             .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
             .args(["-numa", "node,memdev=mem"])
-            .args(["-chardev", &chardev])
-            .args(["-netdev", "vhost-user,id=n0,chardev=c0"])
+            .args(&netdev)
             .args(["-device", &device])
             .arg("-kernel")
             .arg(&image.kernel)
@@ -224,9 +267,9 @@ pub fn ping_result(console: &str, marker: &str) -> Option<(u32, u32)> {
     Some((*nums.first()?, *nums.get(1)?))
 }
 
-/// A cpio "newc" archive of regular files (mode 0755), as the kernel's
-/// initramfs unpacker reads it.
-fn cpio_newc(files: &[(&str, &[u8])]) -> Vec<u8> {
+/// A cpio "newc" archive of regular files and directories (given with their
+/// full mode), as the kernel's initramfs unpacker reads it.
+fn cpio_newc(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
     fn entry(out: &mut Vec<u8>, ino: usize, name: &str, mode: u32, data: &[u8]) {
         let header = format!(
             "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
@@ -254,8 +297,8 @@ fn cpio_newc(files: &[(&str, &[u8])]) -> Vec<u8> {
         }
     }
     let mut out = Vec::new();
-    for (i, (name, data)) in files.iter().enumerate() {
-        entry(&mut out, i + 1, name, 0o100_755, data);
+    for (i, (name, data, mode)) in files.iter().enumerate() {
+        entry(&mut out, i + 1, name, *mode, data);
     }
     entry(&mut out, 0, "TRAILER!!!", 0, &[]);
     out

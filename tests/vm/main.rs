@@ -35,7 +35,7 @@ fn assert_default_network(console: &str) {
         Some("198.19.0.1")
     );
     assert_eq!(lease_field(console, "dns").as_deref(), Some("198.19.0.1"));
-    assert_eq!(lease_field(console, "mtu").as_deref(), Some("1500"));
+    assert_eq!(lease_field(console, "mtu").as_deref(), Some("65520"));
     assert_eq!(lease_field(console, "lease").as_deref(), Some("3600"));
     let v6 = line_after(console, "VG-V6").unwrap_or("none");
     assert!(

@@ -118,7 +118,7 @@ fn discover_offer_request_ack_with_all_options() {
         .map(|o| (o.kind, o.data.to_vec()))
         .collect();
     assert!(
-        opts.contains(&(26, 1500u16.to_be_bytes().to_vec())),
+        opts.contains(&(26, n.mtu.to_be_bytes().to_vec())),
         "{opts:?}"
     );
     assert!(

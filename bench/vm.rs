@@ -1,0 +1,387 @@
+//! VM benchmark: the same guest booted through vhost-gateway, QEMU's libslirp
+//! (`-netdev user`) and passt (`-netdev stream`) in one run, each inside its
+//! own network namespace whose loopback hosts the servers (iperf3, a TCP
+//! echo). The guest reaches them through each backend's "gateway means host
+//! loopback" mapping. Prints one table with medians over BENCH_RUNS runs
+//! (default 3) and the ratios vhost-gateway/libslirp and vhost-gateway/passt.
+//!
+//! Run: `cargo bench --bench vm` as root (see README). Nothing leaves the
+//! machine: every server is on a namespace's loopback.
+#![allow(clippy::unwrap_used)] // a benchmark whose set-up fails should stop loudly
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "../tests/vm/harness.rs"]
+#[allow(dead_code, unused_imports)]
+mod harness;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Netns, Server, TempDir, serve_tcp_echo};
+use harness::{Backend, Guest, GuestOpts, line_after};
+
+const SCRIPT: &str = r#"
+dhcp
+GW=$(ip route | awk '/^default/ {print $3; exit}')
+echo "VG-GW $GW"
+sleep 1
+echo VG-IDLE
+sleep 3
+echo VG-LOAD
+echo VG-IPERF-UP
+iperf3 -c $GW -t 6 -O 1 -f g --connect-timeout 5000
+echo VG-IPERF-DOWN
+iperf3 -c $GW -t 6 -O 1 -f g -R --connect-timeout 5000
+vg-probe tcp-rr $GW:7 3000
+vg-probe tcp-crr $GW:7 300
+echo VG-LOADED
+"#;
+
+/// vhost-gateway's config in the benchmark: the defaults, plus the gateway
+/// address leading to the namespace's loopback where the servers are (as
+/// libslirp's 10.0.2.2 and passt's gateway do). BENCH_VG_CONFIG overrides it.
+const BENCH_CONFIG: &str = "[outbound]\nallow-host-loopback = true\n";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    VhostGateway,
+    Slirp,
+    Passt,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::VhostGateway => "vhost-gateway",
+            Kind::Slirp => "libslirp",
+            Kind::Passt => "passt",
+        }
+    }
+}
+
+/// One run's figures; None where a backend has no separate process.
+#[derive(Debug, Default, Clone)]
+struct Figures {
+    up_gbit: f64,
+    down_gbit: f64,
+    rr_p50_us: f64,
+    crr_p50_us: f64,
+    idle_cpu_pct: Option<f64>,
+    load_cpu_pct: Option<f64>,
+    idle_rss_mib: Option<f64>,
+    peak_rss_mib: Option<f64>,
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn status_kib(pid: u32, key: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// The iperf3 receiver rate (Gbit/s) after `marker`.
+fn iperf_rate(console: &str, marker: &str) -> f64 {
+    console
+        .split(marker)
+        .nth(1)
+        .and_then(|rest| rest.lines().find(|l| l.contains("receiver")))
+        .and_then(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let unit = words.iter().position(|w| w.ends_with("bits/sec"))?;
+            let value: f64 = words.get(unit - 1)?.parse().ok()?;
+            Some(match words[unit] {
+                "Gbits/sec" => value,
+                "Mbits/sec" => value / 1000.0,
+                "Kbits/sec" => value / 1e6,
+                _ => value / 1e9,
+            })
+        })
+        .unwrap_or(0.0)
+}
+
+fn field(console: &str, marker: &str, key: &str) -> f64 {
+    line_after(console, marker)
+        .and_then(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix(key)))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// iperf3 and the probe's dependencies for the guest's initramfs.
+fn iperf3_files() -> Vec<(String, Vec<u8>, u32)> {
+    let mut files: Vec<(String, Vec<u8>, u32)> = ["lib", "lib/x86_64-linux-gnu", "lib64"]
+        .iter()
+        .map(|d| (d.to_string(), Vec::new(), 0o040_755))
+        .collect();
+    let ldd = Command::new("ldd").arg("/usr/bin/iperf3").output().unwrap();
+    let mut paths = vec![PathBuf::from("/usr/bin/iperf3")];
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line
+            .split_whitespace()
+            .find(|w| w.starts_with('/'))
+            .map(PathBuf::from);
+        if let Some(p) = path {
+            paths.push(p);
+        }
+    }
+    for p in paths {
+        let contents = std::fs::read(&p).unwrap();
+        // Merged /usr: /lib is /usr/lib on the host; the guest has real /lib.
+        let inside = p.to_string_lossy().trim_start_matches('/').to_owned();
+        files.push((inside, contents, 0o100_755));
+    }
+    files
+}
+
+fn run_once(kind: Kind, run: usize, extra: &[(String, Vec<u8>, u32)]) -> Figures {
+    let ns = Netns::new(&format!("bench{run}"));
+    let dir = TempDir::new("bench");
+    let _iperf = Server(
+        ns.command("iperf3")
+            .args(["-s", "-B", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    serve_tcp_echo(ns.enter(|| std::net::TcpListener::bind("127.0.0.1:7").unwrap()));
+    let mut daemon = None;
+    let mut passt = None;
+    let passt_socket = dir.0.join("passt.sock");
+    let backend = match kind {
+        Kind::VhostGateway => {
+            daemon = Some(Daemon::start(
+                &ns,
+                Some(&std::env::var("BENCH_VG_CONFIG").unwrap_or_else(|_| BENCH_CONFIG.into())),
+            ));
+            Backend::Slirp // replaced below; the socket lives in `daemon`
+        }
+        Kind::Slirp => Backend::Slirp,
+        Kind::Passt => {
+            // passt takes its addresses from a routed interface.
+            for args in [
+                vec!["link", "add", "vb0", "type", "veth", "peer", "name", "vb1"],
+                vec!["addr", "add", "192.0.2.1/24", "dev", "vb0"],
+                vec!["link", "set", "vb0", "up"],
+                vec!["link", "set", "vb1", "up"],
+                vec![
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    "192.0.2.254",
+                    "dev",
+                    "vb0",
+                ],
+            ] {
+                let ok = Command::new("ip")
+                    .args(["-n", &ns.name])
+                    .args(&args)
+                    .status()
+                    .unwrap();
+                assert!(ok.success(), "ip {args:?}");
+            }
+            // passt drops to "nobody" before it binds its socket.
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o1777)).unwrap();
+            }
+            passt = Some(Server(
+                ns.command("passt")
+                    .args(["-f", "-q", "-1", "-s"])
+                    .arg(&passt_socket)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            ));
+            wait_for(&passt_socket);
+            Backend::Passt(&passt_socket)
+        }
+    };
+    let backend = match &daemon {
+        Some(d) => Backend::VhostUser(&d.socket),
+        None => backend,
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let mut opts = GuestOpts::new(Path::new("/"), SCRIPT);
+    opts.backend = backend;
+    opts.extra_files = extra.to_vec();
+    opts.timeout = Duration::from_secs(240);
+    let ns_name = ns.name.clone();
+    if kind == Kind::Slirp {
+        opts.netns = Some(&ns_name);
+    }
+    let pid = daemon
+        .as_ref()
+        .map(Daemon::pid)
+        .or_else(|| passt.as_ref().map(|p| p.0.id()));
+    let guest = Guest::spawn(&opts, "VG-IDLE");
+    assert!(
+        guest.wait_marker(Duration::from_secs(120)),
+        "{}",
+        guest.console()
+    );
+    let idle_start = (Instant::now(), pid.and_then(cpu_ticks));
+    std::thread::sleep(Duration::from_secs(2));
+    let idle_end = (Instant::now(), pid.and_then(cpu_ticks));
+    let idle_rss = pid.and_then(|p| status_kib(p, "VmRSS:"));
+    // The load phase: from the guest's VG-LOAD to its end.
+    while !guest.console().contains("VG-LOAD") {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let load_start = (Instant::now(), pid.and_then(cpu_ticks));
+    while !guest.console().contains("VG-LOADED") && !guest.console().contains("VG-EXIT") {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let load_end = (Instant::now(), pid.and_then(cpu_ticks));
+    let peak_rss = pid.and_then(|p| status_kib(p, "VmHWM:"));
+    let console = guest.finish();
+    let pct = |a: (Instant, Option<u64>), b: (Instant, Option<u64>)| -> Option<f64> {
+        let ticks = b.1?.checked_sub(a.1?)? as f64;
+        Some(100.0 * ticks / ticks_per_second() / (b.0 - a.0).as_secs_f64())
+    };
+    let figures = Figures {
+        up_gbit: iperf_rate(&console, "VG-IPERF-UP"),
+        down_gbit: iperf_rate(&console, "VG-IPERF-DOWN"),
+        rr_p50_us: field(&console, "VG-RR", "p50_us="),
+        crr_p50_us: field(&console, "VG-CRR", "p50_us="),
+        idle_cpu_pct: pct(idle_start, idle_end),
+        load_cpu_pct: pct(load_start, load_end),
+        idle_rss_mib: idle_rss.map(|k| k / 1024.0),
+        peak_rss_mib: peak_rss.map(|k| k / 1024.0),
+    };
+    if figures.up_gbit == 0.0 || figures.rr_p50_us.is_nan() {
+        eprintln!(
+            "{} run {run}: incomplete figures; console:\n{console}",
+            kind.name()
+        );
+    }
+    drop(daemon);
+    figures
+}
+
+fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn median_of(runs: &[Figures], f: impl Fn(&Figures) -> Option<f64>) -> Option<f64> {
+    let v: Vec<f64> = runs.iter().filter_map(&f).collect();
+    (!v.is_empty()).then(|| median(v))
+}
+
+fn cell(v: Option<f64>, decimals: usize) -> String {
+    v.map_or("n/a".to_owned(), |x| format!("{x:.decimals$}"))
+}
+
+fn main() {
+    // `cargo bench` passes --bench; any other argument is ignored.
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let extra = iperf3_files();
+    let kinds = [Kind::VhostGateway, Kind::Slirp, Kind::Passt];
+    let mut results: Vec<(Kind, Vec<Figures>)> = kinds.iter().map(|k| (*k, Vec::new())).collect();
+    // Interleave backends run by run, so drift in the machine's speed hits
+    // all of them alike.
+    for run in 0..runs {
+        for (kind, figures) in &mut results {
+            eprintln!("run {}/{runs}: {}", run + 1, kind.name());
+            figures.push(run_once(*kind, run, &extra));
+        }
+    }
+    let accel = if Path::new("/sys/module/kvm_intel").exists()
+        || Path::new("/sys/module/kvm_amd").exists()
+    {
+        "KVM"
+    } else {
+        "TCG"
+    };
+    println!(
+        "\nvhost-gateway VM benchmark: {accel} guest (1 vCPU, Debian cloud kernel), medians of {runs} runs\n"
+    );
+    println!(
+        "{:<14} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}",
+        "backend",
+        "g->h Gb/s",
+        "h->g Gb/s",
+        "RR p50 us",
+        "CRR p50us",
+        "idle CPU%",
+        "load CPU%",
+        "idle MiB",
+        "peak MiB"
+    );
+    let mut table = Vec::new();
+    for (kind, figures) in &results {
+        let row = [
+            median_of(figures, |f| Some(f.up_gbit)),
+            median_of(figures, |f| Some(f.down_gbit)),
+            median_of(figures, |f| Some(f.rr_p50_us)),
+            median_of(figures, |f| Some(f.crr_p50_us)),
+            median_of(figures, |f| f.idle_cpu_pct),
+            median_of(figures, |f| f.load_cpu_pct),
+            median_of(figures, |f| f.idle_rss_mib),
+            median_of(figures, |f| f.peak_rss_mib),
+        ];
+        println!(
+            "{:<14} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}",
+            kind.name(),
+            cell(row[0], 2),
+            cell(row[1], 2),
+            cell(row[2], 0),
+            cell(row[3], 0),
+            cell(row[4], 1),
+            cell(row[5], 1),
+            cell(row[6], 1),
+            cell(row[7], 1),
+        );
+        table.push(row);
+    }
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "n/a".to_owned(),
+    };
+    for (other, name) in [(1, "libslirp"), (2, "passt")] {
+        println!(
+            "vhost-gateway/{name}: g->h {}  h->g {}  RR p50 {}  CRR p50 {}  (throughput: higher is better; latency: lower is better)",
+            ratio(table[0][0], table[other][0]),
+            ratio(table[0][1], table[other][1]),
+            ratio(table[0][2], table[other][2]),
+            ratio(table[0][3], table[other][3]),
+        );
+    }
+    println!("libslirp runs inside QEMU: its CPU and memory are QEMU's and are not shown.");
+}
