@@ -271,6 +271,20 @@ fn run_once(kind: Kind, run: usize, extra: &[(String, Vec<u8>, u32)]) -> Figures
             kind.name()
         );
     }
+    if let Some(d) = &daemon
+        && std::env::var_os("BENCH_COUNTERS").is_some()
+    {
+        d.signal("USR1");
+        d.wait_log("counters", Duration::from_secs(5));
+        let log = d.log();
+        eprintln!(
+            "{}",
+            log.lines()
+                .rev()
+                .find(|l| l.contains("counters"))
+                .unwrap_or("")
+        );
+    }
     drop(daemon);
     figures
 }
@@ -312,7 +326,12 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     let extra = iperf3_files();
-    let kinds = [Kind::VhostGateway, Kind::Slirp, Kind::Passt];
+    // BENCH_ONLY=vhost-gateway (or libslirp, passt) measures one backend.
+    let only = std::env::var("BENCH_ONLY").ok();
+    let kinds: Vec<Kind> = [Kind::VhostGateway, Kind::Slirp, Kind::Passt]
+        .into_iter()
+        .filter(|k| only.as_deref().is_none_or(|o| o == k.name()))
+        .collect();
     let mut results: Vec<(Kind, Vec<Figures>)> = kinds.iter().map(|k| (*k, Vec::new())).collect();
     // Interleave backends run by run, so drift in the machine's speed hits
     // all of them alike.
@@ -375,6 +394,9 @@ fn main() {
         _ => "n/a".to_owned(),
     };
     for (other, name) in [(1, "libslirp"), (2, "passt")] {
+        if table.len() <= other {
+            break;
+        }
         println!(
             "vhost-gateway/{name}: g->h {}  h->g {}  RR p50 {}  CRR p50 {}  (throughput: higher is better; latency: lower is better)",
             ratio(table[0][0], table[other][0]),

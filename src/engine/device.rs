@@ -14,6 +14,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
 
 use super::Services;
+
 use crate::metrics::{Counter, Metrics};
 use crate::virtio::{self, Layout};
 
@@ -111,54 +112,148 @@ pub struct TxToken<'a, M: GuestMemory> {
     layout: Layout,
     buf: &'a mut Vec<u8>,
     metrics: &'a Metrics,
+    waiting: &'a mut ToGuest,
     rx_used: &'a mut bool,
+    now: Instant,
 }
 
 impl<M: GuestMemory> phy::TxToken for TxToken<'_, M> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let (out, sent) = send_to_guest(
-            self.rx,
-            self.mem,
-            self.layout,
-            self.buf,
-            self.metrics,
-            len,
-            f,
-        );
-        *self.rx_used |= sent;
+        let hdr = self.layout.hdr_len;
+        self.buf.clear();
+        self.buf.resize(hdr + len, 0);
+        virtio::rx_header(self.layout, self.buf.get_mut(..hdr).unwrap_or_default());
+        let out = f(self.buf.get_mut(hdr..).unwrap_or_default());
+        match write_frame(self.rx, self.mem, self.layout, self.buf, self.metrics) {
+            Written::Yes => *self.rx_used = true,
+            Written::NoRoom => {
+                // Not enough buffers for this frame yet: keep it, in order,
+                // rather than drop it and wait for a TCP retransmission.
+                let frame = self.buf.get(hdr..).unwrap_or_default().to_vec();
+                self.waiting.push(frame, self.now, self.metrics);
+            }
+            Written::Dropped { used } => *self.rx_used |= used,
+        }
         out
     }
 }
 
-/// Serializes a frame of `len` bytes with `fill` behind a zeroed header and
-/// writes it into the RX queue; counts the outcome. Returns what `fill`
-/// returned and whether the used ring changed.
-pub fn send_to_guest<M: GuestMemory, R>(
+/// How writing one frame into the RX queue ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// In the guest's buffers.
+    Yes,
+    /// The posted buffers cannot hold it yet; nothing was consumed.
+    NoRoom,
+    /// Dropped and counted; `used` when chains were returned empty.
+    Dropped {
+        /// Whether the used ring changed.
+        used: bool,
+    },
+}
+
+/// Writes a serialized frame (header included) and counts the outcome.
+fn write_frame<M: GuestMemory>(
     rx: &mut Queue,
     mem: &M,
     layout: Layout,
-    buf: &mut Vec<u8>,
+    packet: &mut [u8],
     metrics: &Metrics,
-    len: usize,
-    fill: impl FnOnce(&mut [u8]) -> R,
-) -> (R, bool) {
-    buf.clear();
-    buf.resize(layout.hdr_len + len, 0);
-    virtio::rx_header(layout, buf.get_mut(..layout.hdr_len).unwrap_or_default());
-    let out = fill(buf.get_mut(layout.hdr_len..).unwrap_or_default());
-    let used = match virtio::write_rx_frame(rx, mem, layout, buf) {
+) -> Written {
+    match virtio::write_rx_frame(rx, mem, layout, packet) {
         Ok(_) => {
             metrics.inc(Counter::frames_to_guest);
-            metrics.add(Counter::bytes_to_guest, len as u64);
-            true
+            metrics.add(
+                Counter::bytes_to_guest,
+                (packet.len().saturating_sub(layout.hdr_len)) as u64,
+            );
+            Written::Yes
         }
+        Err(virtio::Drop::NoRxBuffers) => Written::NoRoom,
         Err(drop) => {
             metrics.inc(counter_for(drop));
             // Chains handed back empty still need the guest to see them.
-            drop == virtio::Drop::RxBuffersTooSmall
+            Written::Dropped {
+                used: drop == virtio::Drop::RxBuffersTooSmall,
+            }
         }
-    };
-    (out, used)
+    }
+}
+
+/// Frames for the guest that wait for RX buffers, oldest first: gateway
+/// service replies, relayed datagrams, and smoltcp frames that did not fit
+/// the buffers posted when they were made. Bounded; the head is dropped if
+/// it cannot be written for [`MAX_WAIT`] (buffers that will never hold it).
+#[derive(Default)]
+pub struct ToGuest {
+    frames: std::collections::VecDeque<Vec<u8>>,
+    head_since: Option<Instant>,
+}
+
+/// Frames waiting at most.
+pub const MAX_WAITING: usize = 512;
+/// How long the head frame may wait for buffers that can hold it.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl ToGuest {
+    /// Queues a frame (no header); dropped and counted when full.
+    pub fn push(&mut self, frame: Vec<u8>, now: Instant, metrics: &Metrics) {
+        if self.frames.len() >= MAX_WAITING {
+            metrics.inc(Counter::drop_pending_full);
+            return;
+        }
+        if self.frames.is_empty() {
+            self.head_since = Some(now);
+        }
+        self.frames.push_back(frame);
+    }
+
+    /// Whether there is room for more.
+    pub fn has_room(&self) -> bool {
+        self.frames.len() < MAX_WAITING
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Writes waiting frames in order while buffers hold them. Returns
+    /// (used ring changed, frames still wait).
+    pub fn flush<M: GuestMemory>(
+        &mut self,
+        rx: &mut Queue,
+        mem: &M,
+        layout: Layout,
+        buf: &mut Vec<u8>,
+        metrics: &Metrics,
+        now: Instant,
+    ) -> (bool, bool) {
+        let mut used = false;
+        while let Some(frame) = self.frames.front() {
+            buf.clear();
+            buf.resize(layout.hdr_len, 0);
+            virtio::rx_header(layout, buf);
+            buf.extend_from_slice(frame);
+            match write_frame(rx, mem, layout, buf, metrics) {
+                Written::Yes => used = true,
+                Written::Dropped { used: u } => used |= u,
+                Written::NoRoom => {
+                    let stuck = self
+                        .head_since
+                        .is_some_and(|t| now.saturating_duration_since(t) > MAX_WAIT);
+                    if !stuck {
+                        return (used, true);
+                    }
+                    metrics.inc(Counter::drop_no_rx_buffers);
+                }
+            }
+            self.frames.pop_front();
+            self.head_since = Some(now);
+        }
+        self.head_since = None;
+        (used, false)
+    }
 }
 
 fn counter_for(drop: virtio::Drop) -> Counter {
@@ -202,7 +297,9 @@ impl<M: GuestMemory> phy::Device for Device<'_, M> {
                     layout: self.layout,
                     buf: self.to_guest,
                     metrics: self.metrics,
+                    waiting: &mut self.services.pending,
                     rx_used: &mut self.rx_used,
+                    now: self.now,
                 },
             ));
         }
@@ -251,13 +348,31 @@ impl<M: GuestMemory> phy::Device for Device<'_, M> {
                     layout: self.layout,
                     buf: self.to_guest,
                     metrics: self.metrics,
+                    waiting: &mut self.services.pending,
                     rx_used: &mut self.rx_used,
+                    now: self.now,
                 },
             ));
         }
     }
 
     fn transmit(&mut self, _timestamp: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
+        // Frames already waiting go first, so the guest sees them in order.
+        if !self.services.pending.is_empty() {
+            let (used, waiting) = self.services.pending.flush(
+                self.rx,
+                self.mem,
+                self.layout,
+                self.to_guest,
+                self.metrics,
+                self.now,
+            );
+            self.rx_used |= used;
+            if waiting {
+                self.rx_starved = true;
+                return None;
+            }
+        }
         if !virtio::rx_available(self.rx, self.mem) {
             self.rx_starved = true;
             return None;
@@ -268,7 +383,9 @@ impl<M: GuestMemory> phy::Device for Device<'_, M> {
             layout: self.layout,
             buf: self.to_guest,
             metrics: self.metrics,
+            waiting: &mut self.services.pending,
             rx_used: &mut self.rx_used,
+            now: self.now,
         })
     }
 

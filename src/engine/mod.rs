@@ -38,9 +38,6 @@ use crate::proxy::Host;
 use crate::virtio::{self, Layout};
 use device::{Device, Medium};
 
-/// Frames from the gateway itself (service replies, relayed datagrams,
-/// resets) waiting for RX buffers; beyond this they are dropped and counted.
-const MAX_PENDING_TO_GUEST: usize = 512;
 /// TX frames taken per smoltcp poll before egress gets its turn, so a flood
 /// from the guest cannot starve frames going to it.
 pub const TX_BUDGET_PER_POLL: usize = 256;
@@ -99,8 +96,8 @@ pub struct Services {
     tcp: tcp::Flows,
     udp: udp::Sessions,
     icmp: icmp::Sessions,
-    /// Frames for the guest.
-    pending: VecDeque<Vec<u8>>,
+    /// Frames for the guest waiting for RX buffers.
+    pending: device::ToGuest,
     /// Frames for smoltcp (SYNs released once their upstream connected).
     inject: VecDeque<Vec<u8>>,
     host: Host,
@@ -201,15 +198,11 @@ impl Services {
     }
 
     fn queue(&mut self, frame: Vec<u8>) {
-        if self.pending.len() >= MAX_PENDING_TO_GUEST {
-            self.metrics.inc(Counter::drop_pending_full);
-            return;
-        }
-        self.pending.push_back(frame);
+        self.pending.push(frame, Instant::now(), &self.metrics);
     }
 
     fn has_room(&self) -> bool {
-        self.pending.len() < MAX_PENDING_TO_GUEST
+        self.pending.has_room()
     }
 
     fn timers(&mut self, now: Instant) {
@@ -314,7 +307,7 @@ impl Engine {
                 tcp: tcp::Flows::new(config.tcp.clone()),
                 udp: udp::Sessions::new(config.udp.clone()),
                 icmp: icmp::Sessions::new(config.icmp.clone(), icmp_available),
-                pending: VecDeque::new(),
+                pending: device::ToGuest::default(),
                 inject: VecDeque::new(),
                 host,
                 metrics: metrics.clone(),
@@ -397,23 +390,16 @@ impl Engine {
             // Work is left: come back after the other events are handled.
             self.services.host.wake.wake();
         }
-        while let Some(frame) = self.services.pending.front() {
-            if !virtio::rx_available(rx, mem) {
-                result.rx_starved = true;
-                break;
-            }
-            let (_, sent) = device::send_to_guest(
-                rx,
-                mem,
-                self.layout,
-                &mut self.to_guest,
-                &self.metrics,
-                frame.len(),
-                |buf| buf.copy_from_slice(frame),
-            );
-            result.rx_used |= sent;
-            self.services.pending.pop_front();
-        }
+        let (used, waiting) = self.services.pending.flush(
+            rx,
+            mem,
+            self.layout,
+            &mut self.to_guest,
+            &self.metrics,
+            now,
+        );
+        result.rx_used |= used;
+        result.rx_starved |= waiting;
         result
     }
 

@@ -308,6 +308,7 @@ fn run_engine(
     }
     let mut tx_used = false;
     let mut rx_used = false;
+    let rx_used_before = rx_state.get_queue().next_used();
     let mut starved;
     let mut idle_passes = 0;
     loop {
@@ -336,10 +337,13 @@ fn run_engine(
             break;
         }
     }
-    for (used, state) in [(tx_used, &mut tx_state), (rx_used, &mut rx_state)] {
-        if used && state.needs_notification().unwrap_or(true) {
-            let _ = state.signal_used_queue();
-        }
+    if tx_used && tx_state.needs_notification().unwrap_or(true) {
+        let _ = tx_state.signal_used_queue();
+    }
+    // RX frames are published in batches (see virtio::publish_used), which
+    // the queue's own notification counter does not see.
+    if rx_used && crate::virtio::needs_notification(rx_state.get_queue(), mem, rx_used_before) {
+        let _ = rx_state.signal_used_queue();
     }
     starved
 }

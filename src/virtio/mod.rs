@@ -10,7 +10,7 @@
 use std::io::{Read, Write};
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemory;
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 /// virtio-net header size with VERSION_1 or MRG_RXBUF (virtio 1.2 5.1.6).
 pub const NET_HDR_LEN: usize = 12;
@@ -258,7 +258,13 @@ where
         field.copy_from_slice(&num_buffers.to_le_bytes());
     }
     let mut offset = 0usize;
-    for (slot, capacity) in chains.iter_mut().zip(capacities).take(count) {
+    let mut used = [(0u16, 0u32); MAX_MERGED_CHAINS];
+    for ((slot, capacity), entry) in chains
+        .iter_mut()
+        .zip(capacities)
+        .zip(used.iter_mut())
+        .take(count)
+    {
         let Some(chain) = slot.take() else { break };
         let head = chain.head_index();
         let end = packet.len().min(offset + capacity);
@@ -269,9 +275,66 @@ where
             .and_then(|mut w| w.write_all(part).ok())
             .map_or(0, |()| part.len());
         offset = end;
-        let _ = queue.add_used(mem, head, u32::try_from(written).unwrap_or(0));
+        *entry = (head, u32::try_from(written).unwrap_or(0));
     }
+    publish_used(queue, mem, used.get(..count).unwrap_or_default());
     Ok(num_buffers)
+}
+
+/// Puts the used elements of one frame in the used ring and makes them
+/// visible together: a driver that sees the first buffer of a merged frame
+/// before the rest drops the frame (Linux: "rx error: buffers missing").
+/// `virtio_queue` publishes the used index on every `add_used`, so all but
+/// the last element are written directly, the internal index moved past
+/// them, and the last `add_used` publishes the index once (Release store,
+/// after the element writes). Notification decisions for this queue must
+/// then use [`needs_notification`], not the queue's own counter.
+fn publish_used<M: GuestMemory>(queue: &mut Queue, mem: &M, used: &[(u16, u32)]) {
+    let Some((&(last_head, last_len), earlier)) = used.split_last() else {
+        return;
+    };
+    let size = queue.size().max(1);
+    let mut next = queue.next_used();
+    for &(head, len) in earlier {
+        let slot = u64::from(next % size);
+        let at = queue
+            .used_ring()
+            .checked_add(USED_RING_HEADER_BYTES + slot * USED_ELEMENT_BYTES);
+        if let Some(at) = at {
+            let _ = mem.write_obj(u32::from(head).to_le(), GuestAddress(at));
+            let _ = mem.write_obj(len.to_le(), GuestAddress(at.wrapping_add(4)));
+        }
+        next = next.wrapping_add(1);
+    }
+    queue.set_next_used(next);
+    let _ = queue.add_used(mem, last_head, last_len);
+}
+
+/// `flags` and `idx` before the used ring's elements (virtio 1.2 2.7.8).
+const USED_RING_HEADER_BYTES: u64 = 4;
+/// One used element: id and len, both le32.
+const USED_ELEMENT_BYTES: u64 = 8;
+
+/// Whether the driver wants an interrupt for the used entries added since
+/// the used index was `old_used` (virtio 1.2 2.7.10: `vring_need_event`
+/// against `used_event` when EVENT_IDX is on; always otherwise).
+pub fn needs_notification<M: GuestMemory>(queue: &Queue, mem: &M, old_used: u16) -> bool {
+    let new = queue.next_used();
+    if new == old_used {
+        return false;
+    }
+    if !queue.event_idx_enabled() {
+        return true;
+    }
+    // used_event sits after the avail ring's entries: flags, idx, ring[size].
+    let at = queue
+        .avail_ring()
+        .checked_add(4 + 2 * u64::from(queue.size()));
+    let Some(event) = at.and_then(|a| mem.read_obj::<u16>(GuestAddress(a)).ok()) else {
+        return true;
+    };
+    let event = u16::from_le(event);
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old_used)
 }
 
 /// Whether the guest has posted RX buffers we have not used yet.

@@ -6,6 +6,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+#[allow(dead_code)] // shared with bench/stream.rs, which uses more of it
 mod vmm;
 
 use std::net::Ipv4Addr;

@@ -32,6 +32,8 @@ pub const GET_CONFIG: u32 = 24;
 
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_NEED_REPLY: u32 = 0x8;
+pub const F_CSUM: u64 = 1 << 0;
+pub const F_GUEST_CSUM: u64 = 1 << 1;
 pub const F_MRG_RXBUF: u64 = 1 << 15;
 pub const F_EVENT_IDX: u64 = 1 << 29;
 pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -42,14 +44,18 @@ pub const PF_REPLY_ACK: u64 = 1 << 3;
 pub const RX: u32 = 0;
 pub const TX: u32 = 1;
 pub const NET_HDR_LEN: usize = 12;
-pub const MEM_SIZE: usize = 16 << 20;
+pub const MEM_SIZE: usize = 64 << 20;
 /// Where the frontend claims guest memory is mapped in its own address space;
 /// vring addresses are sent in this space, as QEMU does.
 const USER_BASE: u64 = 0x7f00_0000_0000;
 pub const QUEUE_SIZE: u16 = 256;
 const RING_BASE: [u64; 2] = [0x0, 0x1_0000];
 pub const TX_BUFS: u64 = 0x10_0000;
-pub const RX_BUFS: u64 = 0x40_0000;
+/// A TX slot holds a header and a 64 KiB frame.
+const TX_SLOT: u64 = 0x1_1000;
+pub const RX_BUFS: u64 = 0x200_0000;
+/// RX buffers are 4 KiB, as a guest's mergeable buffers are; larger frames
+/// are merged across several.
 pub const BUF_SIZE: u64 = 0x1000;
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
@@ -166,7 +172,10 @@ pub struct Vmm {
     pub features: u64,
     rx_slot: u64,
     tx_slot: u64,
-    rx_posted: Vec<(u16, u64)>,
+    /// Buffer address by descriptor head.
+    rx_posted: Vec<u64>,
+    rx_consumed: usize,
+    tx_done: u64,
 }
 
 fn memfd(size: usize) -> File {
@@ -204,7 +213,9 @@ impl Vmm {
             features: 0,
             rx_slot: 0,
             tx_slot: 0,
-            rx_posted: Vec::new(),
+            rx_posted: vec![0; usize::from(QUEUE_SIZE)],
+            rx_consumed: 0,
+            tx_done: 0,
         }
     }
 
@@ -308,6 +319,11 @@ impl Vmm {
     /// QEMU 7.2's order (FACTS.md): vring enables before SET_FEATURES, which
     /// comes only at DRIVER_OK, followed by memory and ring setup.
     pub fn qemu_start(socket: &Path, event_idx: bool) -> Self {
+        Self::qemu_start_with(socket, event_idx, 0)
+    }
+
+    /// `qemu_start` also acking `extra` feature bits where offered.
+    pub fn qemu_start_with(socket: &Path, event_idx: bool, extra: u64) -> Self {
         let mut vmm = Self::connect(socket);
         let offered = vmm.get_u64(GET_FEATURES);
         vmm.negotiate_protocol();
@@ -322,7 +338,8 @@ impl Vmm {
         vmm.send(SET_VRING_ENABLE, &Self::state(RX, 1), &[], false);
         vmm.send_acked(SET_VRING_ENABLE, &Self::state(TX, 1), &[]);
         vmm.features = offered
-            & (F_VERSION_1
+            & (extra
+                | F_VERSION_1
                 | F_MRG_RXBUF
                 | F_PROTOCOL_FEATURES
                 | if event_idx { F_EVENT_IDX } else { 0 });
@@ -362,14 +379,14 @@ impl Vmm {
                 &self.mem,
                 &[(addr, u32::try_from(BUF_SIZE).unwrap(), DESC_F_WRITE)],
             );
-            self.rx_posted.push((head, addr));
+            self.rx_posted[usize::from(head)] = addr;
         }
         self.kick(RX);
     }
 
     /// Sends one frame (header prepended) as a two-descriptor TX chain.
     pub fn send_frame(&mut self, frame: &[u8]) {
-        let addr = TX_BUFS + (self.tx_slot % u64::from(QUEUE_SIZE)) * BUF_SIZE;
+        let addr = TX_BUFS + (self.tx_slot % u64::from(QUEUE_SIZE)) * TX_SLOT;
         self.tx_slot += 1;
         self.mem
             .write_slice(&[0u8; NET_HDR_LEN], GuestAddress(addr))
@@ -400,6 +417,7 @@ impl Vmm {
     /// Frames received so far (merged buffers joined, header stripped).
     pub fn recv_frames(&mut self) -> Vec<Vec<u8>> {
         let used = self.rings[RX as usize].take_used(&self.mem);
+        self.rx_consumed += used.len();
         let mut frames = Vec::new();
         let mut iter = used.into_iter();
         while let Some((id, len)) = iter.next() {
@@ -419,13 +437,7 @@ impl Vmm {
     }
 
     fn read_rx(&self, id: u32, len: u32) -> Vec<u8> {
-        let addr = self
-            .rx_posted
-            .iter()
-            .rev()
-            .find(|(head, _)| u32::from(*head) == id)
-            .map(|(_, a)| *a)
-            .expect("used id was posted");
+        let addr = self.rx_posted[id as usize % usize::from(QUEUE_SIZE)];
         let mut data = vec![0u8; len as usize];
         self.mem.read_slice(&mut data, GuestAddress(addr)).unwrap();
         data
@@ -451,7 +463,20 @@ impl Vmm {
 
     /// Used TX entries so far.
     pub fn tx_completed(&mut self) -> usize {
-        self.rings[TX as usize].take_used(&self.mem).len()
+        let n = self.rings[TX as usize].take_used(&self.mem).len();
+        self.tx_done += n as u64;
+        usize::try_from(self.tx_done).unwrap()
+    }
+
+    /// TX frames sent and not yet returned by the daemon.
+    pub fn tx_inflight(&mut self) -> usize {
+        self.tx_completed();
+        usize::try_from(self.tx_slot.saturating_sub(self.tx_done)).unwrap()
+    }
+
+    /// RX buffers the daemon has filled since the last call.
+    pub fn rx_consumed(&mut self) -> usize {
+        std::mem::take(&mut self.rx_consumed)
     }
 
     /// Reads the device config space.
