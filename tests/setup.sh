@@ -7,7 +7,8 @@
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
 
-packages=(qemu-system-x86 busybox-static cpio kmod iproute2 procps libc6-dev)
+# iperf3 and passt are for the benchmark (bench/vm.rs).
+packages=(qemu-system-x86 busybox-static cpio kmod iproute2 procps libc6-dev iperf3 passt)
 
 missing=()
 for p in "${packages[@]}"; do

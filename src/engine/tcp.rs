@@ -219,7 +219,8 @@ impl Flows {
         for (key, flow) in &mut self.flows {
             let Some(handle) = flow.socket else {
                 match flow.channels.from_host.try_recv() {
-                    Ok(FromHost::Connected) => {
+                    Ok(FromHost::Connected(direct)) => {
+                        flow.channels.direct = Some(direct);
                         let mut socket = tcp_socket(self.config.buffer_bytes);
                         let listen = IpListenEndpoint {
                             addr: Some(key.1.ip().into()),
@@ -318,7 +319,7 @@ fn pump(flow: &mut Flow, socket: &mut tcp::Socket<'static>, now: Instant) -> boo
                     socket.abort();
                     return true;
                 }
-                Ok(FromHost::Connected | FromHost::Failed(_)) => continue,
+                Ok(FromHost::Connected(_) | FromHost::Failed(_)) => continue,
                 Err(TryRecvError::Empty) => break,
             }
         }
@@ -340,8 +341,25 @@ fn pump(flow: &mut Flow, socket: &mut tcp::Socket<'static>, now: Instant) -> boo
         flow.fin_to_guest = true;
         moved = true;
     }
-    // Guest to host: read the socket only while the task has room, so a slow
-    // host closes the guest's window instead of growing a queue.
+    // Guest to host: straight into the host socket when nothing is queued
+    // for the task (no copy, no thread hop), else through the channel.
+    if let Some(direct) = &flow.channels.direct {
+        while socket.can_recv() {
+            let Ok(written) = socket.recv(|buf| {
+                let n = direct.try_write(buf);
+                (n, n)
+            }) else {
+                break;
+            };
+            if written == 0 {
+                break;
+            }
+            flow.last_active = now;
+            moved = true;
+        }
+    }
+    // The rest only while the task has room, so a slow host closes the
+    // guest's window instead of growing a queue.
     while socket.can_recv() {
         let permit = match flow.channels.to_host.try_reserve() {
             Ok(p) => p,
@@ -357,6 +375,9 @@ fn pump(flow: &mut Flow, socket: &mut tcp::Socket<'static>, now: Instant) -> boo
         }) else {
             break;
         };
+        if let Some(direct) = &flow.channels.direct {
+            direct.queue(bytes.len());
+        }
         permit.send(ToHost::Data(bytes));
         flow.last_active = now;
         moved = true;

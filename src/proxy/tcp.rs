@@ -6,15 +6,21 @@
 //! engine has room (a reserved slot), so a slow guest stops the reads and the
 //! host's TCP window closes; the engine stops reading its smoltcp socket when
 //! the channel to this task is full, which closes the guest's window.
+//!
+//! Guest-to-host bytes take a shortcut when nothing is queued for the task:
+//! the engine writes them to the host socket itself ([`Direct`], a
+//! non-blocking write), saving a thread hop per request; whatever the socket
+//! does not take goes through the channel, and the engine writes directly
+//! again only once the task has written everything queued, so order holds.
 #![forbid(unsafe_code)]
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -40,8 +46,9 @@ pub enum ToHost {
 /// Host to engine.
 #[derive(Debug)]
 pub enum FromHost {
-    /// The upstream connection is established.
-    Connected,
+    /// The upstream connection is established; the engine may write to it
+    /// directly through this.
+    Connected(Direct),
     /// Dialling failed: refused, unreachable, timed out.
     Failed(io::ErrorKind),
     /// Bytes from the host peer.
@@ -52,18 +59,58 @@ pub enum FromHost {
     Reset,
 }
 
+/// The engine's non-blocking path to a flow's host socket.
+#[derive(Debug, Clone)]
+pub struct Direct {
+    stream: Arc<TcpStream>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Direct {
+    /// Writes what the socket takes now, only when nothing is queued for the
+    /// task (else order could break); returns the bytes written.
+    pub fn try_write(&self, data: &[u8]) -> usize {
+        if self.queued.load(Ordering::Acquire) != 0 {
+            return 0;
+        }
+        self.stream.try_write(data).unwrap_or(0)
+    }
+
+    /// Records bytes handed to the task through the channel.
+    pub fn queue(&self, bytes: usize) {
+        self.queued.fetch_add(bytes, Ordering::AcqRel);
+    }
+}
+
 /// The engine's ends of one flow's channels.
 pub struct Channels {
     /// To the task.
     pub to_host: mpsc::Sender<ToHost>,
     /// From the task.
     pub from_host: mpsc::Receiver<FromHost>,
+    /// The direct path, once connected.
+    pub direct: Option<Direct>,
 }
 
 fn pair() -> (Channels, mpsc::Receiver<ToHost>, mpsc::Sender<FromHost>) {
     let (to_host, to_host_rx) = mpsc::channel(CHANNEL_DEPTH);
     let (from_host_tx, from_host) = mpsc::channel(CHANNEL_DEPTH);
-    (Channels { to_host, from_host }, to_host_rx, from_host_tx)
+    (
+        Channels {
+            to_host,
+            from_host,
+            direct: None,
+        },
+        to_host_rx,
+        from_host_tx,
+    )
+}
+
+fn direct(stream: TcpStream) -> Direct {
+    Direct {
+        stream: Arc::new(stream),
+        queued: Arc::new(AtomicUsize::new(0)),
+    }
 }
 
 /// Starts a task that dials `dst` and relays; the first message back is
@@ -86,11 +133,12 @@ pub fn spawn_outbound(host: &Host, dst: SocketAddr, connect_timeout: Duration) -
                 return;
             }
         };
-        if tx.send(FromHost::Connected).await.is_err() {
+        let direct = direct(stream);
+        if tx.send(FromHost::Connected(direct.clone())).await.is_err() {
             return;
         }
         host.wake.wake();
-        relay(stream, rx, tx, &host.wake).await;
+        relay(direct, rx, tx, &host.wake).await;
     });
     channels
 }
@@ -98,31 +146,32 @@ pub fn spawn_outbound(host: &Host, dst: SocketAddr, connect_timeout: Duration) -
 /// Starts a task relaying an already accepted host connection (a published
 /// port); no `Connected` message is sent.
 pub fn spawn_inbound(host: &Host, stream: TcpStream) -> Channels {
-    let (channels, rx, tx) = pair();
+    let (mut channels, rx, tx) = pair();
+    let _ = stream.set_nodelay(true);
+    let direct = direct(stream);
+    channels.direct = Some(direct.clone());
     let wake = host.wake.clone();
     host.runtime.spawn(async move {
-        let _ = stream.set_nodelay(true);
-        relay(stream, rx, tx, &wake).await;
+        relay(direct, rx, tx, &wake).await;
     });
     channels
 }
 
 async fn relay(
-    stream: TcpStream,
+    direct: Direct,
     mut from_engine: mpsc::Receiver<ToHost>,
     to_engine: mpsc::Sender<FromHost>,
     wake: &Wake,
 ) {
-    let (rd, wr) = stream.into_split();
     let stop = CancellationToken::new();
     tokio::join!(
-        host_to_engine(rd, &to_engine, wake, &stop),
-        engine_to_host(wr, &mut from_engine, wake, &stop),
+        host_to_engine(&direct.stream, &to_engine, wake, &stop),
+        engine_to_host(&direct, &mut from_engine, wake, &stop),
     );
 }
 
 async fn host_to_engine(
-    mut rd: OwnedReadHalf,
+    stream: &TcpStream,
     tx: &mpsc::Sender<FromHost>,
     wake: &Wake,
     stop: &CancellationToken,
@@ -138,9 +187,19 @@ async fn host_to_engine(
             },
         };
         let mut buf = vec![0u8; CHUNK_BYTES];
-        let read = tokio::select! {
-            () = stop.cancelled() => return,
-            r = rd.read(&mut buf) => r,
+        let read = loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                ready = stream.readable() => {
+                    if let Err(e) = ready {
+                        break Err(e);
+                    }
+                }
+            }
+            match stream.try_read(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => break other,
+            }
         };
         match read {
             Ok(0) => {
@@ -163,12 +222,25 @@ async fn host_to_engine(
     }
 }
 
+async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(data) {
+            Ok(n) => data = data.get(n..).unwrap_or_default(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 async fn engine_to_host(
-    mut wr: OwnedWriteHalf,
+    direct: &Direct,
     rx: &mut mpsc::Receiver<ToHost>,
     wake: &Wake,
     stop: &CancellationToken,
 ) {
+    let stream = &direct.stream;
     loop {
         let message = tokio::select! {
             () = stop.cancelled() => return,
@@ -178,19 +250,23 @@ async fn engine_to_host(
         wake.wake();
         match message {
             Some(ToHost::Data(bytes)) => {
-                if wr.write_all(&bytes).await.is_err() {
+                let written = write_all(stream, &bytes).await;
+                direct.queued.fetch_sub(bytes.len(), Ordering::AcqRel);
+                if written.is_err() {
                     // The read side sees the same failure and reports it.
                     return;
                 }
+                // Nothing queued any more: the engine may write directly.
+                wake.wake();
             }
             Some(ToHost::Fin) => {
-                let _ = wr.shutdown().await;
+                let _ = socket2::SockRef::from(&**stream).shutdown(std::net::Shutdown::Write);
                 return;
             }
             // Reset, or the engine dropped the flow without a FIN: make the
             // host see a reset, not a clean close.
             Some(ToHost::Reset) | None => {
-                let _ = socket2::SockRef::from(wr.as_ref()).set_linger(Some(Duration::ZERO));
+                let _ = socket2::SockRef::from(&**stream).set_linger(Some(Duration::ZERO));
                 stop.cancel();
                 return;
             }
