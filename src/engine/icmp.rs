@@ -6,7 +6,6 @@
 //! sockets, echo requests are dropped and counted after one log line at start.
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use tokio::sync::mpsc;
 
 use super::Ctx;
 use super::classify::Echo;
+use super::sessions::Table;
 use crate::config::Icmp as IcmpConfig;
 use crate::metrics::Counter;
 use crate::proxy::icmp::{Reply, open, spawn};
@@ -23,17 +23,9 @@ const REPLY_DEPTH: usize = 128;
 /// A session: guest address, destination, guest identifier.
 pub type Key = (IpAddr, IpAddr, u16);
 
-struct Session {
-    id: u64,
-    to_host: mpsc::Sender<(u16, Vec<u8>)>,
-    last_active: Instant,
-}
-
 /// The echo session table.
 pub struct Sessions {
-    sessions: HashMap<Key, Session>,
-    by_id: HashMap<u64, Key>,
-    next_id: u64,
+    table: Table<Key, (u16, Vec<u8>)>,
     replies_tx: mpsc::Sender<Reply>,
     replies: mpsc::Receiver<Reply>,
     config: IcmpConfig,
@@ -45,9 +37,7 @@ impl Sessions {
     pub fn new(config: IcmpConfig, available: bool) -> Self {
         let (replies_tx, replies) = mpsc::channel(REPLY_DEPTH);
         Self {
-            sessions: HashMap::new(),
-            by_id: HashMap::new(),
-            next_id: 0,
+            table: Table::default(),
             replies_tx,
             replies,
             config,
@@ -58,24 +48,18 @@ impl Sessions {
     /// An echo request from the guest to a non-gateway address.
     pub fn send(&mut self, ctx: &Ctx<'_>, echo: &Echo<'_>) {
         let (metrics, now) = (ctx.metrics, ctx.now);
-        let Echo {
-            src,
-            dst,
-            ident,
-            seq,
-            data,
-        } = *echo;
         if !self.available {
             metrics.inc(Counter::icmp_unavailable);
             return;
         }
+        let dst = echo.dst;
         if dst.is_multicast() || dst.is_unspecified() || dst.is_loopback() {
             metrics.inc(Counter::icmp_denied);
             return;
         }
-        let key = (src, dst, ident);
-        if !self.sessions.contains_key(&key) {
-            if self.sessions.len() >= self.config.max_sessions {
+        let key = (echo.src, dst, echo.ident);
+        if !self.table.contains(&key) {
+            if self.table.len() >= self.config.max_sessions {
                 metrics.inc(Counter::icmp_over_limit);
                 return;
             }
@@ -87,41 +71,28 @@ impl Sessions {
                     return;
                 }
             };
-            let id = self.next_id;
-            self.next_id += 1;
             let idle = Duration::from_secs(self.config.idle_timeout_seconds);
             let to_host = spawn(
                 ctx.host,
                 socket,
                 dst.is_ipv6(),
-                id,
+                self.table.next_id(),
                 self.replies_tx.clone(),
                 idle,
                 metrics.clone(),
             );
-            self.sessions.insert(
-                key,
-                Session {
-                    id,
-                    to_host,
-                    last_active: now,
-                },
-            );
-            self.by_id.insert(id, key);
+            self.table.insert(key, to_host, now);
         }
-        if let Some(session) = self.sessions.get_mut(&key) {
-            session.last_active = now;
-            if session.to_host.try_send((seq, data.to_vec())).is_err() {
-                metrics.inc(Counter::icmp_queue_full);
-            }
+        if !self.table.send(&key, (echo.seq, echo.data.to_vec()), now) {
+            metrics.inc(Counter::icmp_queue_full);
         }
     }
 
     /// The next reply: (guest, remote, guest identifier, seq, data).
-    pub fn next_reply(&mut self) -> Option<(IpAddr, IpAddr, u16, u16, Vec<u8>)> {
+    pub fn next_reply(&mut self, now: Instant) -> Option<(IpAddr, IpAddr, u16, u16, Vec<u8>)> {
         loop {
             let (id, seq, data) = self.replies.try_recv().ok()?;
-            if let Some(&(guest, remote, ident)) = self.by_id.get(&id) {
+            if let Some((guest, remote, ident)) = self.table.key_of(id, now) {
                 return Some((guest, remote, ident, seq, data));
             }
         }
@@ -129,15 +100,7 @@ impl Sessions {
 
     /// Closes idle sessions.
     pub fn expire(&mut self, now: Instant) {
-        let idle = Duration::from_secs(self.config.idle_timeout_seconds);
-        let by_id = &mut self.by_id;
-        self.sessions.retain(|_, s| {
-            let keep =
-                now.saturating_duration_since(s.last_active) <= idle && !s.to_host.is_closed();
-            if !keep {
-                by_id.remove(&s.id);
-            }
-            keep
-        });
+        self.table
+            .expire(now, Duration::from_secs(self.config.idle_timeout_seconds));
     }
 }

@@ -19,6 +19,7 @@ pub mod frames;
 pub mod icmp;
 pub mod ndp;
 pub mod publish;
+pub mod sessions;
 pub mod tcp;
 pub mod udp;
 
@@ -225,7 +226,7 @@ impl Services {
             any = true;
         }
         while self.has_room() {
-            let Some((guest, remote, ident, seq, data)) = self.icmp.next_reply() else {
+            let Some((guest, remote, ident, seq, data)) = self.icmp.next_reply(now) else {
                 break;
             };
             let ends = self.to_guest(remote, guest);

@@ -39,6 +39,23 @@ struct Flow {
     last_active: Instant,
 }
 
+impl Flow {
+    fn new(channels: Channels, socket: Option<SocketHandle>, now: Instant) -> Self {
+        Self {
+            socket,
+            held_syn: Vec::new(),
+            syn_seq: 0,
+            channels,
+            pending: Vec::new(),
+            pending_off: 0,
+            host_fin: false,
+            fin_to_guest: false,
+            fin_to_host: false,
+            last_active: now,
+        }
+    }
+}
+
 /// What to do with a guest SYN.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Syn {
@@ -117,21 +134,10 @@ impl Flows {
         let timeout = Duration::from_millis(self.config.connect_timeout_ms);
         let channels = spawn_outbound(ctx.host, upstream, timeout);
         metrics.inc(Counter::tcp_flows);
-        self.flows.insert(
-            (src, dst),
-            Flow {
-                socket: None,
-                held_syn: frame.to_vec(),
-                syn_seq: seq,
-                channels,
-                pending: Vec::new(),
-                pending_off: 0,
-                host_fin: false,
-                fin_to_guest: false,
-                fin_to_host: false,
-                last_active: ctx.now,
-            },
-        );
+        let mut flow = Flow::new(channels, None, ctx.now);
+        flow.held_syn = frame.to_vec();
+        flow.syn_seq = seq;
+        self.flows.insert((src, dst), flow);
         Syn::Held
     }
 
@@ -170,18 +176,7 @@ impl Flows {
         metrics.inc(Counter::tcp_inbound);
         self.flows.insert(
             (guest, local),
-            Flow {
-                socket: Some(handle),
-                held_syn: Vec::new(),
-                syn_seq: 0,
-                channels: spawn_inbound(ctx.host, stream),
-                pending: Vec::new(),
-                pending_off: 0,
-                host_fin: false,
-                fin_to_guest: false,
-                fin_to_host: false,
-                last_active: ctx.now,
-            },
+            Flow::new(spawn_inbound(ctx.host, stream), Some(handle), ctx.now),
         );
         true
     }

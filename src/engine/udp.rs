@@ -6,13 +6,13 @@
 //! counts it, as a congested router would.
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use super::Ctx;
+use super::sessions::Table;
 use crate::config::Udp as UdpConfig;
 use crate::metrics::Counter;
 use crate::proxy::udp::{Reply, spawn};
@@ -23,17 +23,9 @@ const REPLY_DEPTH: usize = 512;
 /// A session: guest endpoint and destination.
 pub type Key = (SocketAddr, SocketAddr);
 
-struct Session {
-    id: u64,
-    to_host: mpsc::Sender<Vec<u8>>,
-    last_active: Instant,
-}
-
 /// The UDP session table.
 pub struct Sessions {
-    sessions: HashMap<Key, Session>,
-    by_id: HashMap<u64, Key>,
-    next_id: u64,
+    table: Table<Key, Vec<u8>>,
     replies_tx: mpsc::Sender<Reply>,
     replies: mpsc::Receiver<Reply>,
     config: UdpConfig,
@@ -44,9 +36,7 @@ impl Sessions {
     pub fn new(config: UdpConfig) -> Self {
         let (replies_tx, replies) = mpsc::channel(REPLY_DEPTH);
         Self {
-            sessions: HashMap::new(),
-            by_id: HashMap::new(),
-            next_id: 0,
+            table: Table::default(),
             replies_tx,
             replies,
             config,
@@ -57,42 +47,29 @@ impl Sessions {
     pub fn send(&mut self, ctx: &Ctx<'_>, src: SocketAddr, dst: SocketAddr, payload: &[u8]) {
         let (metrics, now) = (ctx.metrics, ctx.now);
         let key = (src, dst);
-        if !self.sessions.contains_key(&key) {
+        if !self.table.contains(&key) {
             let Some(upstream) = ctx.upstream(dst) else {
                 metrics.inc(Counter::udp_denied);
                 return;
             };
-            if self.sessions.len() >= self.config.max_sessions {
+            if self.table.len() >= self.config.max_sessions {
                 metrics.inc(Counter::udp_over_limit);
                 return;
             }
-            let id = self.next_id;
-            self.next_id += 1;
             let idle = Duration::from_secs(self.config.idle_timeout_seconds);
             let to_host = spawn(
                 ctx.host,
                 upstream,
-                id,
+                self.table.next_id(),
                 self.replies_tx.clone(),
                 idle,
                 metrics.clone(),
             );
             metrics.inc(Counter::udp_sessions);
-            self.sessions.insert(
-                key,
-                Session {
-                    id,
-                    to_host,
-                    last_active: now,
-                },
-            );
-            self.by_id.insert(id, key);
+            self.table.insert(key, to_host, now);
         }
-        if let Some(session) = self.sessions.get_mut(&key) {
-            session.last_active = now;
-            if session.to_host.try_send(payload.to_vec()).is_err() {
-                metrics.inc(Counter::udp_queue_full);
-            }
+        if !self.table.send(&key, payload.to_vec(), now) {
+            metrics.inc(Counter::udp_queue_full);
         }
     }
 
@@ -100,32 +77,20 @@ impl Sessions {
     pub fn next_reply(&mut self, now: Instant) -> Option<(SocketAddr, SocketAddr, Vec<u8>)> {
         loop {
             let (id, payload) = self.replies.try_recv().ok()?;
-            let Some(key) = self.by_id.get(&id).copied() else {
-                continue;
-            };
-            if let Some(session) = self.sessions.get_mut(&key) {
-                session.last_active = now;
+            if let Some((guest, remote)) = self.table.key_of(id, now) {
+                return Some((guest, remote, payload));
             }
-            return Some((key.0, key.1, payload));
         }
     }
 
     /// Closes sessions idle past the timeout (their tasks end with them).
     pub fn expire(&mut self, now: Instant) {
-        let idle = Duration::from_secs(self.config.idle_timeout_seconds);
-        let by_id = &mut self.by_id;
-        self.sessions.retain(|_, s| {
-            let keep =
-                now.saturating_duration_since(s.last_active) <= idle && !s.to_host.is_closed();
-            if !keep {
-                by_id.remove(&s.id);
-            }
-            keep
-        });
+        self.table
+            .expire(now, Duration::from_secs(self.config.idle_timeout_seconds));
     }
 
     /// Number of open sessions.
     pub fn len(&self) -> usize {
-        self.sessions.len()
+        self.table.len()
     }
 }
