@@ -349,3 +349,37 @@ fn daemon_counters(daemon: &Daemon) -> String {
     daemon.wait_log("counters", Duration::from_secs(5));
     daemon.log()
 }
+
+#[test]
+fn silent_destination_is_reset_after_the_connect_timeout() {
+    let world = World::new("silent");
+    // 203.0.113.0/24 sits behind a veth whose other end (in the same
+    // namespace) answers nothing: SYNs go out and die, as to a dead host.
+    for args in [
+        vec!["link", "add", "vt0", "type", "veth", "peer", "name", "vt1"],
+        vec!["addr", "add", "203.0.113.1/24", "dev", "vt0"],
+        vec!["link", "set", "vt0", "up"],
+        vec!["link", "set", "vt1", "up"],
+    ] {
+        let ok = Command::new("ip")
+            .args(["-n", &world.ns.name])
+            .args(&args)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip {args:?}");
+    }
+    let daemon = Daemon::start(&world.ns, Some("[tcp]\nconnect-timeout-ms = 1500\n"));
+    let script = r#"
+dhcp
+vg-probe tcp-connect 203.0.113.5:80
+"#;
+    let console = boot(&GuestOpts::new(&daemon.socket, script));
+    let (result, ms) = connect_result(&console, "203.0.113.5:80");
+    // The guest's SYN was held, unanswered, for the timeout; then a RST.
+    assert_eq!(result, "refused", "{console}");
+    // The kernel would give up on the silent neighbor only after ~3 s.
+    assert!(
+        (1300..2600).contains(&ms),
+        "reset after {ms} ms, expected ~1500"
+    );
+}
