@@ -383,3 +383,78 @@ vg-probe tcp-connect 203.0.113.5:80
         "reset after {ms} ms, expected ~1500"
     );
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_stalled_reader_throttles_the_sender_without_memory_growth() {
+    let ns = Netns::new("backpressure");
+    ns.add_addr("192.0.2.10/32");
+    // Upload sink that reads nothing for 8 s, then everything.
+    let sink = ns.enter(|| TcpListener::bind("192.0.2.10:5002").unwrap());
+    let upload = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut s, _) = sink.accept().unwrap();
+        std::thread::sleep(Duration::from_secs(8));
+        let mut total = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        total
+    });
+    // Download source that pushes 100 MiB at a guest that reads nothing
+    // for 8 s.
+    let source = ns.enter(|| TcpListener::bind("192.0.2.10:5003").unwrap());
+    let download = std::thread::spawn(move || {
+        use std::io::Write;
+        let (mut s, _) = source.accept().unwrap();
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..100 {
+            if s.write_all(&chunk).is_err() {
+                return false;
+            }
+        }
+        true
+    });
+    let daemon = Daemon::start(&ns, None);
+    let script = r#"
+dhcp
+dd if=/dev/zero of=/tmp/blob bs=1M count=100 2>/dev/null
+vg-probe tcp-hold 192.0.2.10:5003 8 &
+vg-probe tcp-send-file 192.0.2.10:5002 /tmp/blob
+wait
+"#;
+    let mut opts = GuestOpts::new(&daemon.socket, script);
+    opts.timeout = Duration::from_secs(240);
+    let guest = Guest::spawn(&opts, "VG-HOLDING");
+    assert!(
+        guest.wait_marker(Duration::from_secs(120)),
+        "{}",
+        guest.console()
+    );
+    // Both transfers are stalled by their readers now; the daemon must hold
+    // at most its per-flow buffers, not the 200 MiB the senders have.
+    std::thread::sleep(Duration::from_secs(5));
+    let stalled_rss = rss_kib(daemon.pid());
+    eprintln!("daemon RSS with both readers stalled: {stalled_rss} KiB");
+    let console = guest.finish();
+    assert!(
+        stalled_rss < 48 * 1024,
+        "daemon RSS {stalled_rss} KiB while both readers stalled"
+    );
+    assert!(console.contains("VG-SENT bytes=104857600"), "{console}");
+    assert!(console.contains("VG-HELD bytes=104857600"), "{console}");
+    assert_eq!(upload.join().unwrap(), 104_857_600);
+    assert!(download.join().unwrap());
+}

@@ -11,7 +11,8 @@ fn usage() -> ! {
     eprintln!(
         "usage: vg-probe udp-echo ADDR COUNT SIZE | udp-echo-server PORT | tcp-echo-server PORT \
          | tcp-many ADDR N | tcp-rr ADDR N | tcp-crr ADDR N | tcp-send ADDR MIB \
-         | tcp-send-file ADDR PATH | tcp-connect ADDR"
+         | tcp-send-file ADDR PATH | tcp-connect ADDR \
+         | tcp-hold ADDR SECS"
     );
     std::process::exit(2)
 }
@@ -34,6 +35,7 @@ fn main() {
         Some("tcp-send") => tcp_send(arg(&args, 2), arg(&args, 3)),
         Some("tcp-send-file") => tcp_send_file(arg(&args, 2), &arg::<String>(&args, 3)),
         Some("tcp-connect") => tcp_connect(arg(&args, 2)),
+        Some("tcp-hold") => tcp_hold(arg(&args, 2), arg(&args, 3)),
         _ => usage(),
     }
 }
@@ -229,4 +231,21 @@ fn tcp_connect(addr: SocketAddr) {
         "VG-CONNECT {addr} result={result} ms={}",
         t.elapsed().as_millis()
     );
+}
+
+/// Connects, reads nothing for SECS seconds (the sender must be held back by
+/// the window), then reads to the end and reports the byte count.
+fn tcp_hold(addr: SocketAddr, secs: u64) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    println!("VG-HOLDING {addr}");
+    std::thread::sleep(Duration::from_secs(secs));
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n as u64,
+        }
+    }
+    println!("VG-HELD bytes={total}");
 }
