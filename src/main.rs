@@ -3,6 +3,7 @@
 mod cli;
 mod config;
 mod daemon;
+mod dns;
 mod engine;
 mod metrics;
 mod ports;

@@ -106,6 +106,18 @@ counters! {
     icmp_reply_dropped,
     /// Connections or datagrams at published ports with no guest to take them.
     publish_refused,
+    /// DNS queries from the guest (UDP/53, any address).
+    dns_queries,
+    /// DNS queries answered by an upstream.
+    dns_answered,
+    /// DNS queries for blocked names.
+    dns_blocked,
+    /// DNS queries no upstream answered (SERVFAIL).
+    dns_servfail,
+    /// DNS queries that could not be parsed (FORMERR or dropped).
+    dns_malformed,
+    /// DNS queries refused at the in-flight bound.
+    dns_over_limit,
 }
 
 /// The counters.

@@ -8,7 +8,7 @@ set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
 
 # iperf3 and passt are for the benchmark (bench/vm.rs).
-packages=(qemu-system-x86 busybox-static cpio kmod iproute2 procps libc6-dev iperf3 passt)
+packages=(qemu-system-x86 busybox-static cpio kmod iproute2 procps libc6-dev dnsmasq-base iperf3 passt)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-pub use types::{Ipv6Prefix, MacAddr};
+pub use types::{Ipv6Prefix, MacAddr, Resolver};
 
 /// The embedded defaults, also shipped as `config/default.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
@@ -86,6 +86,52 @@ pub struct Config {
     /// Host ports published to guest ports.
     #[serde(default)]
     pub publish: Vec<Publish>,
+    /// DNS interception.
+    #[serde(default)]
+    pub dns: Dns,
+}
+
+/// How blocked names are answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlockedAnswer {
+    /// NXDOMAIN: the name does not exist.
+    Nxdomain,
+    /// REFUSED: the resolver will not answer.
+    Refused,
+}
+
+/// The `[dns]` table: every UDP query to port 53 (any address) is answered
+/// by the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Dns {
+    /// Upstream resolvers, tried in order; empty means the host's
+    /// /etc/resolv.conf nameservers.
+    pub upstreams: Vec<Resolver>,
+    /// How long one upstream gets for one query.
+    pub timeout_ms: u64,
+    /// Rounds over the upstream list before SERVFAIL.
+    pub attempts: u32,
+    /// Queries being resolved at once; more are answered REFUSED.
+    pub max_inflight: usize,
+    /// Blocked names: `example.com` exactly, `*.example.com` everything under it.
+    pub block: Vec<String>,
+    /// nxdomain or refused.
+    pub blocked_answer: BlockedAnswer,
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Self {
+            upstreams: Vec::new(),
+            timeout_ms: 2000,
+            attempts: 2,
+            max_inflight: 256,
+            block: Vec::new(),
+            blocked_answer: BlockedAnswer::Nxdomain,
+        }
+    }
 }
 
 /// The `[outbound]` table.
@@ -481,6 +527,34 @@ impl Config {
             (1..=3600).contains(&self.icmp.idle_timeout_seconds),
             format!("{} is outside 1..=3600", self.icmp.idle_timeout_seconds),
         );
+        let d = &self.dns;
+        check(
+            "dns.timeout-ms",
+            (100..=30_000).contains(&d.timeout_ms),
+            format!("{} is outside 100..=30000", d.timeout_ms),
+        );
+        check(
+            "dns.attempts",
+            (1..=5).contains(&d.attempts),
+            format!("{} is outside 1..=5", d.attempts),
+        );
+        check(
+            "dns.max-inflight",
+            (1..=4096).contains(&d.max_inflight),
+            format!("{} is outside 1..=4096", d.max_inflight),
+        );
+        check(
+            "dns.upstreams",
+            d.upstreams
+                .iter()
+                .all(|u| u.0.port() != 0 && !u.0.ip().is_unspecified()),
+            "upstreams need an address and a port (53 by default)".into(),
+        );
+        for entry in &d.block {
+            if let Err(e) = crate::dns::names::check_entry(entry) {
+                check("dns.block", false, format!("{entry:?}: {e}"));
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for p in &self.publish {
             check(
@@ -517,7 +591,7 @@ impl Config {
     }
 }
 
-pub use types::encode_domain_search;
+pub use types::{check_domain, encode_domain_search};
 
 /// 1-based line number of a byte offset.
 fn line_of_offset(text: &str, offset: usize) -> usize {

@@ -120,6 +120,31 @@ impl<'de> Deserialize<'de> for Ipv6Prefix {
     }
 }
 
+/// A DNS resolver address: `IP` (port 53) or `IP:port` (`[v6]:port`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolver(pub std::net::SocketAddr);
+
+impl FromStr for Resolver {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+            return Ok(Self(std::net::SocketAddr::new(ip, 53)));
+        }
+        s.parse()
+            .map(Self)
+            .map_err(|_| format!("{s:?}: expected IP or IP:port"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Resolver {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// Checks a DNS name's syntax (RFC 1035 2.3.4 lengths, LDH labels).
 pub fn check_domain(name: &str) -> Result<(), &'static str> {
     let name = name.strip_suffix('.').unwrap_or(name);

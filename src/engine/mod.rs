@@ -105,6 +105,7 @@ pub struct Services {
     metrics: Arc<Metrics>,
     allow_host_loopback: bool,
     published: Option<publish::Published>,
+    dns: crate::dns::intercept::Interceptor,
     gateway_v4: std::net::Ipv4Addr,
     guest_v4: std::net::Ipv4Addr,
 }
@@ -168,7 +169,14 @@ impl Services {
                     && self.published.as_mut().is_some_and(|p| {
                         p.datagram_from_guest(dst.port(), payload, now, &self.metrics)
                     });
-                if !published {
+                if published {
+                    // Taken by a published port's session.
+                } else if dst.port() == crate::dns::intercept::DNS_PORT {
+                    if let Some(refusal) = self.dns.query(&ctx, src, dst, payload) {
+                        let ends = self.to_guest(dst.ip(), src.ip());
+                        self.queue(frames::udp(&ends, dst.port(), src.port(), &refusal));
+                    }
+                } else {
                     self.udp.send(&ctx, src, dst, payload);
                 }
                 true
@@ -222,6 +230,15 @@ impl Services {
             };
             let ends = self.to_guest(remote.ip(), guest.ip());
             let frame = frames::udp(&ends, remote.port(), guest.port(), &payload);
+            self.queue(frame);
+            any = true;
+        }
+        while self.has_room() {
+            let Some((guest, asked, answer)) = self.dns.next_answer() else {
+                break;
+            };
+            let ends = self.to_guest(asked.ip(), guest.ip());
+            let frame = frames::udp(&ends, asked.port(), guest.port(), &answer);
             self.queue(frame);
             any = true;
         }
@@ -320,6 +337,10 @@ impl Engine {
                         Duration::from_secs(config.udp.idle_timeout_seconds),
                     )
                 }),
+                dns: crate::dns::intercept::Interceptor::new(
+                    crate::dns::forward::Forwarder::new(&config.dns, dns_upstreams(config)),
+                    config.dns.max_inflight,
+                ),
                 gateway_v4: net.ipv4_gateway,
                 guest_v4: net.ipv4_guest,
             },
@@ -507,6 +528,15 @@ impl Engine {
         let expiry = (!self.services.tcp.is_empty() || self.services.udp.len() > 0)
             .then(|| self.next_expiry.saturating_duration_since(now));
         [smol, ra, expiry].into_iter().flatten().min()
+    }
+}
+
+/// The configured DNS upstreams, or the host's.
+fn dns_upstreams(config: &Config) -> Vec<SocketAddr> {
+    if config.dns.upstreams.is_empty() {
+        crate::dns::intercept::host_resolvers()
+    } else {
+        config.dns.upstreams.iter().map(|r| r.0).collect()
     }
 }
 

@@ -6,6 +6,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod dns;
 mod flows;
 mod harness;
 

@@ -1,0 +1,249 @@
+//! The DNS forwarder: one query in, one answer out. Parses the guest's query
+//! with hickory-proto, answers blocked names itself, and forwards the rest
+//! verbatim (EDNS and all) to the upstreams in order, each with a timeout,
+//! for the configured number of rounds; no answer means SERVFAIL, never
+//! silence. Malformed queries get FORMERR when they have a header to answer,
+//! and nothing otherwise.
+//!
+//! Runs as a tokio task per query (the engine bounds how many).
+#![forbid(unsafe_code)]
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use tokio::net::UdpSocket;
+
+use super::names::BlockList;
+use crate::config::{BlockedAnswer, Dns};
+
+/// Smallest DNS message: the header (RFC 1035 4.1.1).
+const HEADER_BYTES: usize = 12;
+/// Largest UDP answer accepted from an upstream.
+const MAX_ANSWER: usize = 65_535;
+
+/// What the forwarder works with.
+pub struct Forwarder {
+    upstreams: Vec<SocketAddr>,
+    timeout: Duration,
+    attempts: u32,
+    block: BlockList,
+    blocked_answer: ResponseCode,
+}
+
+/// How a query ended, for counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// An upstream answered.
+    Answered,
+    /// The name is blocked.
+    Blocked,
+    /// No upstream answered: SERVFAIL.
+    Failed,
+    /// Not a query we can parse: FORMERR, or dropped without a header.
+    Malformed,
+}
+
+impl Forwarder {
+    /// From the config; `upstreams` already resolved (config or host).
+    pub fn new(config: &Dns, upstreams: Vec<SocketAddr>) -> Arc<Self> {
+        Arc::new(Self {
+            upstreams,
+            timeout: Duration::from_millis(config.timeout_ms),
+            attempts: config.attempts,
+            block: BlockList::new(config.block.iter().map(String::as_str)),
+            blocked_answer: match config.blocked_answer {
+                BlockedAnswer::Nxdomain => ResponseCode::NXDomain,
+                BlockedAnswer::Refused => ResponseCode::Refused,
+            },
+        })
+    }
+
+    /// Answers one query (wire bytes); None when there is nothing to answer
+    /// (shorter than a header).
+    pub async fn answer(&self, query: &[u8]) -> (Option<Vec<u8>>, Outcome) {
+        let parsed = match Message::from_vec(query) {
+            Ok(m) => m,
+            Err(_) => {
+                return (
+                    error_reply(query, ResponseCode::FormErr),
+                    Outcome::Malformed,
+                );
+            }
+        };
+        let single_query = parsed.queries.len() == 1;
+        if parsed.metadata.message_type != MessageType::Query
+            || parsed.metadata.op_code != OpCode::Query
+            || !single_query
+        {
+            return (
+                error_reply(query, ResponseCode::FormErr),
+                Outcome::Malformed,
+            );
+        }
+        let name = parsed
+            .queries
+            .first()
+            .map(|q| q.name().to_ascii())
+            .unwrap_or_default();
+        if self.block.blocks(&name) {
+            return (self.refusal(&parsed), Outcome::Blocked);
+        }
+        for _ in 0..self.attempts {
+            for upstream in &self.upstreams {
+                if let Some(answer) = self.ask(*upstream, query, parsed.metadata.id).await {
+                    return (Some(answer), Outcome::Answered);
+                }
+            }
+        }
+        (error_reply(query, ResponseCode::ServFail), Outcome::Failed)
+    }
+
+    async fn ask(&self, upstream: SocketAddr, query: &[u8], id: u16) -> Option<Vec<u8>> {
+        let bind: SocketAddr = if upstream.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = UdpSocket::bind(bind).await.ok()?;
+        socket.connect(upstream).await.ok()?;
+        socket.send(query).await.ok()?;
+        let mut buf = vec![0u8; MAX_ANSWER];
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let n = tokio::time::timeout_at(deadline, socket.recv(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            let answer = buf.get(..n)?;
+            // Only an answer to this query counts (RFC 5452 9.1: id match).
+            if answer.len() >= HEADER_BYTES && answer.get(..2) == Some(&id.to_be_bytes()[..]) {
+                return Some(answer.to_vec());
+            }
+        }
+    }
+
+    /// The answer for a blocked name: the question echoed, no records.
+    fn refusal(&self, query: &Message) -> Option<Vec<u8>> {
+        let mut reply = Message::response(query.metadata.id, OpCode::Query);
+        reply.metadata.recursion_desired = query.metadata.recursion_desired;
+        reply.metadata.recursion_available = true;
+        reply.metadata.response_code = self.blocked_answer;
+        reply.queries = query.queries.clone();
+        reply.to_vec().ok()
+    }
+}
+
+/// REFUSED for a query we will not take (the in-flight bound).
+pub fn refused(query: &[u8]) -> Option<Vec<u8>> {
+    error_reply(query, ResponseCode::Refused)
+}
+
+/// An error answer built on the query's own header (id, opcode, RD) and
+/// question bytes when they parse, so even a query hickory rejects gets a
+/// reply the stub can match; None without a full header.
+fn error_reply(query: &[u8], code: ResponseCode) -> Option<Vec<u8>> {
+    let header = query.get(..HEADER_BYTES)?;
+    let mut reply = header.to_vec();
+    // QR=1, keep opcode and RD; RA=1, rcode; no sections.
+    let (flags_hi, _) = (header.get(2).copied()?, header.get(3).copied()?);
+    let rcode = u8::try_from(u16::from(code) & 0x0f).unwrap_or(2);
+    if let Some(b) = reply.get_mut(2) {
+        *b = 0x80 | (flags_hi & 0x79);
+    }
+    if let Some(b) = reply.get_mut(3) {
+        *b = 0x80 | rcode;
+    }
+    if let Some(counts) = reply.get_mut(4..HEADER_BYTES) {
+        counts.fill(0);
+    }
+    Some(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::{Name, RecordType};
+
+    fn query(name: &str) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 0x4242;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        m.to_vec().unwrap()
+    }
+
+    fn forwarder(block: &[&str], upstreams: Vec<SocketAddr>) -> Arc<Forwarder> {
+        let config = Dns {
+            block: block.iter().map(|s| (*s).to_owned()).collect(),
+            timeout_ms: 200,
+            attempts: 1,
+            ..Dns::default()
+        };
+        Forwarder::new(&config, upstreams)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn blocked_name_gets_nxdomain_with_its_question() {
+        let f = forwarder(&["*.blocked.test"], vec![]);
+        let (answer, outcome) = f.answer(&query("a.blocked.test.")).await;
+        assert_eq!(outcome, Outcome::Blocked);
+        let m = Message::from_vec(&answer.unwrap()).unwrap();
+        assert_eq!(m.metadata.id, 0x4242);
+        assert_eq!(m.metadata.message_type, MessageType::Response);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(m.queries.len(), 1);
+        assert!(m.answers.is_empty());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn no_upstream_answer_is_servfail_not_silence() {
+        // A bound socket that never answers.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let f = forwarder(&[], vec![silent.local_addr().unwrap()]);
+        let (answer, outcome) = f.answer(&query("example.test.")).await;
+        assert_eq!(outcome, Outcome::Failed);
+        let m = Message::from_vec(&answer.unwrap()).unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        assert_eq!(m.metadata.id, 0x4242);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn upstream_answer_is_passed_through_and_wrong_ids_ignored() {
+        let upstream = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = upstream.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            let (n, peer) = upstream.recv_from(&mut buf).unwrap();
+            // A spoofed answer with another id first, then the real one.
+            let mut wrong = buf[..n].to_vec();
+            wrong[0] ^= 0xff;
+            upstream.send_to(&wrong, peer).unwrap();
+            let mut right = buf[..n].to_vec();
+            right[2] |= 0x80;
+            upstream.send_to(&right, peer).unwrap();
+        });
+        let f = forwarder(&[], vec![addr]);
+        let q = query("example.test.");
+        let (answer, outcome) = f.answer(&q).await;
+        assert_eq!(outcome, Outcome::Answered);
+        let answer = answer.unwrap();
+        assert_eq!(&answer[..2], &q[..2]);
+        assert_eq!(answer[2] & 0x80, 0x80);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn malformed_queries() {
+        let f = forwarder(&[], vec![]);
+        assert_eq!(f.answer(&[1, 2, 3]).await, (None, Outcome::Malformed));
+        let mut garbage = query("example.test.");
+        garbage.truncate(20);
+        let (answer, outcome) = f.answer(&garbage).await;
+        assert_eq!(outcome, Outcome::Malformed);
+        let answer = answer.unwrap();
+        assert_eq!(&answer[..2], &[0x42, 0x42]);
+        assert_eq!(answer[3] & 0x0f, 1, "FORMERR");
+    }
+}

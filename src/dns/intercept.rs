@@ -1,0 +1,130 @@
+//! The engine's side of DNS interception: every guest UDP datagram to port
+//! 53, whatever address it is sent to, becomes a forwarder task; the answer
+//! goes back to the guest from the address it asked. In-flight queries are
+//! bounded; beyond the bound the guest gets REFUSED at once.
+//!
+//! Engine thread only; never awaits.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::mpsc;
+
+use super::forward::{Forwarder, Outcome};
+use crate::engine::Ctx;
+use crate::metrics::Counter;
+
+/// The DNS port (RFC 1035 4.2.1).
+pub const DNS_PORT: u16 = 53;
+/// Answers waiting for the engine.
+const ANSWER_DEPTH: usize = 256;
+
+/// An answer for the guest: (guest endpoint, address it asked, message).
+pub type Answer = (SocketAddr, SocketAddr, Vec<u8>);
+
+/// The interceptor.
+pub struct Interceptor {
+    forwarder: Arc<Forwarder>,
+    inflight: Arc<AtomicUsize>,
+    max_inflight: usize,
+    answers_tx: mpsc::Sender<Answer>,
+    answers: mpsc::Receiver<Answer>,
+}
+
+impl Interceptor {
+    /// An interceptor resolving through `forwarder`.
+    pub fn new(forwarder: Arc<Forwarder>, max_inflight: usize) -> Self {
+        let (answers_tx, answers) = mpsc::channel(ANSWER_DEPTH);
+        Self {
+            forwarder,
+            inflight: Arc::default(),
+            max_inflight,
+            answers_tx,
+            answers,
+        }
+    }
+
+    /// A query from the guest; returns an answer to send at once when the
+    /// query cannot be taken (REFUSED at the in-flight bound).
+    pub fn query(
+        &mut self,
+        ctx: &Ctx<'_>,
+        src: SocketAddr,
+        dst: SocketAddr,
+        payload: &[u8],
+    ) -> Option<Vec<u8>> {
+        ctx.metrics.inc(Counter::dns_queries);
+        if self.inflight.load(Ordering::Acquire) >= self.max_inflight {
+            ctx.metrics.inc(Counter::dns_over_limit);
+            return super::forward::refused(payload);
+        }
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        let forwarder = self.forwarder.clone();
+        let inflight = self.inflight.clone();
+        let answers = self.answers_tx.clone();
+        let wake = ctx.host.wake.clone();
+        let metrics = ctx.metrics.clone();
+        let query = payload.to_vec();
+        ctx.host.runtime.spawn(async move {
+            let (answer, outcome) = forwarder.answer(&query).await;
+            inflight.fetch_sub(1, Ordering::AcqRel);
+            metrics.inc(match outcome {
+                Outcome::Answered => Counter::dns_answered,
+                Outcome::Blocked => Counter::dns_blocked,
+                Outcome::Failed => Counter::dns_servfail,
+                Outcome::Malformed => Counter::dns_malformed,
+            });
+            if let Some(answer) = answer
+                && answers.try_send((src, dst, answer)).is_ok()
+            {
+                wake.wake();
+            }
+        });
+        None
+    }
+
+    /// The next answer for the guest.
+    pub fn next_answer(&mut self) -> Option<Answer> {
+        self.answers.try_recv().ok()
+    }
+}
+
+/// The host's resolvers from /etc/resolv.conf, port 53.
+pub fn host_resolvers() -> Vec<SocketAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .map(|text| parse_resolv_conf(&text))
+        .unwrap_or_default()
+}
+
+fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some("nameserver"))
+                .then(|| words.next())
+                .flatten()
+                .and_then(|ip| ip.parse().ok())
+                .map(|ip| SocketAddr::new(ip, DNS_PORT))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_nameservers() {
+        let text = "# comment\nsearch example\nnameserver 192.0.2.53\nnameserver 2001:db8::53\nnameserver fe80::1%eth0\noptions ndots:2\n";
+        let got = parse_resolv_conf(text);
+        assert_eq!(
+            got,
+            vec![
+                "192.0.2.53:53".parse().unwrap(),
+                "[2001:db8::53]:53".parse().unwrap()
+            ]
+        );
+    }
+}

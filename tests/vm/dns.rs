@@ -1,0 +1,103 @@
+//! DNS interception against a real upstream: dnsmasq on 192.0.2.53 in the
+//! test's namespace (never a public resolver).
+
+use std::process::Stdio;
+
+use crate::common::Server;
+use crate::harness::{Daemon, GuestOpts, Netns, boot};
+
+fn dnsmasq(ns: &Netns) -> Server {
+    ns.add_addr("192.0.2.53/32");
+    let server = Server(
+        ns.command("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--pid-file=",
+                "--listen-address=192.0.2.53",
+                "--bind-interfaces",
+                "--address=/example.test/192.0.2.10",
+                "--address=/a.blocked.test/192.0.2.66",
+                "--address=/exact.test/192.0.2.67",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq runs"),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    server
+}
+
+#[test]
+fn queries_to_any_resolver_are_answered_and_blocked_names_refused() {
+    let ns = Netns::new("dns");
+    let _dnsmasq = dnsmasq(&ns);
+    let config = r#"
+[dns]
+upstreams = ["192.0.2.53"]
+block = ["*.blocked.test", "exact.test"]
+"#;
+    let daemon = Daemon::start(&ns, Some(config));
+    let script = r#"
+dhcp
+echo VG-Q1; nslookup example.test 198.19.0.1
+echo VG-Q2; nslookup example.test 203.0.113.77
+echo VG-Q3; nslookup a.blocked.test 198.19.0.1
+echo VG-Q4; nslookup exact.test
+echo VG-Q5; nslookup sub.exact.test
+echo VG-END
+"#;
+    let console = boot(&GuestOpts::new(&daemon.socket, script));
+    let section = |from: &str, to: &str| -> String {
+        console
+            .split(from)
+            .nth(1)
+            .and_then(|rest| rest.split(to).next())
+            .unwrap_or("")
+            .to_owned()
+    };
+    // The advertised resolver, and an address nobody serves DNS on: both
+    // answered by the daemon from the real upstream.
+    for (from, to) in [("VG-Q1", "VG-Q2"), ("VG-Q2", "VG-Q3")] {
+        let s = section(from, to);
+        assert!(s.contains("Address: 192.0.2.10"), "{from}: {s}\n{console}");
+    }
+    // Blocked by suffix and by exact name; NXDOMAIN, not the upstream's
+    // answer.
+    for (from, to) in [("VG-Q3", "VG-Q4"), ("VG-Q4", "VG-Q5")] {
+        let s = section(from, to);
+        assert!(s.contains("NXDOMAIN"), "{from}: {s}\n{console}");
+        assert!(!s.contains("192.0.2.6"), "{from}: {s}");
+    }
+    // An exact entry does not block names under it: forwarded, and
+    // answered by dnsmasq (whose --address covers subdomains).
+    let s = section("VG-Q5", "VG-END");
+    assert!(s.contains("Address: 192.0.2.67"), "{s}\n{console}");
+    assert!(!s.contains("NXDOMAIN"), "{s}");
+}
+
+#[test]
+fn dead_upstream_is_servfail_quickly() {
+    let ns = Netns::new("dnsdown");
+    // 192.0.2.53 holds the address but nothing listens on port 53.
+    ns.add_addr("192.0.2.53/32");
+    let daemon = Daemon::start(
+        &ns,
+        Some("[dns]\nupstreams = [\"192.0.2.53\"]\ntimeout-ms = 500\nattempts = 1\n"),
+    );
+    let script = r#"
+dhcp
+start=$(date +%s)
+nslookup example.test 198.19.0.1
+echo "VG-DNS-SECONDS $(( $(date +%s) - start ))"
+"#;
+    let console = boot(&GuestOpts::new(&daemon.socket, script));
+    assert!(console.contains("SERVFAIL"), "{console}");
+    let secs: u64 = crate::harness::line_after(&console, "VG-DNS-SECONDS")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(99);
+    assert!(secs <= 3, "SERVFAIL took {secs} s");
+}
