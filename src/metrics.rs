@@ -118,6 +118,10 @@ counters! {
     dns_malformed,
     /// DNS queries refused at the in-flight bound.
     dns_over_limit,
+    /// DNS answers with internal addresses removed (rebind protection).
+    dns_rebind_stripped,
+    /// DNS-over-TLS connections and DNS-over-QUIC datagrams refused.
+    dns_encrypted_refused,
 }
 
 /// The counters.

@@ -119,6 +119,10 @@ pub struct Dns {
     pub block: Vec<String>,
     /// nxdomain or refused.
     pub blocked_answer: BlockedAnswer,
+    /// Remove answers that point names at internal addresses.
+    pub rebind_protection: bool,
+    /// Names exempt from rebind protection (block-list grammar).
+    pub rebind_allow: Vec<String>,
 }
 
 impl Default for Dns {
@@ -130,6 +134,8 @@ impl Default for Dns {
             max_inflight: 256,
             block: Vec::new(),
             blocked_answer: BlockedAnswer::Nxdomain,
+            rebind_protection: true,
+            rebind_allow: Vec::new(),
         }
     }
 }
@@ -550,7 +556,7 @@ impl Config {
                 .all(|u| u.0.port() != 0 && !u.0.ip().is_unspecified()),
             "upstreams need an address and a port (53 by default)".into(),
         );
-        for entry in &d.block {
+        for entry in d.block.iter().chain(&d.rebind_allow) {
             if let Err(e) = crate::dns::names::check_entry(entry) {
                 check("dns.block", false, format!("{entry:?}: {e}"));
             }

@@ -8,7 +8,7 @@
 //! Runs as a tokio task per query (the engine bounds how many).
 #![forbid(unsafe_code)]
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use tokio::net::UdpSocket;
 
 use super::names::BlockList;
+use super::rebind::{Filtered, Rebind};
 use crate::config::{BlockedAnswer, Dns};
 
 /// Smallest DNS message: the header (RFC 1035 4.1.1).
@@ -30,6 +31,7 @@ pub struct Forwarder {
     attempts: u32,
     block: BlockList,
     blocked_answer: ResponseCode,
+    rebind: Option<Rebind>,
 }
 
 /// How a query ended, for counters.
@@ -39,6 +41,8 @@ pub enum Outcome {
     Answered,
     /// The name is blocked.
     Blocked,
+    /// An upstream answered; internal addresses were removed from it.
+    RebindStripped,
     /// No upstream answered: SERVFAIL.
     Failed,
     /// Not a query we can parse: FORMERR, or dropped without a header.
@@ -46,8 +50,9 @@ pub enum Outcome {
 }
 
 impl Forwarder {
-    /// From the config; `upstreams` already resolved (config or host).
-    pub fn new(config: &Dns, upstreams: Vec<SocketAddr>) -> Arc<Self> {
+    /// From the config; `upstreams` already resolved (config or host);
+    /// `own` are the sandbox's networks, internal for rebind protection.
+    pub fn new(config: &Dns, upstreams: Vec<SocketAddr>, own: Vec<(IpAddr, u8)>) -> Arc<Self> {
         Arc::new(Self {
             upstreams,
             timeout: Duration::from_millis(config.timeout_ms),
@@ -57,6 +62,9 @@ impl Forwarder {
                 BlockedAnswer::Nxdomain => ResponseCode::NXDomain,
                 BlockedAnswer::Refused => ResponseCode::Refused,
             },
+            rebind: config
+                .rebind_protection
+                .then(|| Rebind::new(config.rebind_allow.iter().map(String::as_str), own)),
         })
     }
 
@@ -93,7 +101,16 @@ impl Forwarder {
         for _ in 0..self.attempts {
             for upstream in &self.upstreams {
                 if let Some(answer) = self.ask(*upstream, query, parsed.metadata.id).await {
-                    return (Some(answer), Outcome::Answered);
+                    return match self.rebind.as_ref().map(|r| r.filter(&answer)) {
+                        None | Some(Filtered::Unchanged) => (Some(answer), Outcome::Answered),
+                        Some(Filtered::Stripped(bytes, _)) => {
+                            (Some(bytes), Outcome::RebindStripped)
+                        }
+                        // An answer we cannot check is not passed on.
+                        Some(Filtered::Unparseable) => {
+                            (error_reply(query, ResponseCode::ServFail), Outcome::Failed)
+                        }
+                    };
                 }
             }
         }
@@ -182,7 +199,7 @@ mod tests {
             attempts: 1,
             ..Dns::default()
         };
-        Forwarder::new(&config, upstreams)
+        Forwarder::new(&config, upstreams, Vec::new())
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -18,6 +18,9 @@ use crate::metrics::Counter;
 
 /// The DNS port (RFC 1035 4.2.1).
 pub const DNS_PORT: u16 = 53;
+/// DNS over TLS (RFC 7858) and over QUIC (RFC 9250): refused, so stub
+/// resolvers fall back to port 53, where the block list applies.
+pub const ENCRYPTED_DNS_PORT: u16 = 853;
 /// Answers waiting for the engine.
 const ANSWER_DEPTH: usize = 256;
 
@@ -73,6 +76,7 @@ impl Interceptor {
             metrics.inc(match outcome {
                 Outcome::Answered => Counter::dns_answered,
                 Outcome::Blocked => Counter::dns_blocked,
+                Outcome::RebindStripped => Counter::dns_rebind_stripped,
                 Outcome::Failed => Counter::dns_servfail,
                 Outcome::Malformed => Counter::dns_malformed,
             });

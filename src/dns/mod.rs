@@ -2,9 +2,11 @@
 //! asks. `names` matches the block list, `forward` answers one query (host
 //! side, tokio), `intercept` is the engine's side.
 //!
-//! Not yet here (issue 4 continues): TCP/53, rebind protection, name pins,
-//! block-list files, Extended DNS Errors, refusing encrypted-DNS ports.
+//! `rebind` strips answers that point public names inside the sandbox's
+//! reach. Not yet here (issue 4 continues): TCP/53, name pins, block-list
+//! files, Extended DNS Errors.
 
 pub mod forward;
 pub mod intercept;
 pub mod names;
+pub mod rebind;

@@ -154,6 +154,19 @@ impl Services {
                 self.metrics.inc(Counter::drop_fragment);
                 true
             }
+            classify::Kind::TcpSyn { src, dst, seq }
+                if dst.port() == crate::dns::intercept::ENCRYPTED_DNS_PORT =>
+            {
+                self.metrics.inc(Counter::dns_encrypted_refused);
+                self.refuse(src, dst, seq);
+                true
+            }
+            classify::Kind::Udp { dst, .. }
+                if dst.port() == crate::dns::intercept::ENCRYPTED_DNS_PORT =>
+            {
+                self.metrics.inc(Counter::dns_encrypted_refused);
+                true
+            }
             classify::Kind::TcpSyn { src, dst, seq } => {
                 match self.tcp.on_syn(&ctx, frame, src, dst, seq) {
                     tcp::Syn::Held => true,
@@ -338,7 +351,11 @@ impl Engine {
                     )
                 }),
                 dns: crate::dns::intercept::Interceptor::new(
-                    crate::dns::forward::Forwarder::new(&config.dns, dns_upstreams(config)),
+                    crate::dns::forward::Forwarder::new(
+                        &config.dns,
+                        dns_upstreams(config),
+                        own_networks(config),
+                    ),
                     config.dns.max_inflight,
                 ),
                 gateway_v4: net.ipv4_gateway,
@@ -538,6 +555,16 @@ fn dns_upstreams(config: &Config) -> Vec<SocketAddr> {
     } else {
         config.dns.upstreams.iter().map(|r| r.0).collect()
     }
+}
+
+/// The sandbox's own subnets: internal for rebind protection.
+fn own_networks(config: &Config) -> Vec<(IpAddr, u8)> {
+    let net = &config.network;
+    let mut own = vec![(IpAddr::V4(net.ipv4_gateway), net.ipv4_prefix_len)];
+    if net.ipv6_enabled {
+        own.push((IpAddr::V6(net.ipv6_prefix.addr), net.ipv6_prefix.len));
+    }
+    own
 }
 
 /// smoltcp's TCP initial sequence numbers and ports derive from this seed.

@@ -21,6 +21,9 @@ fn dnsmasq(ns: &Netns) -> Server {
                 "--address=/example.test/192.0.2.10",
                 "--address=/a.blocked.test/192.0.2.66",
                 "--address=/exact.test/192.0.2.67",
+                "--address=/rebind.test/127.0.0.1",
+                "--address=/private.test/10.1.2.3",
+                "--address=/own.test/198.19.0.1",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -41,6 +44,8 @@ upstreams = ["192.0.2.53"]
 block = ["*.blocked.test", "exact.test"]
 "#;
     let daemon = Daemon::start(&ns, Some(config));
+    // Something really listens on 853: the refusal must be the daemon's.
+    let _dot = ns.enter(|| std::net::TcpListener::bind("192.0.2.53:853").unwrap());
     let script = r#"
 dhcp
 echo VG-Q1; nslookup example.test 198.19.0.1
@@ -48,7 +53,11 @@ echo VG-Q2; nslookup example.test 203.0.113.77
 echo VG-Q3; nslookup a.blocked.test 198.19.0.1
 echo VG-Q4; nslookup exact.test
 echo VG-Q5; nslookup sub.exact.test
+echo VG-Q6; nslookup rebind.test
+echo VG-Q7; nslookup private.test
+echo VG-Q8; nslookup own.test
 echo VG-END
+vg-probe tcp-connect 192.0.2.53:853
 "#;
     let console = boot(&GuestOpts::new(&daemon.socket, script));
     let section = |from: &str, to: &str| -> String {
@@ -74,9 +83,33 @@ echo VG-END
     }
     // An exact entry does not block names under it: forwarded, and
     // answered by dnsmasq (whose --address covers subdomains).
-    let s = section("VG-Q5", "VG-END");
+    let s = section("VG-Q5", "VG-Q6");
     assert!(s.contains("Address: 192.0.2.67"), "{s}\n{console}");
     assert!(!s.contains("NXDOMAIN"), "{s}");
+    // Rebind protection: loopback, private and the sandbox's own addresses
+    // never reach the guest for outside names.
+    for (from, to, ip) in [
+        ("VG-Q6", "VG-Q7", "127.0.0.1"),
+        ("VG-Q7", "VG-Q8", "10.1.2.3"),
+        ("VG-Q8", "VG-END", "198.19.0.1\n"),
+    ] {
+        let s = section(from, to);
+        assert!(!s.contains(&format!("Address: {ip}")), "{from}: {s}");
+        assert!(
+            s.contains("Name:") || s.contains("can't find") || s.contains("Server:"),
+            "{from}: {s}"
+        );
+    }
+    daemon.signal("USR1");
+    assert!(daemon.wait_log("counters", std::time::Duration::from_secs(5)));
+    let log = daemon.log();
+    // nslookup asks A and AAAA; the three A answers were stripped.
+    assert!(log.contains("dns_rebind_stripped=3"), "{log}");
+    assert!(log.contains("dns_blocked="), "{log}");
+    assert!(log.contains("dns_encrypted_refused=1"), "{log}");
+    // DNS over TLS is refused at once, so stubs fall back to port 53.
+    let dot = crate::harness::line_after(&console, "VG-CONNECT 192.0.2.53:853").unwrap_or("");
+    assert!(dot.contains("result=refused"), "{console}");
 }
 
 #[test]
