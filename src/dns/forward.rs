@@ -34,6 +34,16 @@ pub struct Forwarder {
     rebind: Option<Rebind>,
 }
 
+/// How a query reaches the upstreams: as it came from the guest, so a
+/// truncated UDP answer leads to a TCP retry that really gets everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Datagrams.
+    Udp,
+    /// A TCP connection per query, messages with a 2-byte length (RFC 1035 4.2.2).
+    Tcp,
+}
+
 /// How a query ended, for counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -47,6 +57,20 @@ pub enum Outcome {
     Failed,
     /// Not a query we can parse: FORMERR, or dropped without a header.
     Malformed,
+}
+
+impl Outcome {
+    /// The counter this outcome adds to.
+    pub fn counter(self) -> crate::metrics::Counter {
+        use crate::metrics::Counter;
+        match self {
+            Outcome::Answered => Counter::dns_answered,
+            Outcome::Blocked => Counter::dns_blocked,
+            Outcome::RebindStripped => Counter::dns_rebind_stripped,
+            Outcome::Failed => Counter::dns_servfail,
+            Outcome::Malformed => Counter::dns_malformed,
+        }
+    }
 }
 
 impl Forwarder {
@@ -70,7 +94,7 @@ impl Forwarder {
 
     /// Answers one query (wire bytes); None when there is nothing to answer
     /// (shorter than a header).
-    pub async fn answer(&self, query: &[u8]) -> (Option<Vec<u8>>, Outcome) {
+    pub async fn answer(&self, query: &[u8], transport: Transport) -> (Option<Vec<u8>>, Outcome) {
         let parsed = match Message::from_vec(query) {
             Ok(m) => m,
             Err(_) => {
@@ -100,7 +124,12 @@ impl Forwarder {
         }
         for _ in 0..self.attempts {
             for upstream in &self.upstreams {
-                if let Some(answer) = self.ask(*upstream, query, parsed.metadata.id).await {
+                let id = parsed.metadata.id;
+                let asked = match transport {
+                    Transport::Udp => self.ask(*upstream, query, id).await,
+                    Transport::Tcp => self.ask_tcp(*upstream, query, id).await,
+                };
+                if let Some(answer) = asked {
                     return match self.rebind.as_ref().map(|r| r.filter(&answer)) {
                         None | Some(Filtered::Unchanged) => (Some(answer), Outcome::Answered),
                         Some(Filtered::Stripped(bytes, _)) => {
@@ -139,6 +168,25 @@ impl Forwarder {
                 return Some(answer.to_vec());
             }
         }
+    }
+
+    async fn ask_tcp(&self, upstream: SocketAddr, query: &[u8], id: u16) -> Option<Vec<u8>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(upstream).await.ok()?;
+            let len = u16::try_from(query.len()).ok()?;
+            let mut message = Vec::with_capacity(query.len() + 2);
+            message.extend_from_slice(&len.to_be_bytes());
+            message.extend_from_slice(query);
+            stream.write_all(&message).await.ok()?;
+            let mut len = [0u8; 2];
+            stream.read_exact(&mut len).await.ok()?;
+            let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            stream.read_exact(&mut answer).await.ok()?;
+            (answer.len() >= HEADER_BYTES && answer.get(..2) == Some(&id.to_be_bytes()[..]))
+                .then_some(answer)
+        };
+        tokio::time::timeout(self.timeout, exchange).await.ok()?
     }
 
     /// The answer for a blocked name: the question echoed, no records.
@@ -205,7 +253,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn blocked_name_gets_nxdomain_with_its_question() {
         let f = forwarder(&["*.blocked.test"], vec![]);
-        let (answer, outcome) = f.answer(&query("a.blocked.test.")).await;
+        let (answer, outcome) = f.answer(&query("a.blocked.test."), Transport::Udp).await;
         assert_eq!(outcome, Outcome::Blocked);
         let m = Message::from_vec(&answer.unwrap()).unwrap();
         assert_eq!(m.metadata.id, 0x4242);
@@ -220,7 +268,7 @@ mod tests {
         // A bound socket that never answers.
         let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let f = forwarder(&[], vec![silent.local_addr().unwrap()]);
-        let (answer, outcome) = f.answer(&query("example.test.")).await;
+        let (answer, outcome) = f.answer(&query("example.test."), Transport::Udp).await;
         assert_eq!(outcome, Outcome::Failed);
         let m = Message::from_vec(&answer.unwrap()).unwrap();
         assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
@@ -244,7 +292,7 @@ mod tests {
         });
         let f = forwarder(&[], vec![addr]);
         let q = query("example.test.");
-        let (answer, outcome) = f.answer(&q).await;
+        let (answer, outcome) = f.answer(&q, Transport::Udp).await;
         assert_eq!(outcome, Outcome::Answered);
         let answer = answer.unwrap();
         assert_eq!(&answer[..2], &q[..2]);
@@ -254,10 +302,13 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn malformed_queries() {
         let f = forwarder(&[], vec![]);
-        assert_eq!(f.answer(&[1, 2, 3]).await, (None, Outcome::Malformed));
+        assert_eq!(
+            f.answer(&[1, 2, 3], Transport::Udp).await,
+            (None, Outcome::Malformed)
+        );
         let mut garbage = query("example.test.");
         garbage.truncate(20);
-        let (answer, outcome) = f.answer(&garbage).await;
+        let (answer, outcome) = f.answer(&garbage, Transport::Udp).await;
         assert_eq!(outcome, Outcome::Malformed);
         let answer = answer.unwrap();
         assert_eq!(&answer[..2], &[0x42, 0x42]);

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 
-use super::forward::{Forwarder, Outcome};
+use super::forward::{Forwarder, Transport};
 use crate::engine::Ctx;
 use crate::metrics::Counter;
 
@@ -71,15 +71,9 @@ impl Interceptor {
         let metrics = ctx.metrics.clone();
         let query = payload.to_vec();
         ctx.host.runtime.spawn(async move {
-            let (answer, outcome) = forwarder.answer(&query).await;
+            let (answer, outcome) = forwarder.answer(&query, Transport::Udp).await;
             inflight.fetch_sub(1, Ordering::AcqRel);
-            metrics.inc(match outcome {
-                Outcome::Answered => Counter::dns_answered,
-                Outcome::Blocked => Counter::dns_blocked,
-                Outcome::RebindStripped => Counter::dns_rebind_stripped,
-                Outcome::Failed => Counter::dns_servfail,
-                Outcome::Malformed => Counter::dns_malformed,
-            });
+            metrics.inc(outcome.counter());
             if let Some(answer) = answer
                 && answers.try_send((src, dst, answer)).is_ok()
             {
@@ -87,6 +81,11 @@ impl Interceptor {
             }
         });
         None
+    }
+
+    /// The forwarder, for DNS over TCP flows.
+    pub fn forwarder(&self) -> Arc<Forwarder> {
+        self.forwarder.clone()
     }
 
     /// The next answer for the guest.

@@ -3,10 +3,12 @@
 //! side, tokio), `intercept` is the engine's side.
 //!
 //! `rebind` strips answers that point public names inside the sandbox's
-//! reach. Not yet here (issue 4 continues): TCP/53, name pins, block-list
-//! files, Extended DNS Errors.
+//! reach. `tcp` serves DNS over TCP flows (any address, port 53). Not yet
+//! here (issue 4 continues): name pins, block-list files, Extended DNS
+//! Errors.
 
 pub mod forward;
 pub mod intercept;
 pub mod names;
 pub mod rebind;
+pub mod tcp;

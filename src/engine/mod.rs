@@ -168,7 +168,16 @@ impl Services {
                 true
             }
             classify::Kind::TcpSyn { src, dst, seq } => {
-                match self.tcp.on_syn(&ctx, frame, src, dst, seq) {
+                // DNS over TCP to any address is answered by the forwarder.
+                let local: Option<tcp::LocalService> =
+                    (dst.port() == crate::dns::intercept::DNS_PORT).then(|| {
+                        let forwarder = self.dns.forwarder();
+                        let metrics = self.metrics.clone();
+                        Box::new(move |host: &Host| {
+                            crate::dns::tcp::spawn(host, forwarder, metrics)
+                        }) as tcp::LocalService
+                    });
+                match self.tcp.on_syn(&ctx, frame, (src, dst), seq, local) {
                     tcp::Syn::Held => true,
                     tcp::Syn::Pass => false,
                     tcp::Syn::Refuse => {

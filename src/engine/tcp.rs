@@ -56,6 +56,10 @@ impl Flow {
     }
 }
 
+/// An in-process service for a TCP flow: starts its task, returns the
+/// engine's channel ends.
+pub type LocalService = Box<dyn FnOnce(&crate::proxy::Host) -> Channels>;
+
 /// What to do with a guest SYN.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Syn {
@@ -103,14 +107,16 @@ impl Flows {
         self.flows.is_empty()
     }
 
-    /// A guest SYN (`frame`) from `src` to `dst` with sequence `seq`.
+    /// A guest SYN (`frame`) from `src` to `dst` with sequence `seq`. With
+    /// `local`, the flow is served by that in-process service (its task
+    /// answers `Connected` like a dialled upstream) instead of dialling `dst`.
     pub fn on_syn(
         &mut self,
         ctx: &Ctx<'_>,
         frame: &[u8],
-        src: SocketAddr,
-        dst: SocketAddr,
+        (src, dst): (SocketAddr, SocketAddr),
         seq: u32,
+        local: Option<LocalService>,
     ) -> Syn {
         let metrics = ctx.metrics;
         if let Some(flow) = self.flows.get_mut(&(src, dst)) {
@@ -123,16 +129,26 @@ impl Flows {
             flow.syn_seq = seq;
             return Syn::Held;
         }
-        let Some(upstream) = ctx.upstream(dst) else {
-            metrics.inc(Counter::tcp_denied);
-            return Syn::Refuse;
+        let upstream = match &local {
+            Some(_) => None,
+            None => match ctx.upstream(dst) {
+                Some(upstream) => Some(upstream),
+                None => {
+                    metrics.inc(Counter::tcp_denied);
+                    return Syn::Refuse;
+                }
+            },
         };
         if self.flows.len() >= self.config.max_connections {
             metrics.inc(Counter::tcp_over_limit);
             return Syn::Refuse;
         }
         let timeout = Duration::from_millis(self.config.connect_timeout_ms);
-        let channels = spawn_outbound(ctx.host, upstream, timeout);
+        let channels = match (local, upstream) {
+            (Some(serve), _) => serve(ctx.host),
+            (None, Some(upstream)) => spawn_outbound(ctx.host, upstream, timeout),
+            (None, None) => return Syn::Refuse,
+        };
         metrics.inc(Counter::tcp_flows);
         let mut flow = Flow::new(channels, None, ctx.now);
         flow.held_syn = frame.to_vec();
@@ -215,7 +231,7 @@ impl Flows {
             let Some(handle) = flow.socket else {
                 match flow.channels.from_host.try_recv() {
                     Ok(FromHost::Connected(direct)) => {
-                        flow.channels.direct = Some(direct);
+                        flow.channels.direct = direct;
                         let mut socket = tcp_socket(self.config.buffer_bytes);
                         let listen = IpListenEndpoint {
                             addr: Some(key.1.ip().into()),

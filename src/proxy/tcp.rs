@@ -47,8 +47,8 @@ pub enum ToHost {
 #[derive(Debug)]
 pub enum FromHost {
     /// The upstream connection is established; the engine may write to it
-    /// directly through this.
-    Connected(Direct),
+    /// directly through this (None: a local service, channel only).
+    Connected(Option<Direct>),
     /// Dialling failed: refused, unreachable, timed out.
     Failed(io::ErrorKind),
     /// Bytes from the host peer.
@@ -92,7 +92,8 @@ pub struct Channels {
     pub direct: Option<Direct>,
 }
 
-fn pair() -> (Channels, mpsc::Receiver<ToHost>, mpsc::Sender<FromHost>) {
+/// A new flow's channels: the engine's ends, and the task's.
+pub fn pair() -> (Channels, mpsc::Receiver<ToHost>, mpsc::Sender<FromHost>) {
     let (to_host, to_host_rx) = mpsc::channel(CHANNEL_DEPTH);
     let (from_host_tx, from_host) = mpsc::channel(CHANNEL_DEPTH);
     (
@@ -134,7 +135,11 @@ pub fn spawn_outbound(host: &Host, dst: SocketAddr, connect_timeout: Duration) -
             }
         };
         let direct = direct(stream);
-        if tx.send(FromHost::Connected(direct.clone())).await.is_err() {
+        if tx
+            .send(FromHost::Connected(Some(direct.clone())))
+            .await
+            .is_err()
+        {
             return;
         }
         host.wake.wake();

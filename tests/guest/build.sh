@@ -18,6 +18,11 @@ if [ -z "$pkg" ]; then
   echo "build.sh: cannot resolve linux-image-cloud-amd64 (run apt-get update)" >&2
   exit 1
 fi
+# Test processes may call this at once (nextest runs each test in its own
+# process): one builds, the others wait and then find the stamp current.
+mkdir -p "$out"
+exec 9>"$out/.lock"
+flock 9
 want="$pkg $(cat "$here/build.sh" "$here/init" "$here/udhcpc.sh" "$here/probe/Cargo.toml" "$here/probe/src/main.rs" | sha256sum | cut -c1-16)"
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$want" ] &&
   [ -f "$out/vmlinuz" ] && [ -f "$out/initramfs.cpio" ]; then

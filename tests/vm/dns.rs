@@ -134,3 +134,51 @@ echo "VG-DNS-SECONDS $(( $(date +%s) - start ))"
         .unwrap_or(99);
     assert!(secs <= 3, "SERVFAIL took {secs} s");
 }
+
+#[test]
+fn truncated_udp_answer_then_tcp_retry_gets_everything() {
+    let ns = Netns::new("dnstcp");
+    ns.add_addr("192.0.2.53/32");
+    let long = "x".repeat(200);
+    let txt = format!("--txt-record=big.test,{long},{long},{long}");
+    let _dnsmasq = Server(
+        ns.command("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--pid-file=",
+                "--listen-address=192.0.2.53",
+                "--bind-interfaces",
+                &txt,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq runs"),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let daemon = Daemon::start(&ns, Some("[dns]\nupstreams = [\"192.0.2.53\"]\n"));
+    let script = r#"
+dhcp
+vg-probe dns 198.19.0.1:53 big.test udp
+vg-probe dns 198.19.0.1:53 big.test tcp
+vg-probe dns 203.0.113.9:53 big.test tcp
+"#;
+    let console = boot(&GuestOpts::new(&daemon.socket, script));
+    let udp = crate::harness::line_after(&console, "VG-DNS udp big.test").unwrap_or("");
+    assert!(
+        udp.contains("rcode=0 tc=1"),
+        "UDP answer not truncated: {console}"
+    );
+    // Over TCP, through the advertised resolver and through an address
+    // nobody serves DNS on: the whole answer, not truncated.
+    assert_eq!(
+        console
+            .matches("VG-DNS tcp big.test rcode=0 tc=0 answers=1")
+            .count(),
+        2,
+        "{console}"
+    );
+}

@@ -12,7 +12,7 @@ fn usage() -> ! {
         "usage: vg-probe udp-echo ADDR COUNT SIZE | udp-echo-server PORT | tcp-echo-server PORT \
          | tcp-many ADDR N | tcp-rr ADDR N | tcp-crr ADDR N | tcp-send ADDR MIB \
          | tcp-send-file ADDR PATH | tcp-connect ADDR \
-         | tcp-hold ADDR SECS"
+         | tcp-hold ADDR SECS | dns ADDR NAME udp|tcp"
     );
     std::process::exit(2)
 }
@@ -36,6 +36,11 @@ fn main() {
         Some("tcp-send-file") => tcp_send_file(arg(&args, 2), &arg::<String>(&args, 3)),
         Some("tcp-connect") => tcp_connect(arg(&args, 2)),
         Some("tcp-hold") => tcp_hold(arg(&args, 2), arg(&args, 3)),
+        Some("dns") => dns(
+            arg(&args, 2),
+            &arg::<String>(&args, 3),
+            &arg::<String>(&args, 4),
+        ),
         _ => usage(),
     }
 }
@@ -248,4 +253,50 @@ fn tcp_hold(addr: SocketAddr, secs: u64) {
         }
     }
     println!("VG-HELD bytes={total}");
+}
+
+/// One TXT query over UDP (no EDNS: 512-byte answers) or TCP; prints the
+/// answer's rcode, TC bit and answer count.
+fn dns(addr: SocketAddr, name: &str, transport: &str) {
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.trim_end_matches('.').split('.') {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 16, 0, 1]);
+    let answer = if transport == "tcp" {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut msg = (query.len() as u16).to_be_bytes().to_vec();
+        msg.extend_from_slice(&query);
+        s.write_all(&msg).unwrap();
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).unwrap();
+        let mut a = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut a).unwrap();
+        a
+    } else {
+        let bind = if addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let sock = UdpSocket::bind(bind).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        sock.send_to(&query, addr).unwrap();
+        let mut buf = vec![0u8; 65536];
+        let (n, _) = sock.recv_from(&mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    };
+    let rcode = answer.get(3).map_or(99, |b| b & 0x0f);
+    let tc = answer.get(2).is_some_and(|b| b & 0x02 != 0);
+    let count = answer
+        .get(6..8)
+        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+    println!(
+        "VG-DNS {transport} {name} rcode={rcode} tc={} answers={count} bytes={}",
+        u8::from(tc),
+        answer.len()
+    );
 }
