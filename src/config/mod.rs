@@ -123,6 +123,8 @@ pub struct Dns {
     pub rebind_protection: bool,
     /// Names exempt from rebind protection (block-list grammar).
     pub rebind_allow: Vec<String>,
+    /// Addresses whose name is remembered (for domain rules and logs).
+    pub max_pins: usize,
 }
 
 impl Default for Dns {
@@ -136,6 +138,7 @@ impl Default for Dns {
             blocked_answer: BlockedAnswer::Nxdomain,
             rebind_protection: true,
             rebind_allow: Vec::new(),
+            max_pins: 16_384,
         }
     }
 }
@@ -543,6 +546,11 @@ impl Config {
             "dns.attempts",
             (1..=5).contains(&d.attempts),
             format!("{} is outside 1..=5", d.attempts),
+        );
+        check(
+            "dns.max-pins",
+            (16..=1_048_576).contains(&d.max_pins),
+            format!("{} is outside 16..=1048576", d.max_pins),
         );
         check(
             "dns.max-inflight",

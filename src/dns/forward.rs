@@ -16,6 +16,7 @@ use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use tokio::net::UdpSocket;
 
 use super::names::BlockList;
+use super::pins::Pins;
 use super::rebind::{Filtered, Rebind};
 use crate::config::{BlockedAnswer, Dns};
 
@@ -32,6 +33,7 @@ pub struct Forwarder {
     block: BlockList,
     blocked_answer: ResponseCode,
     rebind: Option<Rebind>,
+    pins: Arc<Pins>,
 }
 
 /// How a query reaches the upstreams: as it came from the guest, so a
@@ -76,7 +78,12 @@ impl Outcome {
 impl Forwarder {
     /// From the config; `upstreams` already resolved (config or host);
     /// `own` are the sandbox's networks, internal for rebind protection.
-    pub fn new(config: &Dns, upstreams: Vec<SocketAddr>, own: Vec<(IpAddr, u8)>) -> Arc<Self> {
+    pub fn new(
+        config: &Dns,
+        upstreams: Vec<SocketAddr>,
+        own: Vec<(IpAddr, u8)>,
+        pins: Arc<Pins>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             upstreams,
             timeout: Duration::from_millis(config.timeout_ms),
@@ -89,6 +96,7 @@ impl Forwarder {
             rebind: config
                 .rebind_protection
                 .then(|| Rebind::new(config.rebind_allow.iter().map(String::as_str), own)),
+            pins,
         })
     }
 
@@ -130,16 +138,17 @@ impl Forwarder {
                     Transport::Tcp => self.ask_tcp(*upstream, query, id).await,
                 };
                 if let Some(answer) = asked {
-                    return match self.rebind.as_ref().map(|r| r.filter(&answer)) {
-                        None | Some(Filtered::Unchanged) => (Some(answer), Outcome::Answered),
-                        Some(Filtered::Stripped(bytes, _)) => {
-                            (Some(bytes), Outcome::RebindStripped)
-                        }
+                    let (answer, outcome) = match self.rebind.as_ref().map(|r| r.filter(&answer)) {
+                        None | Some(Filtered::Unchanged) => (answer, Outcome::Answered),
+                        Some(Filtered::Stripped(bytes, _)) => (bytes, Outcome::RebindStripped),
                         // An answer we cannot check is not passed on.
                         Some(Filtered::Unparseable) => {
-                            (error_reply(query, ResponseCode::ServFail), Outcome::Failed)
+                            return (error_reply(query, ResponseCode::ServFail), Outcome::Failed);
                         }
                     };
+                    // Pin what the guest is actually given.
+                    self.pins.record_answer(&answer, std::time::Instant::now());
+                    return (Some(answer), outcome);
                 }
             }
         }
@@ -247,7 +256,7 @@ mod tests {
             attempts: 1,
             ..Dns::default()
         };
-        Forwarder::new(&config, upstreams, Vec::new())
+        Forwarder::new(&config, upstreams, Vec::new(), Arc::new(Pins::new(16)))
     }
 
     #[tokio::test(flavor = "current_thread")]

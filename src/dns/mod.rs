@@ -4,11 +4,12 @@
 //!
 //! `rebind` strips answers that point public names inside the sandbox's
 //! reach. `tcp` serves DNS over TCP flows (any address, port 53). Not yet
-//! here (issue 4 continues): name pins, block-list files, Extended DNS
-//! Errors.
+//! here (issue 4 continues): block-list files, Extended DNS Errors. `pins`
+//! records which name each answered address came from.
 
 pub mod forward;
 pub mod intercept;
 pub mod names;
+pub mod pins;
 pub mod rebind;
 pub mod tcp;

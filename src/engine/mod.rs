@@ -106,6 +106,8 @@ pub struct Services {
     allow_host_loopback: bool,
     published: Option<publish::Published>,
     dns: crate::dns::intercept::Interceptor,
+    /// Which name each address the guest was given came from.
+    pins: Arc<crate::dns::pins::Pins>,
     gateway_v4: std::net::Ipv4Addr,
     guest_v4: std::net::Ipv4Addr,
 }
@@ -177,6 +179,10 @@ impl Services {
                             crate::dns::tcp::spawn(host, forwarder, metrics)
                         }) as tcp::LocalService
                     });
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    let name = self.pins.name_of(dst.ip(), now);
+                    tracing::debug!(%src, %dst, name = name.as_deref().unwrap_or("-"), "new TCP flow");
+                }
                 match self.tcp.on_syn(&ctx, frame, (src, dst), seq, local) {
                     tcp::Syn::Held => true,
                     tcp::Syn::Pass => false,
@@ -330,6 +336,7 @@ impl Engine {
             }
         });
         let allow_loopback = config.outbound.allow_host_loopback;
+        let pins = Arc::new(crate::dns::pins::Pins::new(config.dns.max_pins));
         Self {
             iface,
             sockets: SocketSet::new(Vec::new()),
@@ -364,9 +371,11 @@ impl Engine {
                         &config.dns,
                         dns_upstreams(config),
                         own_networks(config),
+                        pins.clone(),
                     ),
                     config.dns.max_inflight,
                 ),
+                pins,
                 gateway_v4: net.ipv4_gateway,
                 guest_v4: net.ipv4_guest,
             },

@@ -58,6 +58,7 @@ echo VG-Q7; nslookup private.test
 echo VG-Q8; nslookup own.test
 echo VG-END
 vg-probe tcp-connect 192.0.2.53:853
+vg-probe tcp-connect 192.0.2.10:80
 "#;
     let console = boot(&GuestOpts::new(&daemon.socket, script));
     let section = |from: &str, to: &str| -> String {
@@ -107,6 +108,13 @@ vg-probe tcp-connect 192.0.2.53:853
     assert!(log.contains("dns_rebind_stripped=3"), "{log}");
     assert!(log.contains("dns_blocked="), "{log}");
     assert!(log.contains("dns_encrypted_refused=1"), "{log}");
+    // The flow to 192.0.2.10 is known by the name it was resolved from.
+    assert!(
+        log.lines().any(|l| l.contains("new TCP flow")
+            && l.contains("192.0.2.10:80")
+            && l.contains("example.test")),
+        "no pinned name in the flow log: {log}"
+    );
     // DNS over TLS is refused at once, so stubs fall back to port 53.
     let dot = crate::harness::line_after(&console, "VG-CONNECT 192.0.2.53:853").unwrap_or("");
     assert!(dot.contains("result=refused"), "{console}");
