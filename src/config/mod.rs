@@ -99,6 +99,8 @@ pub enum BlockedAnswer {
     Nxdomain,
     /// REFUSED: the resolver will not answer.
     Refused,
+    /// NOERROR with 0.0.0.0 (A) or :: (AAAA), nothing for other types.
+    Null,
 }
 
 /// The `[dns]` table: every UDP query to port 53 (any address) is answered
@@ -117,6 +119,9 @@ pub struct Dns {
     pub max_inflight: usize,
     /// Blocked names: `example.com` exactly, `*.example.com` everything under it.
     pub block: Vec<String>,
+    /// Files of blocked names: one per line, or hosts-file lines; `#`
+    /// comments. Read by [`Config::load`] into `block`.
+    pub block_files: Vec<std::path::PathBuf>,
     /// nxdomain or refused.
     pub blocked_answer: BlockedAnswer,
     /// Remove answers that point names at internal addresses.
@@ -135,6 +140,7 @@ impl Default for Dns {
             attempts: 2,
             max_inflight: 256,
             block: Vec::new(),
+            block_files: Vec::new(),
             blocked_answer: BlockedAnswer::Nxdomain,
             rebind_protection: true,
             rebind_allow: Vec::new(),
@@ -353,13 +359,36 @@ impl Config {
         }
     }
 
-    /// Reads, parses and validates a file.
+    /// Reads, parses and validates a file, and the block-list files it
+    /// names (their entries join `dns.block`).
     pub fn load(path: &Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_toml(&text)
+        let mut config = Self::from_toml(&text)?;
+        let mut problems = Vec::new();
+        for file in config.dns.block_files.clone() {
+            let list = std::fs::read_to_string(&file).map_err(|source| Error::Read {
+                path: file.display().to_string(),
+                source,
+            })?;
+            for (line, name) in block_file_entries(&list) {
+                match crate::dns::names::check_entry(name) {
+                    Ok(()) => config.dns.block.push(name.to_owned()),
+                    Err(e) => problems.push(Problem {
+                        key: "dns.block-files".into(),
+                        line: None,
+                        message: format!("{}:{line}: {name:?}: {e}", file.display()),
+                    }),
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(Error::Invalid(problems))
+        }
     }
 
     /// The embedded defaults.
@@ -607,6 +636,42 @@ impl Config {
 
 pub use types::{check_domain, encode_domain_search};
 
+/// (line number, name) of each entry of a block-list file: one name per
+/// line, or hosts-file lines (`0.0.0.0 name [name...]`), `#` comments;
+/// hosts files' own names (localhost and friends) are skipped.
+fn block_file_entries(text: &str) -> Vec<(usize, &str)> {
+    const HOSTS_OWN: &[&str] = &[
+        "localhost",
+        "localhost.localdomain",
+        "local",
+        "broadcasthost",
+        "ip6-localhost",
+        "ip6-loopback",
+        "ip6-localnet",
+        "ip6-mcastprefix",
+        "ip6-allnodes",
+        "ip6-allrouters",
+        "ip6-allhosts",
+    ];
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        let mut words = line.split_whitespace().peekable();
+        if words
+            .peek()
+            .is_some_and(|w| w.parse::<std::net::IpAddr>().is_ok())
+        {
+            words.next();
+        }
+        for name in words {
+            if !HOSTS_OWN.contains(&name) {
+                out.push((i + 1, name));
+            }
+        }
+    }
+    out
+}
+
 /// 1-based line number of a byte offset.
 fn line_of_offset(text: &str, offset: usize) -> usize {
     text.get(..offset)
@@ -739,6 +804,33 @@ mod tests {
         assert_eq!(c.network.mtu, 9000);
         let c = Config::from_toml("[network]\nmtu = 1000\nipv6-enabled = false\n").unwrap();
         assert_eq!(c.network.mtu, 1000);
+    }
+
+    #[test]
+    fn block_files_in_both_formats() {
+        let text = "# list\nads.example\n\n0.0.0.0 a.test b.test # two\n127.0.0.1 localhost\n::1 ip6-localhost\n*.tracker.test\n";
+        let got: Vec<&str> = block_file_entries(text)
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        assert_eq!(
+            got,
+            vec!["ads.example", "a.test", "b.test", "*.tracker.test"]
+        );
+        let dir = std::env::temp_dir().join(format!("vg-block-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let list = dir.join("list.txt");
+        std::fs::write(&list, "good.test\nbad..name\n").unwrap();
+        let cfg = dir.join("c.toml");
+        std::fs::write(&cfg, format!("[dns]\nblock-files = [{:?}]\n", list)).unwrap();
+        let Err(Error::Invalid(problems)) = Config::load(&cfg) else {
+            panic!("bad entry accepted")
+        };
+        assert!(problems[0].message.contains("list.txt:2"), "{problems:?}");
+        std::fs::write(&list, "good.test\n").unwrap();
+        let c = Config::load(&cfg).unwrap();
+        assert_eq!(c.dns.block, vec!["good.test".to_owned()]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -12,7 +12,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::opt::EdnsOption;
+use hickory_proto::rr::rdata::{A, AAAA};
+use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::net::UdpSocket;
 
 use super::names::BlockList;
@@ -22,6 +25,14 @@ use crate::config::{BlockedAnswer, Dns};
 
 /// Smallest DNS message: the header (RFC 1035 4.1.1).
 const HEADER_BYTES: usize = 12;
+/// TTL of a null answer for a blocked name.
+const BLOCKED_TTL: u32 = 60;
+/// EDNS option code of Extended DNS Errors (RFC 8914 2).
+const EDE_OPTION: u16 = 15;
+/// EDE info-code "Blocked" (RFC 8914 4.16).
+const EDE_BLOCKED: u16 = 15;
+/// UDP payload size we advertise in our own OPT records.
+const EDNS_PAYLOAD: u16 = 1232;
 /// Largest UDP answer accepted from an upstream.
 const MAX_ANSWER: usize = 65_535;
 
@@ -31,7 +42,7 @@ pub struct Forwarder {
     timeout: Duration,
     attempts: u32,
     block: BlockList,
-    blocked_answer: ResponseCode,
+    blocked_answer: BlockedAnswer,
     rebind: Option<Rebind>,
     pins: Arc<Pins>,
 }
@@ -89,10 +100,7 @@ impl Forwarder {
             timeout: Duration::from_millis(config.timeout_ms),
             attempts: config.attempts,
             block: BlockList::new(config.block.iter().map(String::as_str)),
-            blocked_answer: match config.blocked_answer {
-                BlockedAnswer::Nxdomain => ResponseCode::NXDomain,
-                BlockedAnswer::Refused => ResponseCode::Refused,
-            },
+            blocked_answer: config.blocked_answer,
             rebind: config
                 .rebind_protection
                 .then(|| Rebind::new(config.rebind_allow.iter().map(String::as_str), own)),
@@ -198,13 +206,44 @@ impl Forwarder {
         tokio::time::timeout(self.timeout, exchange).await.ok()?
     }
 
-    /// The answer for a blocked name: the question echoed, no records.
+    /// The answer for a blocked name: the question echoed; NXDOMAIN,
+    /// REFUSED, or a null address; with an Extended DNS Error "Blocked"
+    /// (RFC 8914, info-code 15) when the query spoke EDNS, so the guest can
+    /// tell policy from failure.
     fn refusal(&self, query: &Message) -> Option<Vec<u8>> {
         let mut reply = Message::response(query.metadata.id, OpCode::Query);
         reply.metadata.recursion_desired = query.metadata.recursion_desired;
         reply.metadata.recursion_available = true;
-        reply.metadata.response_code = self.blocked_answer;
         reply.queries = query.queries.clone();
+        reply.metadata.response_code = match self.blocked_answer {
+            BlockedAnswer::Nxdomain => ResponseCode::NXDomain,
+            BlockedAnswer::Refused => ResponseCode::Refused,
+            BlockedAnswer::Null => {
+                if let Some(q) = query.queries.first() {
+                    let data = match q.query_type() {
+                        RecordType::A => Some(RData::A(A(Ipv4Addr::UNSPECIFIED))),
+                        RecordType::AAAA => Some(RData::AAAA(AAAA(Ipv6Addr::UNSPECIFIED))),
+                        _ => None,
+                    };
+                    if let Some(data) = data {
+                        reply
+                            .answers
+                            .push(Record::from_rdata(q.name().clone(), BLOCKED_TTL, data));
+                    }
+                }
+                ResponseCode::NoError
+            }
+        };
+        if query.edns.is_some() {
+            let mut edns = Edns::new();
+            edns.set_max_payload(EDNS_PAYLOAD);
+            // Option 15, INFO-CODE 15 "Blocked", no EXTRA-TEXT.
+            edns.options_mut().insert(EdnsOption::Unknown(
+                EDE_OPTION,
+                EDE_BLOCKED.to_be_bytes().to_vec(),
+            ));
+            reply.set_edns(edns);
+        }
         reply.to_vec().ok()
     }
 }
@@ -270,6 +309,40 @@ mod tests {
         assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
         assert_eq!(m.queries.len(), 1);
         assert!(m.answers.is_empty());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn null_answer_and_extended_error_for_edns_queries() {
+        let config = Dns {
+            block: vec!["ads.test".into()],
+            blocked_answer: BlockedAnswer::Null,
+            ..Dns::default()
+        };
+        let f = Forwarder::new(&config, vec![], Vec::new(), Arc::new(Pins::new(16)));
+        let mut m = Message::query();
+        m.metadata.id = 9;
+        m.add_query(Query::query(
+            Name::from_ascii("ads.test.").unwrap(),
+            RecordType::A,
+        ));
+        m.set_edns(Edns::new());
+        let (answer, outcome) = f.answer(&m.to_vec().unwrap(), Transport::Udp).await;
+        assert_eq!(outcome, Outcome::Blocked);
+        let reply = Message::from_vec(&answer.unwrap()).unwrap();
+        assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(reply.answers.len(), 1);
+        assert_eq!(reply.answers[0].data, RData::A(A(Ipv4Addr::UNSPECIFIED)));
+        let edns = reply.edns.expect("OPT in the reply");
+        let ede = edns
+            .options()
+            .as_ref()
+            .iter()
+            .find(|(code, _)| u16::from(*code) == EDE_OPTION)
+            .map(|(_, option)| option.clone());
+        assert_eq!(ede, Some(EdnsOption::Unknown(15, vec![0, 15])));
+        // Without EDNS in the query, no OPT in the reply.
+        let (answer, _) = f.answer(&query("ads.test."), Transport::Udp).await;
+        assert!(Message::from_vec(&answer.unwrap()).unwrap().edns.is_none());
     }
 
     #[tokio::test(flavor = "current_thread")]

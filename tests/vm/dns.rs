@@ -24,6 +24,7 @@ fn dnsmasq(ns: &Netns) -> Server {
                 "--address=/rebind.test/127.0.0.1",
                 "--address=/private.test/10.1.2.3",
                 "--address=/own.test/198.19.0.1",
+                "--address=/listed.test/192.0.2.68",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -38,12 +39,18 @@ fn dnsmasq(ns: &Netns) -> Server {
 fn queries_to_any_resolver_are_answered_and_blocked_names_refused() {
     let ns = Netns::new("dns");
     let _dnsmasq = dnsmasq(&ns);
-    let config = r#"
-[dns]
-upstreams = ["192.0.2.53"]
-block = ["*.blocked.test", "exact.test"]
-"#;
-    let daemon = Daemon::start(&ns, Some(config));
+    let lists = crate::common::TempDir::new("blocklist");
+    let list = lists.0.join("hosts.txt");
+    std::fs::write(
+        &list,
+        "# hosts format\n0.0.0.0 listed.test\n127.0.0.1 localhost\n",
+    )
+    .unwrap();
+    let config = format!(
+        "[dns]\nupstreams = [\"192.0.2.53\"]\nblock = [\"*.blocked.test\", \"exact.test\"]\nblock-files = [{:?}]\n",
+        list
+    );
+    let daemon = Daemon::start(&ns, Some(&config));
     // Something really listens on 853: the refusal must be the daemon's.
     let _dot = ns.enter(|| std::net::TcpListener::bind("192.0.2.53:853").unwrap());
     let script = r#"
@@ -56,6 +63,7 @@ echo VG-Q5; nslookup sub.exact.test
 echo VG-Q6; nslookup rebind.test
 echo VG-Q7; nslookup private.test
 echo VG-Q8; nslookup own.test
+echo VG-Q9; nslookup listed.test
 echo VG-END
 vg-probe tcp-connect 192.0.2.53:853
 vg-probe tcp-connect 192.0.2.10:80
@@ -92,7 +100,7 @@ vg-probe tcp-connect 192.0.2.10:80
     for (from, to, ip) in [
         ("VG-Q6", "VG-Q7", "127.0.0.1"),
         ("VG-Q7", "VG-Q8", "10.1.2.3"),
-        ("VG-Q8", "VG-END", "198.19.0.1\n"),
+        ("VG-Q8", "VG-Q9", "198.19.0.1\n"),
     ] {
         let s = section(from, to);
         assert!(!s.contains(&format!("Address: {ip}")), "{from}: {s}");
@@ -101,6 +109,10 @@ vg-probe tcp-connect 192.0.2.10:80
             "{from}: {s}"
         );
     }
+    // A name from the block-list file.
+    let s = section("VG-Q9", "VG-END");
+    assert!(s.contains("NXDOMAIN"), "VG-Q9: {s}");
+    assert!(!s.contains("192.0.2.68"), "VG-Q9: {s}");
     daemon.signal("USR1");
     assert!(daemon.wait_log("counters", std::time::Duration::from_secs(5)));
     let log = daemon.log();
