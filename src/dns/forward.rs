@@ -382,6 +382,22 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
+    async fn failover_to_the_next_upstream() {
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let alive = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let alive_addr = alive.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            let (n, peer) = alive.recv_from(&mut buf).unwrap();
+            buf[2] |= 0x80;
+            alive.send_to(&buf[..n], peer).unwrap();
+        });
+        let f = forwarder(&[], vec![silent.local_addr().unwrap(), alive_addr]);
+        let (_, outcome) = f.answer(&query("example.test."), Transport::Udp).await;
+        assert_eq!(outcome, Outcome::Answered);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
     async fn malformed_queries() {
         let f = forwarder(&[], vec![]);
         assert_eq!(
