@@ -64,6 +64,8 @@ echo VG-Q6; nslookup rebind.test
 echo VG-Q7; nslookup private.test
 echo VG-Q8; nslookup own.test
 echo VG-Q9; nslookup listed.test
+wait_v6
+echo VG-Q10; nslookup example.test fd76:6761:7465::1
 echo VG-END
 vg-probe tcp-connect 192.0.2.53:853
 vg-probe tcp-connect 192.0.2.10:80
@@ -109,8 +111,11 @@ vg-probe tcp-connect 192.0.2.10:80
             "{from}: {s}"
         );
     }
+    // The IPv6 resolver the RA advertises (RDNSS) answers the same way.
+    let s = section("VG-Q10", "VG-END");
+    assert!(s.contains("Address: 192.0.2.10"), "VG-Q10: {s}\n{console}");
     // A name from the block-list file.
-    let s = section("VG-Q9", "VG-END");
+    let s = section("VG-Q9", "VG-Q10");
     assert!(s.contains("NXDOMAIN"), "VG-Q9: {s}");
     assert!(!s.contains("192.0.2.68"), "VG-Q9: {s}");
     daemon.signal("USR1");
