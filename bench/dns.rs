@@ -27,7 +27,7 @@ use smoltcp::wire::{
     Ipv4Repr, UdpPacket, UdpRepr,
 };
 
-use common::Daemon;
+use common::{Daemon, cpu_seconds};
 use vmm::Vmm;
 
 const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
@@ -95,15 +95,6 @@ fn is_answer(f: &[u8]) -> bool {
         return false;
     };
     udp.src_port() == 53 && udp.payload().get(2).is_some_and(|b| b & 0x80 != 0)
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks as f64 / (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }
 
 fn main() {

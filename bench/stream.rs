@@ -28,7 +28,7 @@ use smoltcp::phy::{self, Checksum, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
 
-use common::Daemon;
+use common::{Daemon, cpu_seconds};
 use vmm::Vmm;
 
 const MTU: usize = 65520;
@@ -95,15 +95,6 @@ impl<'b> phy::Device for Link<'b> {
         caps.checksum.udp = Checksum::Tx;
         caps
     }
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks as f64 / (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }
 
 #[derive(Clone, Copy)]

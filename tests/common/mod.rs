@@ -323,3 +323,14 @@ pub fn sha256_file(path: &std::path::Path) -> String {
     let out = run(Command::new("sha256sum").arg(path));
     out.split_whitespace().next().unwrap_or_default().to_owned()
 }
+
+/// utime + stime of a process, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which ends with ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks as f64 / (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}

@@ -6,7 +6,8 @@ use std::process::Stdio;
 use crate::common::Server;
 use crate::harness::{Daemon, GuestOpts, Netns, boot};
 
-fn dnsmasq(ns: &Netns) -> Server {
+/// dnsmasq on 192.0.2.53 answering only from `records` (its own flags).
+fn dnsmasq_with(ns: &Netns, records: &[&str]) -> Server {
     ns.add_addr("192.0.2.53/32");
     let server = Server(
         ns.command("dnsmasq")
@@ -18,14 +19,8 @@ fn dnsmasq(ns: &Netns) -> Server {
                 "--pid-file=",
                 "--listen-address=192.0.2.53",
                 "--bind-interfaces",
-                "--address=/example.test/192.0.2.10",
-                "--address=/a.blocked.test/192.0.2.66",
-                "--address=/exact.test/192.0.2.67",
-                "--address=/rebind.test/127.0.0.1",
-                "--address=/private.test/10.1.2.3",
-                "--address=/own.test/198.19.0.1",
-                "--address=/listed.test/192.0.2.68",
             ])
+            .args(records)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -33,6 +28,21 @@ fn dnsmasq(ns: &Netns) -> Server {
     );
     std::thread::sleep(std::time::Duration::from_millis(300));
     server
+}
+
+fn dnsmasq(ns: &Netns) -> Server {
+    dnsmasq_with(
+        ns,
+        &[
+            "--address=/example.test/192.0.2.10",
+            "--address=/a.blocked.test/192.0.2.66",
+            "--address=/exact.test/192.0.2.67",
+            "--address=/rebind.test/127.0.0.1",
+            "--address=/private.test/10.1.2.3",
+            "--address=/own.test/198.19.0.1",
+            "--address=/listed.test/192.0.2.68",
+        ],
+    )
 }
 
 #[test]
@@ -163,27 +173,9 @@ echo "VG-DNS-SECONDS $(( $(date +%s) - start ))"
 #[test]
 fn truncated_udp_answer_then_tcp_retry_gets_everything() {
     let ns = Netns::new("dnstcp");
-    ns.add_addr("192.0.2.53/32");
     let long = "x".repeat(200);
     let txt = format!("--txt-record=big.test,{long},{long},{long}");
-    let _dnsmasq = Server(
-        ns.command("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--pid-file=",
-                "--listen-address=192.0.2.53",
-                "--bind-interfaces",
-                &txt,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dnsmasq runs"),
-    );
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _dnsmasq = dnsmasq_with(&ns, &[&txt]);
     let daemon = Daemon::start(&ns, Some("[dns]\nupstreams = [\"192.0.2.53\"]\n"));
     let script = r#"
 dhcp
