@@ -81,6 +81,7 @@ vg-probe tcp-connect 192.0.2.53:853
 vg-probe tcp-connect 192.0.2.10:80
 "#;
     let console = boot(&GuestOpts::new(&daemon.socket, script));
+    eprintln!("{console}");
     let section = |from: &str, to: &str| -> String {
         console
             .split(from)
