@@ -249,7 +249,11 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2.0);
     let bytes = (gib * (1u64 << 30) as f64) as u64;
-    let daemon = Daemon::start_with(None, Some("[outbound]\nallow-host-loopback = true\n"), &[]);
+    let daemon = Daemon::start_with(
+        None,
+        Some("[outbound]\nallow-host-loopback = true\n[policy]\npreset = \"allow-all\"\n"),
+        &[],
+    );
     println!(
         "\nvhost-gateway without a guest: {gib} GiB each way, harness smoltcp as the guest, MTU {MTU}\n"
     );

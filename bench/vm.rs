@@ -42,7 +42,7 @@ echo VG-LOADED
 /// vhost-gateway's config in the benchmark: the defaults, plus the gateway
 /// address leading to the namespace's loopback where the servers are (as
 /// libslirp's 10.0.2.2 and passt's gateway do). BENCH_VG_CONFIG overrides it.
-const BENCH_CONFIG: &str = "[outbound]\nallow-host-loopback = true\n";
+const BENCH_CONFIG: &str = "[outbound]\nallow-host-loopback = true\n[[policy.rule]]\naction = \"allow\"\ndestination = \"group:host\"\n";
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {

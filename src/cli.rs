@@ -54,4 +54,21 @@ pub enum Command {
     },
     /// Print the embedded default configuration, every key documented.
     PrintDefaultConfig,
+    /// Say which policy rule decides a destination, and why.
+    Explain {
+        /// Configuration file; embedded defaults without it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Destination address (IPv4 or IPv6).
+        dest: std::net::IpAddr,
+        /// tcp, udp or icmp.
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        /// Destination port (not for icmp).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Hostname the address was resolved from (as a DNS pin would give).
+        #[arg(long)]
+        name: Option<String>,
+    },
 }

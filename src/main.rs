@@ -6,6 +6,7 @@ mod daemon;
 mod dns;
 mod engine;
 mod metrics;
+mod policy;
 mod ports;
 mod proxy;
 mod vhost;
@@ -34,6 +35,13 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some(Command::CheckConfig { ref file }) => return check_config(file),
+        Some(Command::Explain {
+            ref config,
+            dest,
+            ref proto,
+            port,
+            ref name,
+        }) => return explain(config.as_deref(), dest, proto, port, name.as_deref()),
         None => {}
     }
     let Some(socket_path) = cli.socket_path.clone() else {
@@ -72,6 +80,14 @@ fn check_config(file: &std::path::Path) -> ExitCode {
     match Config::load(file) {
         Ok(c) => {
             println!("{}: ok: {}", file.display(), c.summary());
+            for (rule, by) in c.policy().shadowed() {
+                if rule <= c.policy.rule.len() {
+                    println!(
+                        "{}: warning: policy rule {rule} is shadowed by rule {by} and never decides",
+                        file.display()
+                    );
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(config::Error::Invalid(problems)) => {
@@ -85,6 +101,64 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn explain(
+    file: Option<&std::path::Path>,
+    dest: std::net::IpAddr,
+    proto: &str,
+    port: Option<u16>,
+    name: Option<&str>,
+) -> ExitCode {
+    use policy::{Action, Flow, NameSource, Proto};
+    let config = match file.map(Config::load) {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => {
+            eprintln!("vhost-gateway: {}", daemon::error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+        None => Config::embedded(),
+    };
+    let proto = match proto {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        "icmp" => Proto::Icmp,
+        other => {
+            eprintln!("vhost-gateway: --proto {other:?}: expected tcp, udp or icmp");
+            return ExitCode::FAILURE;
+        }
+    };
+    let policy = config.policy();
+    let decision = policy.decide(&Flow {
+        dst: dest,
+        proto,
+        port,
+        name: name.map(|n| (n, NameSource::Dns)),
+    });
+    let action = match decision.action {
+        Action::Allow => "allow",
+        Action::Deny => "deny",
+    };
+    let user_rules = config.policy.rule.len();
+    let why = match decision.rule {
+        Some(n) if n <= user_rules => format!(
+            "rule {n}: {} {}",
+            action,
+            config
+                .policy
+                .rule
+                .get(n - 1)
+                .map_or("", |r| r.destination.as_str())
+        ),
+        Some(n) => format!("rule {n} (from preset {:?})", config.policy.preset),
+        None => "the default".to_owned(),
+    };
+    println!(
+        "{action} {}{} by {why}",
+        dest,
+        port.map_or(String::new(), |p| format!(" port {p}"))
+    );
+    ExitCode::SUCCESS
 }
 
 fn init_logging(level: &str, format: LogFormat) -> Result<(), String> {

@@ -122,6 +122,10 @@ counters! {
     dns_rebind_stripped,
     /// DNS-over-TLS connections and DNS-over-QUIC datagrams refused.
     dns_encrypted_refused,
+    /// TCP flows the egress policy allowed.
+    policy_allowed,
+    /// Flows, datagrams and echoes the egress policy denied.
+    policy_denied,
 }
 
 /// The counters.

@@ -106,3 +106,50 @@ fn bad_invocations_fail_before_touching_the_socket() {
     assert_eq!(out.status.code(), Some(1));
     assert!(!sock.exists());
 }
+
+#[test]
+fn explain_names_the_deciding_rule() {
+    let out = vg(&["explain", "10.1.2.3", "--port", "443"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with("deny 10.1.2.3 port 443 by rule 4 (from preset PublicOnly)"),
+        "{text}"
+    );
+    let out = vg(&["explain", "192.0.2.10", "--proto", "udp", "--port", "53"]);
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .starts_with("allow 192.0.2.10")
+    );
+    let cfg = temp_file(
+        "explain.toml",
+        "[policy]\npreset = \"none\"\n[[policy.rule]]\naction = \"allow\"\ndestination = \"*.example.com\"\n[[policy.rule]]\naction = \"deny\"\ndestination = \"*.example.com\"\n",
+    );
+    let out = vg(&[
+        "explain",
+        "--config",
+        cfg.to_str().unwrap(),
+        "203.0.113.5",
+        "--name",
+        "www.example.com",
+    ]);
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        "allow 203.0.113.5 by rule 1: allow *.example.com"
+    );
+    let out = vg(&["explain", "--config", cfg.to_str().unwrap(), "203.0.113.5"]);
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        "deny 203.0.113.5 by the default"
+    );
+    let out = vg(&["check-config", cfg.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&cfg);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("warning: policy rule 2 is shadowed by rule 1"),
+        "{text}"
+    );
+    let out = vg(&["explain", "192.0.2.10", "--proto", "sctp"]);
+    assert_eq!(out.status.code(), Some(1));
+}

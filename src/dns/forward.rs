@@ -22,6 +22,7 @@ use super::names::BlockList;
 use super::pins::Pins;
 use super::rebind::{Filtered, Rebind};
 use crate::config::{BlockedAnswer, Dns};
+use crate::policy::Policy;
 
 /// Smallest DNS message: the header (RFC 1035 4.1.1).
 const HEADER_BYTES: usize = 12;
@@ -45,6 +46,7 @@ pub struct Forwarder {
     blocked_answer: BlockedAnswer,
     rebind: Option<Rebind>,
     pins: Arc<Pins>,
+    policy: Arc<Policy>,
 }
 
 /// How a query reaches the upstreams: as it came from the guest, so a
@@ -94,6 +96,7 @@ impl Forwarder {
         upstreams: Vec<SocketAddr>,
         own: Vec<(IpAddr, u8)>,
         pins: Arc<Pins>,
+        policy: Arc<Policy>,
     ) -> Arc<Self> {
         Arc::new(Self {
             upstreams,
@@ -105,6 +108,7 @@ impl Forwarder {
                 .rebind_protection
                 .then(|| Rebind::new(config.rebind_allow.iter().map(String::as_str), own)),
             pins,
+            policy,
         })
     }
 
@@ -136,6 +140,19 @@ impl Forwarder {
             .map(|q| q.name().to_ascii())
             .unwrap_or_default();
         if self.block.blocks(&name) {
+            return (self.refusal(&parsed), Outcome::Blocked);
+        }
+        // A name the egress policy denies is answered like a blocked one.
+        if let Some(rule) = self.policy.name_denied(&name) {
+            tracing::warn!(
+                target: "vhost_gateway::audit",
+                proto = "dns",
+                name = name.trim_end_matches('.'),
+                name_source = "query",
+                decision = "deny",
+                rule,
+                "egress denied"
+            );
             return (self.refusal(&parsed), Outcome::Blocked);
         }
         for _ in 0..self.attempts {
@@ -288,6 +305,10 @@ mod tests {
         m.to_vec().unwrap()
     }
 
+    fn allow_all() -> Policy {
+        Policy::new(Vec::new(), crate::policy::Action::Allow, Vec::new())
+    }
+
     fn forwarder(block: &[&str], upstreams: Vec<SocketAddr>) -> Arc<Forwarder> {
         let config = Dns {
             block: block.iter().map(|s| (*s).to_owned()).collect(),
@@ -295,7 +316,13 @@ mod tests {
             attempts: 1,
             ..Dns::default()
         };
-        Forwarder::new(&config, upstreams, Vec::new(), Arc::new(Pins::new(16)))
+        Forwarder::new(
+            &config,
+            upstreams,
+            Vec::new(),
+            Arc::new(Pins::new(16)),
+            Arc::new(allow_all()),
+        )
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -318,7 +345,13 @@ mod tests {
             blocked_answer: BlockedAnswer::Null,
             ..Dns::default()
         };
-        let f = Forwarder::new(&config, vec![], Vec::new(), Arc::new(Pins::new(16)));
+        let f = Forwarder::new(
+            &config,
+            vec![],
+            Vec::new(),
+            Arc::new(Pins::new(16)),
+            Arc::new(allow_all()),
+        );
         let mut m = Message::query();
         m.metadata.id = 9;
         m.add_query(Query::query(

@@ -108,6 +108,10 @@ pub struct Services {
     dns: crate::dns::intercept::Interceptor,
     /// Which name each address the guest was given came from.
     pins: Arc<crate::dns::pins::Pins>,
+    /// The egress policy.
+    policy: Arc<crate::policy::Policy>,
+    /// When each denied destination was last logged (UDP and ICMP repeat).
+    audit_logged: std::collections::HashMap<(crate::policy::Proto, IpAddr, Option<u16>), Instant>,
     gateway_v4: std::net::Ipv4Addr,
     guest_v4: std::net::Ipv4Addr,
 }
@@ -121,6 +125,8 @@ impl Services {
                 self.guest_mac = mac;
             }
         }
+        let kind = classify::classify(frame, &self.own);
+        let allowed = self.police(&kind, now);
         let ctx = Ctx {
             host: &self.host,
             metrics: &self.metrics,
@@ -128,7 +134,12 @@ impl Services {
             allow_host_loopback: self.allow_host_loopback,
             now,
         };
-        match classify::classify(frame, &self.own) {
+        match kind {
+            classify::Kind::TcpSyn { src, dst, seq } if !allowed => {
+                self.refuse(src, dst, seq);
+                true
+            }
+            classify::Kind::Udp { .. } | classify::Kind::Echo(_) if !allowed => true,
             classify::Kind::Dhcp { payload } => {
                 match self.dhcp.handle(payload, now) {
                     dhcp::Outcome::Reply(reply) => {
@@ -215,6 +226,75 @@ impl Services {
             }
             classify::Kind::Stack => false,
         }
+    }
+
+    /// The egress policy's word on a frame that would open or use a flow;
+    /// true for everything else. Denies are counted and logged to the audit
+    /// stream (repeats of a UDP/ICMP destination at most once per second).
+    fn police(&mut self, kind: &classify::Kind<'_>, now: Instant) -> bool {
+        use crate::dns::intercept::{DNS_PORT, ENCRYPTED_DNS_PORT};
+        use crate::policy::{Action, Flow, NameSource, Proto};
+        let (proto, dst, port) = match kind {
+            classify::Kind::TcpSyn { dst, .. }
+                if dst.port() != DNS_PORT && dst.port() != ENCRYPTED_DNS_PORT =>
+            {
+                (Proto::Tcp, dst.ip(), Some(dst.port()))
+            }
+            classify::Kind::Udp { dst, .. }
+                if dst.port() != DNS_PORT && dst.port() != ENCRYPTED_DNS_PORT =>
+            {
+                // Replies to published ports are inbound traffic.
+                let published = self.own.is_own(dst.ip())
+                    && self
+                        .published
+                        .as_ref()
+                        .is_some_and(|p| p.is_session_port(dst.port()));
+                if published {
+                    return true;
+                }
+                (Proto::Udp, dst.ip(), Some(dst.port()))
+            }
+            classify::Kind::Echo(e) => (Proto::Icmp, e.dst, None),
+            _ => return true,
+        };
+        let name = self.pins.name_of(dst, now);
+        let decision = self.policy.decide(&Flow {
+            dst,
+            proto,
+            port,
+            name: name.as_deref().map(|n| (n, NameSource::Dns)),
+        });
+        if decision.action == Action::Allow {
+            if proto == Proto::Tcp {
+                self.metrics.inc(Counter::policy_allowed);
+            }
+            return true;
+        }
+        self.metrics.inc(Counter::policy_denied);
+        let key = (proto, dst, port);
+        let quiet = proto != Proto::Tcp
+            && self
+                .audit_logged
+                .get(&key)
+                .is_some_and(|t| now.saturating_duration_since(*t) < Duration::from_secs(1));
+        if !quiet {
+            if self.audit_logged.len() >= 4096 {
+                self.audit_logged.clear();
+            }
+            self.audit_logged.insert(key, now);
+            tracing::warn!(
+                target: "vhost_gateway::audit",
+                proto = proto.as_str(),
+                dst = %dst,
+                port = port.unwrap_or(0),
+                name = name.as_deref().unwrap_or("-"),
+                name_source = if name.is_some() { NameSource::Dns.as_str() } else { "-" },
+                decision = "deny",
+                rule = decision.rule.map_or_else(|| "default".to_owned(), |r| r.to_string()),
+                "egress denied"
+            );
+        }
+        false
     }
 
     fn to_guest(&self, from: IpAddr, to: IpAddr) -> frames::Ends {
@@ -337,6 +417,7 @@ impl Engine {
         });
         let allow_loopback = config.outbound.allow_host_loopback;
         let pins = Arc::new(crate::dns::pins::Pins::new(config.dns.max_pins));
+        let policy = Arc::new(config.policy());
         Self {
             iface,
             sockets: SocketSet::new(Vec::new()),
@@ -372,10 +453,13 @@ impl Engine {
                         dns_upstreams(config),
                         own_networks(config),
                         pins.clone(),
+                        policy.clone(),
                     ),
                     config.dns.max_inflight,
                 ),
                 pins,
+                policy,
+                audit_logged: std::collections::HashMap::new(),
                 gateway_v4: net.ipv4_gateway,
                 guest_v4: net.ipv4_guest,
             },

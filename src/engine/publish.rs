@@ -119,6 +119,11 @@ impl Published {
         true
     }
 
+    /// Whether `port` is a gateway port of a published UDP session.
+    pub fn is_session_port(&self, port: u16) -> bool {
+        self.by_port.contains_key(&port)
+    }
+
     /// Forgets idle UDP sessions.
     pub fn expire(&mut self, now: Instant) {
         let idle = self.idle;

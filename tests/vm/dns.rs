@@ -7,7 +7,7 @@ use crate::common::Server;
 use crate::harness::{Daemon, GuestOpts, Netns, boot};
 
 /// dnsmasq on 192.0.2.53 answering only from `records` (its own flags).
-fn dnsmasq_with(ns: &Netns, records: &[&str]) -> Server {
+pub fn dnsmasq_with(ns: &Netns, records: &[&str]) -> Server {
     ns.add_addr("192.0.2.53/32");
     let server = Server(
         ns.command("dnsmasq")

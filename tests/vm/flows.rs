@@ -198,7 +198,14 @@ vg-probe tcp-send-file {HOST_V4}:5001 /tmp/blob
 #[test]
 fn host_loopback_through_the_gateway_when_allowed() {
     let world = World::new("loop");
-    let daemon = Daemon::start(&world.ns, Some("[outbound]\nallow-host-loopback = true\n"));
+    // The mapping switch and a policy rule that lets the guest use it (the
+    // default preset denies the host).
+    let daemon = Daemon::start(
+        &world.ns,
+        Some(
+            "[outbound]\nallow-host-loopback = true\n[[policy.rule]]\naction = \"allow\"\ndestination = \"group:host\"\n",
+        ),
+    );
     let script = r#"
 dhcp
 wait_v6

@@ -9,6 +9,7 @@ mod common;
 mod dns;
 mod flows;
 mod harness;
+mod policy;
 
 use std::time::Duration;
 
