@@ -9,6 +9,7 @@ mod metrics;
 mod policy;
 mod ports;
 mod proxy;
+mod tls;
 mod vhost;
 mod virtio;
 

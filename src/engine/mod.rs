@@ -87,6 +87,15 @@ impl Ctx<'_> {
     }
 }
 
+/// The policy's answer for one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Allow,
+    Deny,
+    /// Accept the TCP flow and decide on its first bytes.
+    Peek,
+}
+
 /// Everything that sees guest frames before smoltcp, and what it queues.
 pub struct Services {
     own: classify::Own,
@@ -126,7 +135,8 @@ impl Services {
             }
         }
         let kind = classify::classify(frame, &self.own);
-        let allowed = self.police(&kind, now);
+        let verdict = self.police(&kind, now);
+        let allowed = verdict != Verdict::Deny;
         let ctx = Ctx {
             host: &self.host,
             metrics: &self.metrics,
@@ -138,6 +148,25 @@ impl Services {
             classify::Kind::TcpSyn { src, dst, seq } if !allowed => {
                 self.refuse(src, dst, seq);
                 true
+            }
+            classify::Kind::TcpSyn { src, dst, seq } if verdict == Verdict::Peek => {
+                let Some(upstream) = ctx.upstream(dst) else {
+                    self.refuse(src, dst, seq);
+                    return true;
+                };
+                let (policy, metrics) = (self.policy.clone(), self.metrics.clone());
+                let timeout = self.tcp.connect_timeout();
+                let local: tcp::LocalService = Box::new(move |host: &Host| {
+                    crate::proxy::tcp::spawn_deciding(host, dst, upstream, timeout, policy, metrics)
+                });
+                match self.tcp.on_syn(&ctx, frame, (src, dst), seq, Some(local)) {
+                    tcp::Syn::Held => true,
+                    tcp::Syn::Pass => false,
+                    tcp::Syn::Refuse => {
+                        self.refuse(src, dst, seq);
+                        true
+                    }
+                }
             }
             classify::Kind::Udp { .. } | classify::Kind::Echo(_) if !allowed => true,
             classify::Kind::Dhcp { payload } => {
@@ -229,11 +258,18 @@ impl Services {
     }
 
     /// The egress policy's word on a frame that would open or use a flow;
-    /// true for everything else. Denies are counted and logged to the audit
-    /// stream (repeats of a UDP/ICMP destination at most once per second).
-    fn police(&mut self, kind: &classify::Kind<'_>, now: Instant) -> bool {
+    /// Allow for everything else. Denies are counted and logged to the audit
+    /// stream (repeats of a UDP/ICMP destination at most once per second). A
+    /// TCP flow whose decision a hostname could change, with no DNS pin for
+    /// its address, is decided on its first bytes (Peek).
+    fn police(&mut self, kind: &classify::Kind<'_>, now: Instant) -> Verdict {
         use crate::dns::intercept::{DNS_PORT, ENCRYPTED_DNS_PORT};
         use crate::policy::{Action, Flow, NameSource, Proto};
+        // A SYN for a flow that exists (a retransmission) keeps the flow's
+        // first decision.
+        if self.tcp.has_socket_for(kind) {
+            return Verdict::Allow;
+        }
         let (proto, dst, port) = match kind {
             classify::Kind::TcpSyn { dst, .. }
                 if dst.port() != DNS_PORT && dst.port() != ENCRYPTED_DNS_PORT =>
@@ -250,25 +286,29 @@ impl Services {
                         .as_ref()
                         .is_some_and(|p| p.is_session_port(dst.port()));
                 if published {
-                    return true;
+                    return Verdict::Allow;
                 }
                 (Proto::Udp, dst.ip(), Some(dst.port()))
             }
             classify::Kind::Echo(e) => (Proto::Icmp, e.dst, None),
-            _ => return true,
+            _ => return Verdict::Allow,
         };
         let name = self.pins.name_of(dst, now);
-        let decision = self.policy.decide(&Flow {
+        let flow = Flow {
             dst,
             proto,
             port,
             name: name.as_deref().map(|n| (n, NameSource::Dns)),
-        });
+        };
+        if proto == Proto::Tcp && name.is_none() && self.policy.needs_name(&flow) {
+            return Verdict::Peek;
+        }
+        let decision = self.policy.decide(&flow);
         if decision.action == Action::Allow {
             if proto == Proto::Tcp {
                 self.metrics.inc(Counter::policy_allowed);
             }
-            return true;
+            return Verdict::Allow;
         }
         self.metrics.inc(Counter::policy_denied);
         let key = (proto, dst, port);
@@ -294,7 +334,7 @@ impl Services {
                 "egress denied"
             );
         }
-        false
+        Verdict::Deny
     }
 
     fn to_guest(&self, from: IpAddr, to: IpAddr) -> frames::Ends {

@@ -37,6 +37,10 @@ struct Flow {
     fin_to_guest: bool,
     fin_to_host: bool,
     last_active: Instant,
+    /// We aborted the socket; its RST has yet to go out.
+    aborted: bool,
+    /// One poll has passed since the abort.
+    abort_flushed: bool,
 }
 
 impl Flow {
@@ -52,6 +56,8 @@ impl Flow {
             fin_to_guest: false,
             fin_to_host: false,
             last_active: now,
+            aborted: false,
+            abort_flushed: false,
         }
     }
 }
@@ -105,6 +111,22 @@ impl Flows {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.flows.is_empty()
+    }
+
+    /// The upstream connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.connect_timeout_ms)
+    }
+
+    /// Whether a SYN belongs to a flow that already exists (a retransmit
+    /// or a SYN smoltcp must see), which keeps its first decision.
+    pub fn has_socket_for(&self, kind: &super::classify::Kind<'_>) -> bool {
+        match kind {
+            super::classify::Kind::TcpSyn { src, dst, .. } => {
+                self.flows.contains_key(&(*src, *dst))
+            }
+            _ => false,
+        }
     }
 
     /// A guest SYN (`frame`) from `src` to `dst` with sequence `seq`. With
@@ -265,6 +287,17 @@ impl Flows {
             if pump(flow, socket, now) {
                 effects.progress = true;
             }
+            // An aborted socket stays one more poll so smoltcp sends its RST;
+            // removed right away, the guest would never hear of the reset.
+            if flow.aborted {
+                if flow.abort_flushed {
+                    finished.push(*key);
+                } else {
+                    flow.abort_flushed = true;
+                    effects.progress = true;
+                }
+                continue;
+            }
             let state = socket.state();
             let stalled_handshake =
                 matches!(state, State::Listen | State::SynReceived | State::SynSent)
@@ -275,15 +308,18 @@ impl Flows {
                     metrics.inc(Counter::tcp_idle_timeouts);
                 }
                 socket.abort();
+                flow.aborted = true;
                 effects.progress = true;
             }
-            if matches!(state, State::Closed | State::TimeWait) || stalled_handshake || idle_out {
+            if matches!(state, State::Closed | State::TimeWait) || flow.aborted {
                 if !(flow.fin_to_host && flow.host_fin) {
                     // Not a clean close on both sides: the host must see a
                     // reset, not a FIN.
                     let _ = flow.channels.to_host.try_send(ToHost::Reset);
                 }
-                finished.push(*key);
+                if !flow.aborted {
+                    finished.push(*key);
+                }
             }
         }
         for key in finished {
@@ -328,6 +364,7 @@ fn pump(flow: &mut Flow, socket: &mut tcp::Socket<'static>, now: Instant) -> boo
                 }
                 Ok(FromHost::Reset) | Err(TryRecvError::Disconnected) => {
                     socket.abort();
+                    flow.aborted = true;
                     return true;
                 }
                 Ok(FromHost::Connected(_) | FromHost::Failed(_)) => continue,
@@ -377,6 +414,7 @@ fn pump(flow: &mut Flow, socket: &mut tcp::Socket<'static>, now: Instant) -> boo
             Err(TrySendError::Full(())) => break,
             Err(TrySendError::Closed(())) => {
                 socket.abort();
+                flow.aborted = true;
                 return true;
             }
         };

@@ -12,12 +12,15 @@ use std::net::IpAddr;
 
 pub use rule::{Action, Destination, Group, Proto, Rule};
 
-/// Where a flow's hostname came from. (TLS SNI and HTTP Host, read from a
-/// flow's first bytes, come with the next step of the policy work.)
+/// Where a flow's hostname came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NameSource {
     /// The guest's own DNS answer for the address (a pin).
     Dns,
+    /// TLS ClientHello SNI, from the flow's first bytes.
+    Sni,
+    /// HTTP/1 Host header, from the flow's first bytes.
+    Host,
 }
 
 impl NameSource {
@@ -25,6 +28,8 @@ impl NameSource {
     pub fn as_str(self) -> &'static str {
         match self {
             NameSource::Dns => "dns",
+            NameSource::Sni => "sni",
+            NameSource::Host => "host",
         }
     }
 }
@@ -92,6 +97,24 @@ impl Policy {
             action: self.default,
             rule: None,
         }
+    }
+
+    /// Whether knowing the flow's hostname could change its decision: a
+    /// domain rule for its protocol and port, with the other action, comes
+    /// before the rule (or default) that decides it without a name.
+    pub fn needs_name(&self, flow: &Flow<'_>) -> bool {
+        let without = self.decide(&Flow {
+            name: None,
+            ..*flow
+        });
+        let last = without.rule.unwrap_or(self.rules.len() + 1);
+        self.rules.iter().take(last - 1).any(|rule| {
+            matches!(
+                rule.destination,
+                Destination::Domain(_) | Destination::Suffix(_)
+            ) && rule.action != without.action
+                && rule.matches_transport(flow.proto, flow.port)
+        })
     }
 
     /// For a DNS query for `name`: the first rule naming a domain that

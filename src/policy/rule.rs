@@ -248,6 +248,13 @@ impl Rule {
             && self.destination.matches(ip, name, own)
     }
 
+    /// Whether the rule's protocols and ports admit this flow.
+    pub fn matches_transport(&self, proto: Proto, port: Option<u16>) -> bool {
+        (self.protos.is_empty() || self.protos.contains(&proto))
+            && (self.ports.is_empty()
+                || port.is_some_and(|p| self.ports.iter().any(|(lo, hi)| (*lo..=*hi).contains(&p))))
+    }
+
     /// Whether every flow `later` matches is matched by `self` (so `later`
     /// never decides when it comes after `self`). Conservative: only
     /// clear-cut cases.

@@ -229,3 +229,40 @@ destination = "192.0.2.0/24"
     );
     assert_eq!(p.shadowed(), vec![(2, 1)]);
 }
+
+#[test]
+fn a_name_is_needed_only_when_it_could_change_the_outcome() {
+    let flow = |dst: &str, port| Flow {
+        dst: dst.parse().unwrap(),
+        proto: Proto::Tcp,
+        port: Some(port),
+        name: None,
+    };
+    // Deny rules for names cannot change a deny; an allow for names can.
+    let p = policy(
+        r#"
+[[policy.rule]]
+action = "deny"
+destination = "*.denied.test"
+
+[[policy.rule]]
+action = "allow"
+destination = "*.allowed.test"
+ports = [443]
+"#,
+    );
+    assert!(
+        !p.needs_name(&flow("10.0.0.1", 80)),
+        "private is denied either way"
+    );
+    assert!(
+        p.needs_name(&flow("192.0.2.1", 80)),
+        "public allowed, but a name could deny"
+    );
+    assert!(p.needs_name(&flow("10.0.0.1", 443)), "a name could allow");
+    assert!(!p.needs_name(&flow("10.0.0.1", 22)));
+    assert!(
+        !policy("").needs_name(&flow("192.0.2.1", 443)),
+        "no domain rules"
+    );
+}

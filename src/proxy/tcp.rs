@@ -278,3 +278,94 @@ async fn engine_to_host(
         }
     }
 }
+
+/// Bytes of a flow's beginning read to find its name.
+const PEEK_BYTES: usize = 4096;
+/// How long the guest gets to send them.
+const PEEK_TIME: Duration = Duration::from_secs(5);
+
+/// A flow whose policy decision waits for its name: accepted at once (the
+/// guest sends its first bytes), decided on the TLS SNI or HTTP Host in them
+/// (or without a name after `PEEK_BYTES` or `PEEK_TIME`), then dialled and
+/// relayed with those bytes first, or reset.
+pub fn spawn_deciding(
+    host: &Host,
+    dst: SocketAddr,
+    upstream: SocketAddr,
+    connect_timeout: Duration,
+    policy: Arc<crate::policy::Policy>,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Channels {
+    use crate::policy::{Action, Flow, NameSource, Proto};
+    use crate::tls::sni::{Peek, client_hello_sni, http_host};
+    let (channels, mut rx, tx) = pair();
+    let host = host.clone();
+    host.runtime.clone().spawn(async move {
+        if tx.send(FromHost::Connected(None)).await.is_err() {
+            return;
+        }
+        host.wake.wake();
+        let mut first: Vec<u8> = Vec::new();
+        let deadline = tokio::time::Instant::now() + PEEK_TIME;
+        let name = loop {
+            let message = tokio::select! {
+                m = rx.recv() => m,
+                () = tokio::time::sleep_until(deadline) => break None,
+            };
+            host.wake.wake();
+            match message {
+                Some(ToHost::Data(bytes)) => first.extend_from_slice(&bytes),
+                // The guest gave up before saying where it goes.
+                _ => return,
+            }
+            match (client_hello_sni(&first), http_host(&first)) {
+                (Peek::Name(n), _) => break Some((n, NameSource::Sni)),
+                (_, Peek::Name(n)) => break Some((n, NameSource::Host)),
+                (Peek::NoName, Peek::NoName) => break None,
+                _ if first.len() >= PEEK_BYTES => break None,
+                _ => {}
+            }
+        };
+        let decision = policy.decide(&Flow {
+            dst: dst.ip(),
+            proto: Proto::Tcp,
+            port: Some(dst.port()),
+            name: name.as_ref().map(|(n, s)| (n.as_str(), *s)),
+        });
+        if decision.action == Action::Deny {
+            metrics.inc(crate::metrics::Counter::policy_denied);
+            tracing::warn!(
+                target: "vhost_gateway::audit",
+                proto = "tcp",
+                dst = %dst.ip(),
+                port = dst.port(),
+                name = name.as_ref().map_or("-", |(n, _)| n.as_str()),
+                name_source = name.as_ref().map_or("-", |(_, s)| s.as_str()),
+                decision = "deny",
+                rule = decision.rule.map_or_else(|| "default".to_owned(), |r| r.to_string()),
+                "egress denied"
+            );
+            let _ = tx.send(FromHost::Reset).await;
+            host.wake.wake();
+            return;
+        }
+        metrics.inc(crate::metrics::Counter::policy_allowed);
+        let stream =
+            match tokio::time::timeout(connect_timeout, host.upstream.connect(upstream)).await {
+                Ok(Ok(stream)) => stream,
+                _ => {
+                    let _ = tx.send(FromHost::Reset).await;
+                    host.wake.wake();
+                    return;
+                }
+            };
+        let direct = direct(stream);
+        if write_all(&direct.stream, &first).await.is_err() {
+            let _ = tx.send(FromHost::Reset).await;
+            host.wake.wake();
+            return;
+        }
+        relay(direct, rx, tx, &host.wake).await;
+    });
+    channels
+}

@@ -132,3 +132,84 @@ echo VG-END
         "{audit:#?}"
     );
 }
+
+#[test]
+fn domain_allow_list_decides_on_sni_and_host_without_a_pin() {
+    let ns = Netns::new("names");
+    ns.add_addr("192.0.2.10/32");
+    let tcp = ns.enter(|| TcpListener::bind("192.0.2.10:7").unwrap());
+    serve_tcp_echo(tcp);
+    let www = crate::common::TempDir::new("names-www");
+    std::fs::write(www.0.join("small"), "hello by name\n").unwrap();
+    let _httpd = crate::common::Server(
+        ns.command("busybox")
+            .args(["httpd", "-f", "-p", "192.0.2.10:80", "-h"])
+            .arg(&www.0)
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // Only names under allowed.test, by default deny: no DNS is involved, so
+    // the names come from the flows' first bytes.
+    let config = r#"
+[policy]
+preset = "none"
+
+[[policy.rule]]
+action = "allow"
+destination = "*.allowed.test"
+"#;
+    let daemon = Daemon::start(&ns, Some(config));
+    let script = r#"
+dhcp
+vg-probe tls-hello 192.0.2.10:7 www.allowed.test
+vg-probe tls-hello 192.0.2.10:7 www.denied.test
+echo VG-HOST-OK; wget -q -O - --header 'Host: www.allowed.test' http://192.0.2.10/small
+echo VG-HOST-DENIED; wget -q -O - --header 'Host: www.denied.test' http://192.0.2.10/small
+echo VG-BARE-IP; wget -q -O - http://192.0.2.10/small
+echo VG-END
+"#;
+    let console = boot(&GuestOpts::new(&daemon.socket, script));
+    assert!(
+        console.contains("VG-TLS www.allowed.test result=echoed"),
+        "{console}"
+    );
+    let denied = line_after(&console, "VG-TLS www.denied.test").unwrap_or("");
+    assert!(
+        denied.contains("result=reset") || denied.contains("result=closed"),
+        "{console}"
+    );
+    let section = |from: &str, to: &str| {
+        console
+            .split(from)
+            .nth(1)
+            .and_then(|r| r.split(to).next())
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert!(
+        section("VG-HOST-OK", "VG-HOST-DENIED").contains("hello by name"),
+        "{console}"
+    );
+    assert!(
+        !section("VG-HOST-DENIED", "VG-BARE-IP").contains("hello by name"),
+        "{console}"
+    );
+    assert!(
+        !section("VG-BARE-IP", "VG-END").contains("hello by name"),
+        "{console}"
+    );
+    let log = daemon.log();
+    assert!(
+        log.lines().any(|l| l.contains("egress denied")
+            && l.contains("www.denied.test")
+            && l.contains("\"sni\"")),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("egress denied")
+            && l.contains("www.denied.test")
+            && l.contains("\"host\"")),
+        "{log}"
+    );
+}

@@ -12,7 +12,8 @@ fn usage() -> ! {
         "usage: vg-probe udp-echo ADDR COUNT SIZE | udp-echo-server PORT | tcp-echo-server PORT \
          | tcp-many ADDR N | tcp-rr ADDR N | tcp-crr ADDR N | tcp-send ADDR MIB \
          | tcp-send-file ADDR PATH | tcp-connect ADDR \
-         | tcp-hold ADDR SECS | dns ADDR NAME udp|tcp"
+         | tcp-hold ADDR SECS | dns ADDR NAME udp|tcp \
+         | tls-hello ADDR SNI"
     );
     std::process::exit(2)
 }
@@ -36,6 +37,7 @@ fn main() {
         Some("tcp-send-file") => tcp_send_file(arg(&args, 2), &arg::<String>(&args, 3)),
         Some("tcp-connect") => tcp_connect(arg(&args, 2)),
         Some("tcp-hold") => tcp_hold(arg(&args, 2), arg(&args, 3)),
+        Some("tls-hello") => tls_hello(arg(&args, 2), &arg::<String>(&args, 3)),
         Some("dns") => dns(
             arg(&args, 2),
             &arg::<String>(&args, 3),
@@ -299,4 +301,43 @@ fn dns(addr: SocketAddr, name: &str, transport: &str) {
         u8::from(tc),
         answer.len()
     );
+}
+
+/// Sends a minimal TLS ClientHello naming `sni` to an echo server: the
+/// hello coming back means the flow was let through.
+fn tls_hello(addr: SocketAddr, sni: &str) {
+    let name = sni.as_bytes();
+    let mut server_name = vec![0u8];
+    server_name.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    server_name.extend_from_slice(name);
+    let mut list = (server_name.len() as u16).to_be_bytes().to_vec();
+    list.extend_from_slice(&server_name);
+    let mut ext = vec![0u8, 0];
+    ext.extend_from_slice(&(list.len() as u16).to_be_bytes());
+    ext.extend_from_slice(&list);
+    let mut hello = vec![3, 3];
+    hello.extend_from_slice(&[7; 32]);
+    hello.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+    hello.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    hello.extend_from_slice(&ext);
+    let mut hs = vec![1u8, 0];
+    hs.extend_from_slice(&(hello.len() as u16).to_be_bytes());
+    hs.extend_from_slice(&hello);
+    let mut record = vec![22u8, 3, 1];
+    record.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    record.extend_from_slice(&hs);
+    let result = (|| -> std::io::Result<&'static str> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(8)))?;
+        s.write_all(&record)?;
+        let mut back = vec![0u8; record.len()];
+        match s.read_exact(&mut back) {
+            Ok(()) if back == record => Ok("echoed"),
+            Ok(()) => Ok("garbled"),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok("reset"),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok("closed"),
+            Err(e) => Err(e),
+        }
+    })();
+    println!("VG-TLS {sni} result={}", result.unwrap_or("error"));
 }
