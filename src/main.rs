@@ -1,5 +1,6 @@
 //! vhost-gateway: parse the command line, set up logging, run, exit code.
 
+mod audit;
 mod cli;
 mod config;
 mod daemon;

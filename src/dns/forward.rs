@@ -144,15 +144,14 @@ impl Forwarder {
         }
         // A name the egress policy denies is answered like a blocked one.
         if let Some(rule) = self.policy.name_denied(&name) {
-            tracing::warn!(
-                target: "vhost_gateway::audit",
-                proto = "dns",
-                name = name.trim_end_matches('.'),
-                name_source = "query",
-                decision = "deny",
-                rule,
-                "egress denied"
-            );
+            crate::audit::deny(&crate::audit::Deny {
+                proto: "dns",
+                dst: None,
+                port: 0,
+                name: Some(name.trim_end_matches('.')),
+                name_source: Some("query"),
+                rule: Some(rule),
+            });
             return (self.refusal(&parsed), Outcome::Blocked);
         }
         for _ in 0..self.attempts {

@@ -322,17 +322,14 @@ impl Services {
                 self.audit_logged.clear();
             }
             self.audit_logged.insert(key, now);
-            tracing::warn!(
-                target: "vhost_gateway::audit",
-                proto = proto.as_str(),
-                dst = %dst,
-                port = port.unwrap_or(0),
-                name = name.as_deref().unwrap_or("-"),
-                name_source = if name.is_some() { NameSource::Dns.as_str() } else { "-" },
-                decision = "deny",
-                rule = decision.rule.map_or_else(|| "default".to_owned(), |r| r.to_string()),
-                "egress denied"
-            );
+            crate::audit::deny(&crate::audit::Deny {
+                proto: proto.as_str(),
+                dst: Some(dst),
+                port: port.unwrap_or(0),
+                name: name.as_deref(),
+                name_source: name.as_ref().map(|_| NameSource::Dns.as_str()),
+                rule: decision.rule,
+            });
         }
         Verdict::Deny
     }

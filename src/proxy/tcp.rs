@@ -334,17 +334,14 @@ pub fn spawn_deciding(
         });
         if decision.action == Action::Deny {
             metrics.inc(crate::metrics::Counter::policy_denied);
-            tracing::warn!(
-                target: "vhost_gateway::audit",
-                proto = "tcp",
-                dst = %dst.ip(),
-                port = dst.port(),
-                name = name.as_ref().map_or("-", |(n, _)| n.as_str()),
-                name_source = name.as_ref().map_or("-", |(_, s)| s.as_str()),
-                decision = "deny",
-                rule = decision.rule.map_or_else(|| "default".to_owned(), |r| r.to_string()),
-                "egress denied"
-            );
+            crate::audit::deny(&crate::audit::Deny {
+                proto: "tcp",
+                dst: Some(dst.ip()),
+                port: dst.port(),
+                name: name.as_ref().map(|(n, _)| n.as_str()),
+                name_source: name.as_ref().map(|(_, s)| s.as_str()),
+                rule: decision.rule,
+            });
             let _ = tx.send(FromHost::Reset).await;
             host.wake.wake();
             return;
