@@ -8,12 +8,13 @@
 //! Pure: bytes in, bytes out; runs inside the forwarder's task.
 #![forbid(unsafe_code)]
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use hickory_proto::op::Message;
 use hickory_proto::rr::RData;
 
 use super::names::BlockList;
+use crate::policy::Group;
 
 /// What filtering did to an answer.
 #[derive(Debug, PartialEq, Eq)]
@@ -93,34 +94,28 @@ fn same_network(a: IpAddr, b: IpAddr, len: u8) -> bool {
     }
 }
 
-/// Addresses no public name should point at.
+/// Addresses no public name should point at: the policy's loopback,
+/// private, link-local, metadata and multicast groups (one definition of
+/// "internal" for both), plus unspecified, broadcast and 0.0.0.0/8.
 pub fn internal(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => internal_v4(v4),
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return internal_v4(v4);
-            }
-            let first = v6.segments()[0];
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || first & 0xfe00 == 0xfc00 // unique local, incl. fd00:ec2::254
-                || first & 0xffc0 == 0xfe80 // link-local
-        }
-    }
-}
-
-fn internal_v4(ip: Ipv4Addr) -> bool {
-    let [a, b, ..] = ip.octets();
-    ip.is_loopback()
-        || ip.is_private()
-        || ip.is_link_local() // 169.254/16, incl. metadata 169.254.169.254
-        || ip.is_unspecified()
-        || ip.is_broadcast()
-        || ip.is_multicast()
-        || a == 0
-        || (a == 100 && (64..128).contains(&b)) // CGNAT (RFC 6598)
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    let special = match ip {
+        IpAddr::V4(v4) => v4.is_unspecified() || v4.is_broadcast() || v4.octets()[0] == 0,
+        IpAddr::V6(v6) => v6.is_unspecified(),
+    };
+    special
+        || [
+            Group::Loopback,
+            Group::Private,
+            Group::LinkLocal,
+            Group::Metadata,
+            Group::Multicast,
+        ]
+        .iter()
+        .any(|g| g.contains(ip, &[]))
 }
 
 #[cfg(test)]

@@ -103,7 +103,8 @@ impl Group {
         })
     }
 
-    fn contains(self, ip: IpAddr, own: &[IpAddr]) -> bool {
+    /// Whether `ip` is in the group (`own`: the gateway's addresses).
+    pub fn contains(self, ip: IpAddr, own: &[IpAddr]) -> bool {
         match self {
             Group::Host => own.contains(&ip),
             Group::Loopback => ip.is_loopback(),
