@@ -18,8 +18,36 @@ pub struct Deny<'a> {
     pub name: Option<&'a str>,
     /// Where the name came from: dns, sni, host, query.
     pub name_source: Option<&'a str>,
-    /// 1-based rule; None: the default.
+    /// 1-based rule; None: the default (only read when `reason` is
+    /// `Policy`).
     pub rule: Option<usize>,
+    /// Why: a rule (or the default), or a name that does not belong to
+    /// the address.
+    pub reason: Reason,
+}
+
+/// Why a flow was denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The rule (or default) named in the line.
+    Policy,
+    /// The flow's SNI/Host is not a name the guest was given the address
+    /// for (fronting an address with another name).
+    NameNotPinned,
+    /// The flow's SNI/Host, with no DNS answer behind the address, does not
+    /// resolve to it.
+    NameNotResolving,
+}
+
+impl Reason {
+    /// Value of the `reason` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Policy => "policy",
+            Reason::NameNotPinned => "name-not-pinned",
+            Reason::NameNotResolving => "name-not-resolving",
+        }
+    }
 }
 
 /// Writes the audit line.
@@ -32,7 +60,13 @@ pub fn deny(d: &Deny<'_>) {
         name = d.name.unwrap_or("-"),
         name_source = d.name_source.unwrap_or("-"),
         decision = "deny",
-        rule = d.rule.map_or_else(|| "default".to_owned(), |r| r.to_string()),
+        rule = match (d.reason, d.rule) {
+            (Reason::Policy, Some(r)) => r.to_string(),
+            (Reason::Policy, None) => "default".to_owned(),
+            // No rule denied it: the name did not belong to the address.
+            _ => "-".to_owned(),
+        },
+        reason = d.reason.as_str(),
         "egress denied"
     );
 }

@@ -151,6 +151,7 @@ impl Forwarder {
                 name: Some(name.trim_end_matches('.')),
                 name_source: Some("query"),
                 rule: Some(rule),
+                reason: crate::audit::Reason::Policy,
             });
             return (self.refusal(&parsed), Outcome::Blocked);
         }
@@ -177,6 +178,44 @@ impl Forwarder {
             }
         }
         (error_reply(query, ResponseCode::ServFail), Outcome::Failed)
+    }
+
+    /// Whether `name` resolves to `addr` through this forwarder (its block
+    /// list, policy, rebind filter and upstreams; the answer is pinned like
+    /// the guest's own). For a flow whose name came from its own first bytes
+    /// with no DNS answer behind it: an allowed name admits only the
+    /// addresses it really has.
+    pub async fn resolves_to(&self, name: &str, addr: IpAddr) -> bool {
+        use hickory_proto::op::Query;
+        use hickory_proto::rr::Name;
+        let Ok(qname) = Name::from_ascii(format!("{}.", name.trim_end_matches('.'))) else {
+            return false;
+        };
+        let kind = if addr.is_ipv4() {
+            RecordType::A
+        } else {
+            RecordType::AAAA
+        };
+        let mut query = Message::query();
+        query.metadata.id = query_id();
+        query.metadata.recursion_desired = true;
+        query.add_query(Query::query(qname, kind));
+        let Ok(bytes) = query.to_vec() else {
+            return false;
+        };
+        let (Some(answer), Outcome::Answered | Outcome::RebindStripped) =
+            self.answer(&bytes, Transport::Udp).await
+        else {
+            return false;
+        };
+        let Ok(answer) = Message::from_vec(&answer) else {
+            return false;
+        };
+        answer.answers.iter().any(|r| match &r.data {
+            RData::A(a) => IpAddr::V4(a.0) == addr,
+            RData::AAAA(a) => IpAddr::V6(a.0) == addr,
+            _ => false,
+        })
     }
 
     async fn ask(&self, upstream: SocketAddr, query: &[u8], id: u16) -> Option<Vec<u8>> {
@@ -262,6 +301,20 @@ impl Forwarder {
         }
         reply.to_vec().ok()
     }
+}
+
+/// An unpredictable id for the forwarder's own queries (RFC 5452 9.2):
+/// std's per-process random hash keys, mixed with the clock.
+fn query_id() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    let v = h.finish();
+    u16::try_from(v & 0xffff).unwrap_or_default()
 }
 
 /// REFUSED for a query we will not take (the in-flight bound).
@@ -427,6 +480,51 @@ mod tests {
         let f = forwarder(&[], vec![silent.local_addr().unwrap(), alive_addr]);
         let (_, outcome) = f.answer(&query("example.test."), Transport::Udp).await;
         assert_eq!(outcome, Outcome::Answered);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn resolves_to_checks_the_name_against_its_real_answer() {
+        // An upstream where www.a.test is 192.0.2.10 and nothing else exists.
+        let upstream = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = upstream.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((n, peer)) = upstream.recv_from(&mut buf) {
+                let q = Message::from_vec(&buf[..n]).unwrap();
+                let mut reply = Message::response(q.metadata.id, OpCode::Query);
+                reply.queries = q.queries.clone();
+                let question = q.queries[0].clone();
+                if question.name().to_ascii() == "www.a.test." {
+                    if question.query_type() == RecordType::A {
+                        reply.answers.push(Record::from_rdata(
+                            question.name().clone(),
+                            60,
+                            RData::A(A(Ipv4Addr::new(192, 0, 2, 10))),
+                        ));
+                    }
+                } else {
+                    reply.metadata.response_code = ResponseCode::NXDomain;
+                }
+                upstream.send_to(&reply.to_vec().unwrap(), peer).unwrap();
+            }
+        });
+        let f = forwarder(&["blocked.test"], vec![addr]);
+        let ten: IpAddr = "192.0.2.10".parse().unwrap();
+        assert!(f.resolves_to("www.a.test", ten).await);
+        assert!(
+            !f.resolves_to("www.a.test", "192.0.2.11".parse().unwrap())
+                .await
+        );
+        assert!(
+            !f.resolves_to("www.a.test", "2001:db8::10".parse().unwrap())
+                .await
+        );
+        assert!(!f.resolves_to("other.test", ten).await);
+        assert!(!f.resolves_to("blocked.test", ten).await);
+        assert!(!f.resolves_to("bad name with spaces", ten).await);
+        // The check pins what it saw, like a guest's own query.
+        let now = std::time::Instant::now();
+        assert_eq!(f.pins.name_of(ten, now).as_deref(), Some("www.a.test"));
     }
 
     #[tokio::test(flavor = "current_thread")]

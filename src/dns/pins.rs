@@ -1,8 +1,10 @@
-//! Name pins: which name each address the guest was given came from. Every
+//! Name pins: which names each address the guest was given came from. Every
 //! A/AAAA answer handed to the guest records address -> queried name for
 //! the record's TTL (clamped), in a bounded table shared by the forwarder
 //! tasks (writers) and the engine (reader), for the policy's domain rules
-//! and the audit log.
+//! and the audit log. An address keeps a few names (shared hosting and CDNs
+//! answer many names with one address), newest first; a flow's TLS SNI or
+//! HTTP Host must be one of them.
 //!
 //! A plain mutex: entries are tiny and held only for a map operation.
 #![forbid(unsafe_code)]
@@ -21,6 +23,9 @@ const MIN_TTL: Duration = Duration::from_secs(30);
 /// Longest pin.
 const MAX_TTL: Duration = Duration::from_secs(86_400);
 
+/// Names kept per address; the oldest name goes first.
+const NAMES_PER_ADDRESS: usize = 4;
+
 struct Pin {
     name: String,
     expires: Instant,
@@ -28,7 +33,8 @@ struct Pin {
 
 #[derive(Default)]
 struct Inner {
-    by_addr: HashMap<IpAddr, Pin>,
+    /// Newest name first.
+    by_addr: HashMap<IpAddr, Vec<Pin>>,
     /// Insertion order, for eviction when full.
     order: VecDeque<IpAddr>,
 }
@@ -57,7 +63,12 @@ impl Pins {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         let expires = now + ttl.clamp(MIN_TTL, MAX_TTL);
         let mut inner = self.lock();
-        if inner.by_addr.insert(addr, Pin { name, expires }).is_none() {
+        let fresh = !inner.by_addr.contains_key(&addr);
+        let names = inner.by_addr.entry(addr).or_default();
+        names.retain(|p| p.name != name && p.expires > now);
+        names.insert(0, Pin { name, expires });
+        names.truncate(NAMES_PER_ADDRESS);
+        if fresh {
             inner.order.push_back(addr);
         }
         while inner.by_addr.len() > self.max {
@@ -70,12 +81,19 @@ impl Pins {
 
     /// The name `addr` was last given for, if the pin is live.
     pub fn name_of(&self, addr: IpAddr, now: Instant) -> Option<String> {
+        self.names_of(addr, now).into_iter().next()
+    }
+
+    /// Every live name `addr` was given for, newest first.
+    pub fn names_of(&self, addr: IpAddr, now: Instant) -> Vec<String> {
         let inner = self.lock();
-        inner
-            .by_addr
-            .get(&addr)
-            .filter(|p| p.expires > now)
-            .map(|p| p.name.clone())
+        inner.by_addr.get(&addr).map_or_else(Vec::new, |names| {
+            names
+                .iter()
+                .filter(|p| p.expires > now)
+                .map(|p| p.name.clone())
+                .collect()
+        })
     }
 
     /// Pins every A/AAAA record of a DNS answer to the queried name.
@@ -125,9 +143,25 @@ mod tests {
         assert_eq!(pins.len(), 2);
         assert!(pins.name_of(a, t).is_none(), "oldest evicted");
         assert_eq!(pins.name_of(c, t).as_deref(), Some("three.test"));
-        // Re-pinning moves an address to another name.
-        pins.pin(b, "other.test", Duration::from_secs(600), t);
+        // Another name for the same address: newest first, both kept, up
+        // to NAMES_PER_ADDRESS, each with its own expiry.
+        pins.pin(b, "other.test", Duration::from_secs(40), t);
         assert_eq!(pins.name_of(b, t).as_deref(), Some("other.test"));
+        assert_eq!(pins.names_of(b, t), ["other.test", "two.test"]);
+        assert_eq!(pins.names_of(b, t + Duration::from_secs(41)), ["two.test"]);
+        for n in 0..6 {
+            pins.pin(b, &format!("n{n}.test"), Duration::from_secs(600), t);
+        }
+        assert_eq!(
+            pins.names_of(b, t),
+            ["n5.test", "n4.test", "n3.test", "n2.test"]
+        );
+        // Re-pinning a name moves it to the front without a duplicate.
+        pins.pin(b, "n3.test", Duration::from_secs(600), t);
+        assert_eq!(
+            pins.names_of(b, t),
+            ["n3.test", "n5.test", "n4.test", "n2.test"]
+        );
         pins.record_answer(&[1, 2, 3], t);
     }
 }

@@ -16,6 +16,7 @@ pub mod classify;
 pub mod device;
 pub mod dhcp;
 pub mod frames;
+pub mod gate;
 pub mod icmp;
 pub mod ndp;
 pub mod publish;
@@ -150,16 +151,27 @@ impl Services {
                 true
             }
             classify::Kind::TcpSyn { src, dst, seq } if verdict == Verdict::Peek => {
-                let Some(upstream) = ctx.upstream(dst) else {
-                    self.refuse(src, dst, seq);
-                    return true;
+                let names = self.pins.names_of(dst.ip(), now);
+                let (local, gate) = if names.is_empty() {
+                    let Some(upstream) = ctx.upstream(dst) else {
+                        self.refuse(src, dst, seq);
+                        return true;
+                    };
+                    let deciding = crate::proxy::tcp::Deciding {
+                        dst,
+                        upstream,
+                        connect_timeout: self.tcp.connect_timeout(),
+                        policy: self.policy.clone(),
+                        forwarder: self.dns.forwarder(),
+                        metrics: self.metrics.clone(),
+                    };
+                    let local: tcp::LocalService =
+                        Box::new(move |host: &Host| deciding.spawn(host));
+                    (Some(local), None)
+                } else {
+                    (None, Some(gate::Gate::new(names, self.policy.clone())))
                 };
-                let (policy, metrics) = (self.policy.clone(), self.metrics.clone());
-                let timeout = self.tcp.connect_timeout();
-                let local: tcp::LocalService = Box::new(move |host: &Host| {
-                    crate::proxy::tcp::spawn_deciding(host, dst, upstream, timeout, policy, metrics)
-                });
-                match self.tcp.on_syn(&ctx, frame, (src, dst), seq, Some(local)) {
+                match self.tcp.on_syn(&ctx, frame, (src, dst), seq, local, gate) {
                     tcp::Syn::Held => true,
                     tcp::Syn::Pass => false,
                     tcp::Syn::Refuse => {
@@ -223,7 +235,7 @@ impl Services {
                     let name = self.pins.name_of(dst.ip(), now);
                     tracing::debug!(%src, %dst, name = name.as_deref().unwrap_or("-"), "new TCP flow");
                 }
-                match self.tcp.on_syn(&ctx, frame, (src, dst), seq, local) {
+                match self.tcp.on_syn(&ctx, frame, (src, dst), seq, local, None) {
                     tcp::Syn::Held => true,
                     tcp::Syn::Pass => false,
                     tcp::Syn::Refuse => {
@@ -260,8 +272,9 @@ impl Services {
     /// The egress policy's word on a frame that would open or use a flow;
     /// Allow for everything else. Denies are counted and logged to the audit
     /// stream (repeats of a UDP/ICMP destination at most once per second). A
-    /// TCP flow whose decision a hostname could change, with no DNS pin for
-    /// its address, is decided on its first bytes (Peek).
+    /// TCP flow whose decision a hostname could change is decided on its
+    /// first bytes (Peek): with no DNS pin for its address, entirely; with
+    /// pins that allow it, its SNI/Host must be a pinned name and allowed.
     fn police(&mut self, kind: &classify::Kind<'_>, now: Instant) -> Verdict {
         use crate::dns::intercept::{DNS_PORT, ENCRYPTED_DNS_PORT};
         use crate::policy::{Action, Flow, NameSource, Proto};
@@ -300,10 +313,13 @@ impl Services {
             port,
             name: name.as_deref().map(|n| (n, NameSource::Dns)),
         };
-        if proto == Proto::Tcp && name.is_none() && self.policy.needs_name(&flow) {
+        let decision = self.policy.decide(&flow);
+        if proto == Proto::Tcp
+            && (name.is_none() || decision.action == Action::Allow)
+            && self.policy.needs_name(&flow)
+        {
             return Verdict::Peek;
         }
-        let decision = self.policy.decide(&flow);
         if decision.action == Action::Allow {
             if proto == Proto::Tcp {
                 self.metrics.inc(Counter::policy_allowed);
@@ -329,6 +345,7 @@ impl Services {
                 name: name.as_deref(),
                 name_source: name.as_ref().map(|_| NameSource::Dns.as_str()),
                 rule: decision.rule,
+                reason: crate::audit::Reason::Policy,
             });
         }
         Verdict::Deny

@@ -19,6 +19,7 @@ use smoltcp::wire::{IpEndpoint, IpListenEndpoint};
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 
 use super::Ctx;
+use super::gate::Outcome;
 use crate::config::Tcp as TcpConfig;
 use crate::metrics::{Counter, Metrics};
 use crate::proxy::tcp::{CHUNK_BYTES, Channels, FromHost, ToHost, spawn_inbound, spawn_outbound};
@@ -41,6 +42,8 @@ struct Flow {
     aborted: bool,
     /// One poll has passed since the abort.
     abort_flushed: bool,
+    /// The guest's first bytes wait for a name check.
+    gate: Option<super::gate::Gate>,
 }
 
 impl Flow {
@@ -58,6 +61,7 @@ impl Flow {
             last_active: now,
             aborted: false,
             abort_flushed: false,
+            gate: None,
         }
     }
 }
@@ -131,7 +135,8 @@ impl Flows {
 
     /// A guest SYN (`frame`) from `src` to `dst` with sequence `seq`. With
     /// `local`, the flow is served by that in-process service (its task
-    /// answers `Connected` like a dialled upstream) instead of dialling `dst`.
+    /// answers `Connected` like a dialled upstream) instead of dialling `dst`;
+    /// with `gate`, the guest's first bytes are checked before they go on.
     pub fn on_syn(
         &mut self,
         ctx: &Ctx<'_>,
@@ -139,6 +144,7 @@ impl Flows {
         (src, dst): (SocketAddr, SocketAddr),
         seq: u32,
         local: Option<LocalService>,
+        gate: Option<super::gate::Gate>,
     ) -> Syn {
         let metrics = ctx.metrics;
         if let Some(flow) = self.flows.get_mut(&(src, dst)) {
@@ -173,6 +179,7 @@ impl Flows {
         };
         metrics.inc(Counter::tcp_flows);
         let mut flow = Flow::new(channels, None, ctx.now);
+        flow.gate = gate;
         flow.held_syn = frame.to_vec();
         flow.syn_seq = seq;
         self.flows.insert((src, dst), flow);
@@ -284,6 +291,30 @@ impl Flows {
                 continue;
             };
             let socket = sockets.get_mut::<tcp::Socket>(handle);
+            if let Some(gate) = &mut flow.gate {
+                match gate.feed(socket, key.1, metrics) {
+                    Outcome::Wait => {}
+                    Outcome::Open(first) => {
+                        flow.gate = None;
+                        if !first.is_empty() {
+                            if let Some(direct) = &flow.channels.direct {
+                                direct.queue(first.len());
+                            }
+                            // The channel is empty: nothing went to the host yet.
+                            if flow.channels.to_host.try_send(ToHost::Data(first)).is_err() {
+                                socket.abort();
+                                flow.aborted = true;
+                            }
+                        }
+                        effects.progress = true;
+                    }
+                    Outcome::Denied => {
+                        socket.abort();
+                        flow.aborted = true;
+                        effects.progress = true;
+                    }
+                }
+            }
             if pump(flow, socket, now) {
                 effects.progress = true;
             }
@@ -388,6 +419,10 @@ fn pump(flow: &mut Flow, socket: &mut tcp::Socket<'static>, now: Instant) -> boo
         socket.close();
         flow.fin_to_guest = true;
         moved = true;
+    }
+    // Until the gate opens, the guest's bytes (and FIN) are its.
+    if flow.gate.is_some() {
+        return moved;
     }
     // Guest to host: straight into the host socket when nothing is queued
     // for the task (no copy, no thread hop), else through the channel.

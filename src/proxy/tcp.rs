@@ -279,90 +279,137 @@ async fn engine_to_host(
     }
 }
 
-/// Bytes of a flow's beginning read to find its name.
-const PEEK_BYTES: usize = 4096;
-/// How long the guest gets to send them.
+/// How long the guest gets to name its flow.
 const PEEK_TIME: Duration = Duration::from_secs(5);
 
-/// A flow whose policy decision waits for its name: accepted at once (the
-/// guest sends its first bytes), decided on the TLS SNI or HTTP Host in them
-/// (or without a name after `PEEK_BYTES` or `PEEK_TIME`), then dialled and
-/// relayed with those bytes first, or reset.
-pub fn spawn_deciding(
-    host: &Host,
-    dst: SocketAddr,
-    upstream: SocketAddr,
-    connect_timeout: Duration,
-    policy: Arc<crate::policy::Policy>,
-    metrics: Arc<crate::metrics::Metrics>,
-) -> Channels {
-    use crate::policy::{Action, Flow, NameSource, Proto};
-    use crate::tls::sni::{Peek, client_hello_sni, http_host};
-    let (channels, mut rx, tx) = pair();
-    let host = host.clone();
-    host.runtime.clone().spawn(async move {
-        if tx.send(FromHost::Connected(None)).await.is_err() {
-            return;
-        }
-        host.wake.wake();
+/// A flow to an address no DNS answer of ours stands behind, whose policy
+/// decision waits for its name: accepted at once (the guest sends its first
+/// bytes), decided on the TLS SNI or HTTP Host in them (or without a name,
+/// see `first_name`, or after `PEEK_TIME`), then dialled and relayed with
+/// those bytes first, or reset. A name that is what allows the flow must
+/// resolve to the address through our own forwarder: a guest cannot claim
+/// an allowed name to reach any address it likes.
+pub struct Deciding {
+    /// Where the guest connected.
+    pub dst: SocketAddr,
+    /// Where to dial (the host mapping applied).
+    pub upstream: SocketAddr,
+    /// Dial budget.
+    pub connect_timeout: Duration,
+    /// The egress policy.
+    pub policy: Arc<crate::policy::Policy>,
+    /// For checking the name against the address.
+    pub forwarder: Arc<crate::dns::forward::Forwarder>,
+    /// Counters.
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Deciding {
+    /// Starts the flow's task; returns the engine's channel ends.
+    pub fn spawn(self, host: &Host) -> Channels {
+        let (channels, mut rx, tx) = pair();
+        let host = host.clone();
+        host.runtime.clone().spawn(async move {
+            if tx.send(FromHost::Connected(None)).await.is_err() {
+                return;
+            }
+            host.wake.wake();
+            let Some((first, name)) = self.peek(&mut rx, &host.wake).await else {
+                return;
+            };
+            if let Err((rule, reason)) = self.decide(name.as_ref()).await {
+                self.metrics.inc(crate::metrics::Counter::policy_denied);
+                crate::audit::deny(&crate::audit::Deny {
+                    proto: "tcp",
+                    dst: Some(self.dst.ip()),
+                    port: self.dst.port(),
+                    name: name.as_ref().map(|(n, _)| n.as_str()),
+                    name_source: name.as_ref().map(|(_, s)| s.as_str()),
+                    rule,
+                    reason,
+                });
+                let _ = tx.send(FromHost::Reset).await;
+                host.wake.wake();
+                return;
+            }
+            self.metrics.inc(crate::metrics::Counter::policy_allowed);
+            let dialled =
+                tokio::time::timeout(self.connect_timeout, host.upstream.connect(self.upstream))
+                    .await;
+            let Ok(Ok(stream)) = dialled else {
+                let _ = tx.send(FromHost::Reset).await;
+                host.wake.wake();
+                return;
+            };
+            let direct = direct(stream);
+            if write_all(&direct.stream, &first).await.is_err() {
+                let _ = tx.send(FromHost::Reset).await;
+                host.wake.wake();
+                return;
+            }
+            relay(direct, rx, tx, &host.wake).await;
+        });
+        channels
+    }
+
+    /// The guest's first bytes and the name in them; None when the guest
+    /// gave up first.
+    async fn peek(
+        &self,
+        rx: &mut mpsc::Receiver<ToHost>,
+        wake: &Wake,
+    ) -> Option<(Vec<u8>, Option<(String, crate::policy::NameSource)>)> {
+        use crate::tls::sni::{FirstName, first_name};
         let mut first: Vec<u8> = Vec::new();
         let deadline = tokio::time::Instant::now() + PEEK_TIME;
-        let name = loop {
+        loop {
             let message = tokio::select! {
                 m = rx.recv() => m,
-                () = tokio::time::sleep_until(deadline) => break None,
+                () = tokio::time::sleep_until(deadline) => return Some((first, None)),
             };
-            host.wake.wake();
-            match message {
-                Some(ToHost::Data(bytes)) => first.extend_from_slice(&bytes),
-                // The guest gave up before saying where it goes.
-                _ => return,
-            }
-            match (client_hello_sni(&first), http_host(&first)) {
-                (Peek::Name(n), _) => break Some((n, NameSource::Sni)),
-                (_, Peek::Name(n)) => break Some((n, NameSource::Host)),
-                (Peek::NoName, Peek::NoName) => break None,
-                _ if first.len() >= PEEK_BYTES => break None,
-                _ => {}
-            }
-        };
-        let decision = policy.decide(&Flow {
-            dst: dst.ip(),
-            proto: Proto::Tcp,
-            port: Some(dst.port()),
-            name: name.as_ref().map(|(n, s)| (n.as_str(), *s)),
-        });
-        if decision.action == Action::Deny {
-            metrics.inc(crate::metrics::Counter::policy_denied);
-            crate::audit::deny(&crate::audit::Deny {
-                proto: "tcp",
-                dst: Some(dst.ip()),
-                port: dst.port(),
-                name: name.as_ref().map(|(n, _)| n.as_str()),
-                name_source: name.as_ref().map(|(_, s)| s.as_str()),
-                rule: decision.rule,
-            });
-            let _ = tx.send(FromHost::Reset).await;
-            host.wake.wake();
-            return;
-        }
-        metrics.inc(crate::metrics::Counter::policy_allowed);
-        let stream =
-            match tokio::time::timeout(connect_timeout, host.upstream.connect(upstream)).await {
-                Ok(Ok(stream)) => stream,
-                _ => {
-                    let _ = tx.send(FromHost::Reset).await;
-                    host.wake.wake();
-                    return;
+            wake.wake();
+            let finished = match message {
+                Some(ToHost::Data(bytes)) => {
+                    first.extend_from_slice(&bytes);
+                    false
                 }
+                // The guest sent all it will; an empty flow goes nowhere.
+                Some(ToHost::Fin) if !first.is_empty() => true,
+                _ => return None,
             };
-        let direct = direct(stream);
-        if write_all(&direct.stream, &first).await.is_err() {
-            let _ = tx.send(FromHost::Reset).await;
-            host.wake.wake();
-            return;
+            match first_name(&first, finished) {
+                FirstName::Named(n, s) => return Some((first, Some((n, s)))),
+                FirstName::Unnamed => return Some((first, None)),
+                FirstName::Wait => {}
+            }
         }
-        relay(direct, rx, tx, &host.wake).await;
-    });
-    channels
+    }
+
+    /// Ok to dial; Err(rule, reason) to reset.
+    async fn decide(
+        &self,
+        name: Option<&(String, crate::policy::NameSource)>,
+    ) -> Result<(), (Option<usize>, crate::audit::Reason)> {
+        use crate::policy::{Action, Flow, Proto};
+        let flow = Flow {
+            dst: self.dst.ip(),
+            proto: Proto::Tcp,
+            port: Some(self.dst.port()),
+            name: name.map(|(n, s)| (n.as_str(), *s)),
+        };
+        let decision = self.policy.decide(&flow);
+        if decision.action == Action::Deny {
+            return Err((decision.rule, crate::audit::Reason::Policy));
+        }
+        let Some((name, _)) = name else {
+            return Ok(());
+        };
+        let unnamed = self.policy.decide(&Flow { name: None, ..flow });
+        if unnamed.action == Action::Allow || self.forwarder.resolves_to(name, self.dst.ip()).await
+        {
+            Ok(())
+        } else {
+            Err((None, crate::audit::Reason::NameNotResolving))
+        }
+    }
 }

@@ -145,12 +145,48 @@ pub fn http_host(data: &[u8]) -> Peek {
             // Strip a port; keep IPv6 literals' brackets out of it.
             let host = match value.strip_prefix('[') {
                 Some(v6) => v6.split(']').next().unwrap_or(v6),
+                // A bare IPv6 literal has colons but no port.
+                None if value.parse::<std::net::IpAddr>().is_ok() => value,
                 None => value.rsplit_once(':').map_or(value, |(h, _)| h),
             };
             return Peek::Name(host.trim_end_matches('.').to_ascii_lowercase());
         }
     }
     Peek::NoName
+}
+
+/// Largest beginning read for a name: a whole TLS record (16 KiB plus its
+/// header), so big post-quantum ClientHellos fit.
+pub const FIRST_BYTES_LIMIT: usize = 16 * 1024 + 5;
+
+/// A flow's name, as far as its first bytes tell.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FirstName {
+    /// The TLS SNI, else the HTTP Host.
+    Named(String, crate::policy::NameSource),
+    /// Decide without a name: the bytes name nothing, the name is an
+    /// address literal (it says nothing the destination does not), or the
+    /// guest sent all it will before an answer, or reached the limit.
+    Unnamed,
+    /// A valid prefix: wait for more.
+    Wait,
+}
+
+/// The name in a flow's first bytes; `finished`: no more bytes will come
+/// before the far end answers.
+pub fn first_name(first: &[u8], finished: bool) -> FirstName {
+    use crate::policy::NameSource;
+    let (name, source) = match (client_hello_sni(first), http_host(first)) {
+        (Peek::Name(n), _) => (n, NameSource::Sni),
+        (_, Peek::Name(n)) => (n, NameSource::Host),
+        (Peek::NoName, Peek::NoName) => return FirstName::Unnamed,
+        _ if finished || first.len() >= FIRST_BYTES_LIMIT => return FirstName::Unnamed,
+        _ => return FirstName::Wait,
+    };
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return FirstName::Unnamed;
+    }
+    FirstName::Named(name, source)
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -227,6 +263,10 @@ mod tests {
                 b"GET / HTTP/1.1\r\nHost: [2001:db8::1]:80\r\n\r\n",
                 Peek::Name("2001:db8::1".into()),
             ),
+            (
+                b"GET / HTTP/1.1\r\nHost: 2001:db8::1\r\n\r\n",
+                Peek::Name("2001:db8::1".into()),
+            ),
             (b"GET / HTTP/1.1\r\nHost: a.test\r\n", Peek::NeedMore),
             (b"GE", Peek::NeedMore),
             (b"GET / HTTP/1.0\r\n\r\n", Peek::NoName),
@@ -240,5 +280,33 @@ mod tests {
                 String::from_utf8_lossy(data)
             );
         }
+    }
+
+    #[test]
+    fn first_name_decides_when_to_stop_waiting() {
+        use crate::policy::NameSource;
+        let hello = client_hello("a.test");
+        assert_eq!(
+            first_name(&hello, false),
+            FirstName::Named("a.test".into(), NameSource::Sni)
+        );
+        assert_eq!(first_name(&hello[..20], false), FirstName::Wait);
+        // The guest stopped sending (FIN) mid-hello: decide without a name.
+        assert_eq!(first_name(&hello[..20], true), FirstName::Unnamed);
+        assert_eq!(
+            first_name(b"GET / HTTP/1.1\r\nHost: b.test\r\n\r\n", false),
+            FirstName::Named("b.test".into(), NameSource::Host)
+        );
+        // Address literals name nothing the destination does not.
+        for host in ["192.0.2.10:80", "[2001:db8::1]", "2001:db8::1"] {
+            let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            assert_eq!(first_name(req.as_bytes(), false), FirstName::Unnamed);
+        }
+        assert_eq!(first_name(b"SSH-2.0-x\r\n", false), FirstName::Unnamed);
+        // A prefix that never completes stops at the limit.
+        let mut long = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        long.resize(FIRST_BYTES_LIMIT, b'a');
+        assert_eq!(first_name(&long, false), FirstName::Unnamed);
+        assert_eq!(first_name(&long[..1000], false), FirstName::Wait);
     }
 }

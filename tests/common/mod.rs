@@ -122,8 +122,22 @@ impl Daemon {
         Self::start_with(Some(ns), config, &[])
     }
 
+    /// Starts the daemon inside `ns` with extra command-line arguments.
+    pub fn start_args(ns: &Netns, config: Option<&str>, args: &[&str]) -> Self {
+        Self::spawn(Some(ns), config, &[], args)
+    }
+
     /// Starts the daemon, in a namespace or not, with extra environment.
     pub fn start_with(ns: Option<&Netns>, config: Option<&str>, env: &[(&str, &str)]) -> Self {
+        Self::spawn(ns, config, env, &[])
+    }
+
+    fn spawn(
+        ns: Option<&Netns>,
+        config: Option<&str>,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Self {
         let dir = TempDir::new("daemon");
         let socket = dir.0.join("vhost.sock");
         let bin = env!("CARGO_BIN_EXE_vhost-gateway");
@@ -134,6 +148,7 @@ impl Daemon {
         cmd.arg("--socket-path")
             .arg(&socket)
             .args(["--log-level", "debug"])
+            .args(args)
             .envs(env.iter().copied());
         if let Some(text) = config {
             let path = dir.0.join("config.toml");

@@ -133,25 +133,48 @@ echo VG-END
     );
 }
 
+/// Addresses of the allow-list test's hosts: `www.allowed.test` and a
+/// public host no allowed name resolves to, each on IPv4 and IPv6.
+const NAMED: [&str; 4] = ["192.0.2.10", "2001:db8::10", "192.0.2.20", "2001:db8::20"];
+
 #[test]
-fn domain_allow_list_decides_on_sni_and_host_without_a_pin() {
+fn domain_allow_list_by_name_sni_and_host_v4_v6_no_fronting() {
     let ns = Netns::new("names");
-    ns.add_addr("192.0.2.10/32");
-    let tcp = ns.enter(|| TcpListener::bind("192.0.2.10:7").unwrap());
-    serve_tcp_echo(tcp);
     let www = crate::common::TempDir::new("names-www");
     std::fs::write(www.0.join("small"), "hello by name\n").unwrap();
-    let _httpd = crate::common::Server(
-        ns.command("busybox")
-            .args(["httpd", "-f", "-p", "192.0.2.10:80", "-h"])
-            .arg(&www.0)
-            .spawn()
-            .unwrap(),
+    let mut servers = Vec::new();
+    for addr in NAMED {
+        let (prefix, listen) = if addr.contains(':') {
+            (128, format!("[{addr}]:80"))
+        } else {
+            (32, format!("{addr}:80"))
+        };
+        ns.add_addr(&format!("{addr}/{prefix}"));
+        let bind = std::net::SocketAddr::new(addr.parse().unwrap(), 7);
+        serve_tcp_echo(ns.enter(move || TcpListener::bind(bind).unwrap()));
+        servers.push(crate::common::Server(
+            ns.command("busybox")
+                .args(["httpd", "-f", "-p", &listen, "-h"])
+                .arg(&www.0)
+                .spawn()
+                .unwrap(),
+        ));
+    }
+    let _dnsmasq = crate::dns::dnsmasq_with(
+        &ns,
+        &[
+            "--address=/www.allowed.test/192.0.2.10",
+            "--address=/www.allowed.test/2001:db8::10",
+            "--address=/v6.allowed.test/2001:db8::10",
+            "--address=/www.other.test/192.0.2.20",
+            "--address=/www.other.test/2001:db8::20",
+        ],
     );
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    // Only names under allowed.test, by default deny: no DNS is involved, so
-    // the names come from the flows' first bytes.
+    // Only names under allowed.test, by default deny.
     let config = r#"
+[dns]
+upstreams = ["192.0.2.53"]
+
 [policy]
 preset = "none"
 
@@ -159,57 +182,121 @@ preset = "none"
 action = "allow"
 destination = "*.allowed.test"
 "#;
-    let daemon = Daemon::start(&ns, Some(config));
+    let daemon = Daemon::start_args(&ns, Some(config), &["--log-format", "json"]);
+    // First with no DNS answer for the addresses (names from the flows'
+    // own bytes), then after the guest resolved them (names from pins).
     let script = r#"
 dhcp
-vg-probe tls-hello 192.0.2.10:7 www.allowed.test
+wait_v6
+echo VG-STEP unpinned
 vg-probe tls-hello 192.0.2.10:7 www.denied.test
-echo VG-HOST-OK; wget -q -O - --header 'Host: www.allowed.test' http://192.0.2.10/small
-echo VG-HOST-DENIED; wget -q -O - --header 'Host: www.denied.test' http://192.0.2.10/small
-echo VG-BARE-IP; wget -q -O - http://192.0.2.10/small
+echo VG-GET host-denied; wget -q -O - --header 'Host: www.denied.test' http://192.0.2.10/small
+echo VG-GET bare-ip-v4; wget -q -O - http://192.0.2.10/small
+echo VG-GET host-ok; wget -q -O - --header 'Host: www.allowed.test' http://192.0.2.10/small
+vg-probe tls-hello 192.0.2.20:7 www.allowed.test
+vg-probe tls-hello [2001:db8::20]:7 www.allowed.test
+echo VG-STEP pinned
+nslookup www.allowed.test
+nslookup www.other.test
+vg-probe tls-hello [2001:db8::10]:7 www.allowed.test
+vg-probe tls-hello [2001:db8::10]:7 api.allowed.test
+vg-probe tcp-connect [2001:db8::20]:7
+vg-probe tcp-connect 192.0.2.20:7
+echo VG-GET by-name-v6; wget -q -O - http://v6.allowed.test/small
+echo VG-GET bare-ip-pinned-v6; wget -q -O - http://[2001:db8::10]/small
+echo VG-GET host-other-v6; wget -q -O - --header 'Host: www.other.test' http://[2001:db8::10]/small
 echo VG-END
 "#;
     let console = boot(&GuestOpts::new(&daemon.socket, script));
-    assert!(
-        console.contains("VG-TLS www.allowed.test result=echoed"),
-        "{console}"
-    );
-    let denied = line_after(&console, "VG-TLS www.denied.test").unwrap_or("");
-    assert!(
-        denied.contains("result=reset") || denied.contains("result=closed"),
-        "{console}"
-    );
-    let section = |from: &str, to: &str| {
+    let section = |from: &str| {
         console
             .split(from)
             .nth(1)
-            .and_then(|r| r.split(to).next())
+            .and_then(|r| r.split("VG-").next())
             .unwrap_or("")
             .to_owned()
     };
+    let tls: Vec<&str> = console.lines().filter(|l| l.contains("VG-TLS")).collect();
+    assert_eq!(tls.len(), 5, "{console}");
+    let reset = |l: &str| l.contains("result=reset") || l.contains("result=closed");
+    // A denied name; an allowed name claimed for addresses it does not
+    // resolve to (v4, v6); a pinned allowed name; an allowed name the
+    // address was not given for (fronting).
+    assert!(reset(tls[0]), "{console}");
+    assert!(reset(tls[1]) && reset(tls[2]), "{console}");
     assert!(
-        section("VG-HOST-OK", "VG-HOST-DENIED").contains("hello by name"),
+        tls[3].contains("www.allowed.test result=echoed"),
         "{console}"
     );
-    assert!(
-        !section("VG-HOST-DENIED", "VG-BARE-IP").contains("hello by name"),
-        "{console}"
-    );
-    assert!(
-        !section("VG-BARE-IP", "VG-END").contains("hello by name"),
-        "{console}"
-    );
+    assert!(reset(tls[4]), "{console}");
+    let served = |step: &str| section(&format!("VG-GET {step}")).contains("hello by name");
+    assert!(!served("host-denied"), "{console}");
+    assert!(!served("bare-ip-v4"), "{console}");
+    assert!(served("host-ok"), "{console}");
+    assert!(served("by-name-v6"), "{console}");
+    assert!(served("bare-ip-pinned-v6"), "{console}");
+    assert!(!served("host-other-v6"), "{console}");
+    // A pinned but denied address is refused at the SYN, both families.
+    for addr in ["[2001:db8::20]:7", "192.0.2.20:7"] {
+        let line = line_after(&console, &format!("VG-CONNECT {addr} ")).unwrap_or("");
+        assert!(line.contains("result=refused"), "{addr}: {console}");
+    }
+    // The audit stream, as JSON: one object per deny, with the fields
+    // operators parse.
     let log = daemon.log();
+    let audit: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| l.contains("egress denied"))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let has = |dst: &str, name: &str, source: &str, reason: &str| {
+        audit.iter().any(|v| {
+            let f = &v["fields"];
+            f["dst"] == dst
+                && f["name"] == name
+                && f["name_source"] == source
+                && f["reason"] == reason
+                && f["proto"] == "tcp"
+                && f["decision"] == "deny"
+                && v["timestamp"].is_string()
+        })
+    };
     assert!(
-        log.lines().any(|l| l.contains("egress denied")
-            && l.contains("www.denied.test")
-            && l.contains("\"sni\"")),
-        "{log}"
+        has(
+            "192.0.2.20",
+            "www.allowed.test",
+            "sni",
+            "name-not-resolving"
+        ),
+        "{audit:#?}"
     );
     assert!(
-        log.lines().any(|l| l.contains("egress denied")
-            && l.contains("www.denied.test")
-            && l.contains("\"host\"")),
-        "{log}"
+        has(
+            "2001:db8::20",
+            "www.allowed.test",
+            "sni",
+            "name-not-resolving"
+        ),
+        "{audit:#?}"
+    );
+    assert!(
+        has("192.0.2.10", "www.denied.test", "sni", "policy"),
+        "{audit:#?}"
+    );
+    assert!(
+        has("192.0.2.10", "www.denied.test", "host", "policy"),
+        "{audit:#?}"
+    );
+    assert!(
+        has("2001:db8::10", "api.allowed.test", "sni", "name-not-pinned"),
+        "{audit:#?}"
+    );
+    assert!(
+        has("2001:db8::10", "www.other.test", "host", "name-not-pinned"),
+        "{audit:#?}"
+    );
+    assert!(
+        has("2001:db8::20", "www.other.test", "dns", "policy"),
+        "{audit:#?}"
     );
 }

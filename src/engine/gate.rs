@@ -1,0 +1,194 @@
+//! The name gate of a TCP flow to an address the guest was given by our
+//! DNS, when the policy has a domain rule that another name could turn:
+//! the flow is dialled and accepted as usual, but the guest's first bytes
+//! stay in the engine until they name the flow (TLS SNI, HTTP Host) or show
+//! they will not. A name must be one of the names the address was given for
+//! — no fronting an address with another name — and the policy decides on
+//! it. Without a name the pin's decision (made at the SYN) stands.
+//!
+//! Runs on the engine thread, synchronously: the pins and the policy are
+//! all it needs. The server may speak first: only the guest's direction
+//! waits.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use smoltcp::socket::tcp;
+
+use crate::audit::Reason;
+use crate::metrics::{Counter, Metrics};
+use crate::policy::{Action, Flow, Policy, Proto};
+use crate::tls::sni::{FIRST_BYTES_LIMIT, FirstName, first_name};
+
+/// A flow held until its first bytes are checked.
+pub struct Gate {
+    /// Names the destination was given for, newest first.
+    names: Vec<String>,
+    policy: Arc<Policy>,
+    first: Vec<u8>,
+}
+
+/// What the gate says after taking the guest's latest bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not decided yet.
+    Wait,
+    /// Let the flow through, these bytes first.
+    Open(Vec<u8>),
+    /// Denied (counted and audited): reset the flow.
+    Denied,
+}
+
+impl Gate {
+    /// A gate for a destination pinned to `names` (not empty).
+    pub fn new(names: Vec<String>, policy: Arc<Policy>) -> Self {
+        Self {
+            names,
+            policy,
+            first: Vec::new(),
+        }
+    }
+
+    /// Takes what the guest sent so far (up to the limit) from `socket`.
+    pub fn feed(
+        &mut self,
+        socket: &mut tcp::Socket<'static>,
+        dst: SocketAddr,
+        metrics: &Metrics,
+    ) -> Outcome {
+        let first = &mut self.first;
+        while socket.can_recv() && first.len() < FIRST_BYTES_LIMIT {
+            let room = FIRST_BYTES_LIMIT - first.len();
+            let taken = socket.recv(|buf| {
+                let n = buf.len().min(room);
+                first.extend_from_slice(buf.get(..n).unwrap_or_default());
+                (n, n)
+            });
+            if !matches!(taken, Ok(n) if n > 0) {
+                break;
+            }
+        }
+        // Only the guest's FIN ends its first bytes; a socket still in its
+        // handshake has not started them.
+        let finished = matches!(
+            socket.state(),
+            tcp::State::CloseWait
+                | tcp::State::LastAck
+                | tcp::State::Closing
+                | tcp::State::TimeWait
+        );
+        self.decide(dst, finished, metrics)
+    }
+
+    fn decide(&mut self, dst: SocketAddr, finished: bool, metrics: &Metrics) -> Outcome {
+        let (name, source) = match first_name(&self.first, finished) {
+            FirstName::Wait => return Outcome::Wait,
+            FirstName::Unnamed => {
+                metrics.inc(Counter::policy_allowed);
+                return Outcome::Open(std::mem::take(&mut self.first));
+            }
+            FirstName::Named(name, source) => (name, source),
+        };
+        let (rule, reason) = if self.names.contains(&name) {
+            let decision = self.policy.decide(&Flow {
+                dst: dst.ip(),
+                proto: Proto::Tcp,
+                port: Some(dst.port()),
+                name: Some((&name, source)),
+            });
+            if decision.action == Action::Allow {
+                metrics.inc(Counter::policy_allowed);
+                return Outcome::Open(std::mem::take(&mut self.first));
+            }
+            (decision.rule, Reason::Policy)
+        } else {
+            (None, Reason::NameNotPinned)
+        };
+        metrics.inc(Counter::policy_denied);
+        crate::audit::deny(&crate::audit::Deny {
+            proto: "tcp",
+            dst: Some(dst.ip()),
+            port: dst.port(),
+            name: Some(&name),
+            name_source: Some(source.as_str()),
+            rule,
+            reason,
+        });
+        Outcome::Denied
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Destination, Rule};
+    use crate::tls::sni::client_hello;
+
+    fn gate() -> Gate {
+        // Allow *.ok.test, deny the rest; the address was given for
+        // www.ok.test and evil.test (shared hosting).
+        let rule = Rule {
+            action: Action::Allow,
+            destination: Destination::Suffix("ok.test".into()),
+            protos: Vec::new(),
+            ports: Vec::new(),
+        };
+        Gate::new(
+            vec!["www.ok.test".into(), "evil.test".into()],
+            Arc::new(Policy::new(vec![rule], Action::Deny, Vec::new())),
+        )
+    }
+
+    fn run(gate: &mut Gate, bytes: &[u8], finished: bool) -> Outcome {
+        gate.first.extend_from_slice(bytes);
+        let dst: SocketAddr = "192.0.2.10:443".parse().unwrap();
+        gate.decide(dst, finished, &Metrics::default())
+    }
+
+    #[test]
+    fn a_socket_still_in_its_handshake_waits() {
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 64]),
+            tcp::SocketBuffer::new(vec![0; 64]),
+        );
+        socket.listen(443).unwrap();
+        let dst: SocketAddr = "192.0.2.10:443".parse().unwrap();
+        let outcome = gate().feed(&mut socket, dst, &Metrics::default());
+        assert_eq!(outcome, Outcome::Wait);
+    }
+
+    #[test]
+    fn a_pinned_allowed_name_opens_with_its_bytes() {
+        let hello = client_hello("www.ok.test");
+        let mut g = gate();
+        assert_eq!(run(&mut g, &hello[..30], false), Outcome::Wait);
+        assert_eq!(run(&mut g, &hello[30..], false), Outcome::Open(hello));
+    }
+
+    #[test]
+    fn an_allowed_name_the_address_was_not_given_for_is_fronting() {
+        let hello = client_hello("api.ok.test");
+        assert_eq!(run(&mut gate(), &hello, false), Outcome::Denied);
+    }
+
+    #[test]
+    fn a_pinned_name_the_policy_denies_is_denied() {
+        let req = b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n";
+        assert_eq!(run(&mut gate(), req, false), Outcome::Denied);
+    }
+
+    #[test]
+    fn no_name_keeps_the_pins_decision() {
+        let ssh = b"SSH-2.0-probe\r\n".to_vec();
+        assert_eq!(run(&mut gate(), &ssh, false), Outcome::Open(ssh));
+        let ip = b"GET / HTTP/1.1\r\nHost: 192.0.2.10\r\n\r\n".to_vec();
+        assert_eq!(run(&mut gate(), &ip, false), Outcome::Open(ip));
+        // A half hello then FIN: nothing more will come.
+        let hello = client_hello("www.ok.test");
+        assert_eq!(
+            run(&mut gate(), &hello[..10], true),
+            Outcome::Open(hello[..10].to_vec())
+        );
+    }
+}
