@@ -11,7 +11,13 @@ use crate::harness::{Daemon, GuestOpts, Netns, boot, line_after, ping_result};
 fn public_only_with_operator_rules_denies_fast_and_audits() {
     let ns = Netns::new("policy");
     ns.allow_ping_sockets();
-    for addr in ["192.0.2.10", "192.0.2.66", "10.20.30.40", "169.254.169.254"] {
+    for addr in [
+        "192.0.2.10",
+        "192.0.2.66",
+        "10.20.30.40",
+        "10.20.30.41",
+        "169.254.169.254",
+    ] {
         ns.add_addr(&format!("{addr}/32"));
         let bind = format!("{addr}:7");
         let (tcp, udp) = ns.enter(move || {
@@ -40,6 +46,12 @@ destination = "192.0.2.66"
 protocols = ["tcp"]
 
 [[policy.rule]]
+action = "allow"
+destination = "10.20.30.41/32"
+protocols = ["tcp"]
+ports = ["7-7"]
+
+[[policy.rule]]
 action = "deny"
 destination = "*.denied.test"
 "#;
@@ -49,10 +61,12 @@ dhcp
 vg-probe tcp-connect 192.0.2.10:7
 vg-probe tcp-connect 192.0.2.66:7
 vg-probe tcp-connect 10.20.30.40:7
+vg-probe tcp-connect 10.20.30.41:7
 vg-probe tcp-connect 169.254.169.254:7
 vg-probe tcp-connect 198.19.0.1:7
 vg-probe udp-echo 192.0.2.66:7 3 100
 vg-probe udp-echo 10.20.30.40:7 3 100
+vg-probe udp-echo 10.20.30.41:7 3 100
 echo VG-PING-PRIVATE; ping -c 2 -W 1 10.20.30.40
 echo VG-DNS-DENIED; nslookup a.denied.test
 echo VG-DNS-OK; nslookup ok.test
@@ -64,10 +78,10 @@ echo VG-END
             .unwrap_or("")
             .to_owned()
     };
-    assert!(
-        connect("192.0.2.10:7").contains("result=connected"),
-        "{console}"
-    );
+    // Public, and a private host an operator CIDR rule opens.
+    for addr in ["192.0.2.10:7", "10.20.30.41:7"] {
+        assert!(connect(addr).contains("result=connected"), "{console}");
+    }
     for addr in [
         "192.0.2.66:7",
         "10.20.30.40:7",
@@ -86,9 +100,11 @@ echo VG-END
     // The operator's rule denies TCP only: UDP to 192.0.2.66 is public and
     // allowed; the private host is denied for UDP and ping too.
     let udp: Vec<&str> = console.lines().filter(|l| l.contains("VG-UDP")).collect();
-    assert_eq!(udp.len(), 2, "{console}");
+    assert_eq!(udp.len(), 3, "{console}");
     assert!(udp[0].contains("ok=3"), "{console}");
     assert!(udp[1].contains("ok=0"), "{console}");
+    // The CIDR allow names TCP port 7 only.
+    assert!(udp[2].contains("ok=0"), "{console}");
     assert_eq!(ping_result(&console, "VG-PING-PRIVATE"), Some((2, 0)));
     let section = |from: &str, to: &str| {
         console
@@ -114,9 +130,9 @@ echo VG-END
         .collect();
     for (dst, rule) in [
         ("192.0.2.66", "rule=\"1\""),
-        ("10.20.30.40", "rule=\"6\""),
-        ("169.254.169.254", "rule=\"3\""),
-        ("198.19.0.1", "rule=\"4\""),
+        ("10.20.30.40", "rule=\"7\""),
+        ("169.254.169.254", "rule=\"4\""),
+        ("198.19.0.1", "rule=\"5\""),
     ] {
         assert!(
             audit.iter().any(|l| l.contains(&format!("dst={dst}"))
