@@ -71,4 +71,28 @@ pub enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Certificate authority for TLS interception.
+    Ca {
+        /// What to do.
+        #[command(subcommand)]
+        action: CaAction,
+    },
+}
+
+/// `ca` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CaAction {
+    /// Write a new CA: DIR/ca.pem (certificate) and DIR/ca.key (private
+    /// key, mode 0600; an existing key is never overwritten).
+    Generate {
+        /// Directory for the files (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "vhost-gateway sandbox CA")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
 }

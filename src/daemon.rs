@@ -19,6 +19,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::config::Config;
 use crate::metrics::{Counter, Metrics};
 use crate::ports::Publisher;
+use crate::tls::intercept::Interceptor;
 use crate::vhost::{NetBackend, compat};
 
 /// Errors that stop the daemon.
@@ -51,6 +52,9 @@ pub enum Error {
     /// Accepting a VMM connection failed.
     #[error("cannot accept a VMM connection")]
     Accept(#[source] io::Error),
+    /// TLS interception is on but cannot work (CA, roots).
+    #[error("TLS interception: {0}")]
+    Tls(#[source] crate::tls::intercept::SetupError),
 }
 
 /// Errors of one VMM connection; logged, then the next VMM is accepted.
@@ -89,6 +93,16 @@ pub fn run(socket_path: &Path, config: Config) -> Result<(), Error> {
             &metrics,
         )?))
     };
+    // The CA and upstream roots are checked before the socket exists: a
+    // daemon that cannot intercept as configured does not start.
+    let tls = if config.tls.enabled {
+        crate::tls::install_provider();
+        let interceptor = Interceptor::new(&config.tls).map_err(Error::Tls)?;
+        tracing::info!(ports = ?config.tls.ports, "TLS interception on");
+        Some(Arc::new(interceptor))
+    } else {
+        None
+    };
     let listener = bind(socket_path)?;
     spawn_signal_thread(socket_path.to_owned(), metrics.clone())?;
     tracing::info!(socket = %socket_path.display(), config = %config.summary(), "listening");
@@ -116,6 +130,7 @@ pub fn run(socket_path: &Path, config: Config) -> Result<(), Error> {
             runtime.handle(),
             icmp_available,
             publisher.clone(),
+            tls.clone(),
         ) {
             Ok(()) => {
                 tracing::info!(counters = %metrics.snapshot(), "VMM disconnected; guest state reset")
@@ -155,6 +170,7 @@ fn serve(
     runtime: &tokio::runtime::Handle,
     icmp_available: bool,
     publisher: Option<Arc<Publisher>>,
+    tls: Option<Arc<Interceptor>>,
 ) -> Result<(), ConnectionError> {
     let backend = Arc::new(NetBackend::new(
         config.clone(),
@@ -162,6 +178,7 @@ fn serve(
         runtime.clone(),
         icmp_available,
         publisher,
+        tls,
     )?);
     let mut daemon = VhostUserDaemon::new(
         "vhost-gateway".to_owned(),

@@ -37,6 +37,14 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some(Command::CheckConfig { ref file }) => return check_config(file),
+        Some(Command::Ca {
+            action:
+                cli::CaAction::Generate {
+                    ref out,
+                    ref name,
+                    days,
+                },
+        }) => return ca_generate(out, name, days),
         Some(Command::Explain {
             ref config,
             dest,
@@ -78,9 +86,42 @@ fn main() -> ExitCode {
     }
 }
 
+fn ca_generate(out: &std::path::Path, name: &str, days: u32) -> ExitCode {
+    match tls::certs::generate(out, name, days) {
+        Ok((cert, key)) => {
+            println!(
+                "wrote {} (certificate) and {} (private key, mode 0600)\n\n\
+                 In the daemon's config:\n\n  [tls]\n  enabled = true\n  \
+                 ca-cert = \"{}\"\n  ca-key = \"{}\"\n\n\
+                 In each guest, trust the certificate (not the key), e.g. on Debian/Ubuntu:\n\n  \
+                 cp ca.pem /usr/local/share/ca-certificates/vhost-gateway.crt && update-ca-certificates\n\n\
+                 (Fedora/RHEL: /etc/pki/ca-trust/source/anchors/ + update-ca-trust; Alpine: \
+                 /usr/local/share/ca-certificates/ + update-ca-certificates; \
+                 or point the client at it: curl --cacert, SSL_CERT_FILE, NODE_EXTRA_CA_CERTS.)",
+                cert.display(),
+                key.display(),
+                cert.display(),
+                key.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vhost-gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn check_config(file: &std::path::Path) -> ExitCode {
     match Config::load(file) {
         Ok(c) => {
+            if c.tls.enabled {
+                tls::install_provider();
+                if let Err(e) = tls::intercept::Interceptor::new(&c.tls) {
+                    eprintln!("{}: tls: {e}", file.display());
+                    return ExitCode::FAILURE;
+                }
+            }
             println!("{}: ok: {}", file.display(), c.summary());
             for (rule, by) in c.policy().shadowed() {
                 if rule <= c.policy.rule.len() {

@@ -126,6 +126,28 @@ counters! {
     policy_allowed,
     /// Flows, datagrams and echoes the egress policy denied.
     policy_denied,
+    /// TLS flows terminated and re-encrypted upstream.
+    tls_intercepted,
+    /// TLS flows passed through untouched (bypass list).
+    tls_bypassed,
+    /// Flows on intercepted ports passed through by IP policy (no SNI, or
+    /// not TLS).
+    tls_passed_through,
+    /// Flows on intercepted ports refused (no SNI, not TLS, or no
+    /// ClientHello in time, as configured).
+    tls_refused,
+    /// Upstream TLS failures (dial, handshake, certificate): the guest's
+    /// handshake was failed with an alert.
+    tls_upstream_failed,
+    /// Denied names on intercepted ports answered with HTTP 403.
+    tls_denied_403,
+    /// Leaf certificates minted (cache misses).
+    tls_leaf_minted,
+    /// UDP datagrams to intercepted ports (QUIC) dropped while
+    /// interception is on.
+    tls_quic_dropped,
+    /// DNS-over-TLS connections terminated by the gateway.
+    dns_tls_terminated,
 }
 
 /// The counters.

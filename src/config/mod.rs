@@ -92,6 +92,9 @@ pub struct Config {
     /// The egress policy.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// TLS interception.
+    #[serde(default)]
+    pub tls: Tls,
 }
 
 /// A named starting point for the policy.
@@ -279,6 +282,82 @@ impl Default for Dns {
             rebind_protection: true,
             rebind_allow: Vec::new(),
             max_pins: 16_384,
+        }
+    }
+}
+
+/// What to do with a flow on an intercepted port that cannot be
+/// intercepted (no SNI, or not TLS at all).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fallback {
+    /// Relay it untouched, decided by the policy without a name.
+    #[default]
+    Pass,
+    /// Reset it.
+    Refuse,
+}
+
+/// Which roots verify upstream servers (plus `upstream-ca-file`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamRoots {
+    /// Mozilla's roots compiled in (webpki-roots): the same on every host.
+    #[default]
+    Webpki,
+    /// The host's store (/etc/ssl/certs and friends).
+    System,
+    /// None: only `upstream-ca-file`.
+    None,
+}
+
+/// The `[tls]` table: opt-in interception of TLS on `ports`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Tls {
+    /// Intercept at all.
+    pub enabled: bool,
+    /// TCP ports whose TLS is intercepted (and whose UDP, QUIC, is dropped).
+    pub ports: Vec<u16>,
+    /// The operator CA's certificate (PEM), which signs the leaves.
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// Its private key (PEM, PKCS#8).
+    pub ca_key: Option<std::path::PathBuf>,
+    /// Names passed through untouched (block-list grammar: `name`,
+    /// `*.name`), for clients that pin certificates.
+    pub bypass: Vec<String>,
+    /// Roots that verify upstream servers.
+    pub upstream_roots: UpstreamRoots,
+    /// Extra CA certificates (PEM) trusted for upstream servers.
+    pub upstream_ca_file: Option<std::path::PathBuf>,
+    /// Validity of a minted leaf certificate.
+    pub leaf_validity_days: u32,
+    /// Leaf certificates kept (one per name); the oldest goes first.
+    pub max_cached_certs: usize,
+    /// A TLS flow with no SNI.
+    pub no_sni: Fallback,
+    /// A flow on an intercepted port that is not TLS.
+    pub not_tls: Fallback,
+    /// How long the guest gets to send its ClientHello, and each side to
+    /// finish its handshake.
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ports: vec![443],
+            ca_cert: None,
+            ca_key: None,
+            bypass: Vec::new(),
+            upstream_roots: UpstreamRoots::Webpki,
+            upstream_ca_file: None,
+            leaf_validity_days: 7,
+            max_cached_certs: 1024,
+            no_sni: Fallback::Pass,
+            not_tls: Fallback::Pass,
+            handshake_timeout_ms: 10_000,
         }
     }
 }
@@ -735,6 +814,51 @@ impl Config {
         for (i, rule) in self.policy.rule.iter().enumerate() {
             if let Err(e) = rule.compile() {
                 check("policy.rule", false, format!("rule {}: {e}", i + 1));
+            }
+        }
+        let t = &self.tls;
+        if t.enabled {
+            check(
+                "tls.ca-cert",
+                t.ca_cert.is_some() && t.ca_key.is_some(),
+                "interception needs ca-cert and ca-key (`vhost-gateway ca generate`)".into(),
+            );
+            check(
+                "tls.ports",
+                !t.ports.is_empty(),
+                "no port to intercept".into(),
+            );
+        }
+        check(
+            "tls.ports",
+            t.ports.iter().all(|p| {
+                ![
+                    0,
+                    crate::dns::intercept::DNS_PORT,
+                    crate::dns::intercept::ENCRYPTED_DNS_PORT,
+                ]
+                .contains(p)
+            }),
+            "ports must not be 0, 53 or 853 (DNS has its own handling)".into(),
+        );
+        check(
+            "tls.leaf-validity-days",
+            (1..=397).contains(&t.leaf_validity_days),
+            format!("{} is outside 1..=397", t.leaf_validity_days),
+        );
+        check(
+            "tls.max-cached-certs",
+            (1..=65_536).contains(&t.max_cached_certs),
+            format!("{} is outside 1..=65536", t.max_cached_certs),
+        );
+        check(
+            "tls.handshake-timeout-ms",
+            (100..=120_000).contains(&t.handshake_timeout_ms),
+            format!("{} is outside 100..=120000", t.handshake_timeout_ms),
+        );
+        for entry in &t.bypass {
+            if let Err(e) = crate::dns::names::check_entry(entry) {
+                check("tls.bypass", false, format!("{entry:?}: {e}"));
             }
         }
         let mut seen = std::collections::HashSet::new();

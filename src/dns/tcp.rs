@@ -13,7 +13,9 @@ use std::sync::Arc;
 use super::forward::{Forwarder, Transport};
 use crate::metrics::{Counter, Metrics};
 use crate::proxy::Host;
-use crate::proxy::tcp::{Channels, FromHost, ToHost, pair};
+use crate::proxy::stream::GuestStream;
+use crate::proxy::tcp::{Channels, FromHost, pair};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bytes of unanswered queries a guest may have buffered: one largest
 /// message and its length; more resets the flow.
@@ -21,50 +23,59 @@ const MAX_BUFFERED: usize = 2 + 65_535;
 
 /// Starts the service task for one flow.
 pub fn spawn(host: &Host, forwarder: Arc<Forwarder>, metrics: Arc<Metrics>) -> Channels {
-    let (channels, mut from_engine, to_engine) = pair();
-    let wake = host.wake.clone();
-    host.runtime.spawn(async move {
+    let (channels, from_engine, to_engine) = pair();
+    let host = host.clone();
+    host.runtime.clone().spawn(async move {
         if to_engine.send(FromHost::Connected(None)).await.is_err() {
             return;
         }
-        wake.wake();
-        let mut buffered: Vec<u8> = Vec::new();
-        while let Some(message) = from_engine.recv().await {
-            wake.wake();
-            match message {
-                ToHost::Data(bytes) => buffered.extend_from_slice(&bytes),
-                ToHost::Fin => {
-                    let _ = to_engine.send(FromHost::Fin).await;
-                    wake.wake();
-                    return;
-                }
-                ToHost::Reset => return,
-            }
-            if buffered.len() > MAX_BUFFERED {
-                metrics.inc(Counter::dns_malformed);
-                let _ = to_engine.send(FromHost::Reset).await;
-                wake.wake();
-                return;
-            }
-            while let Some(query) = next_message(&mut buffered) {
-                metrics.inc(Counter::dns_queries);
-                let (answer, outcome) = forwarder.answer(&query, Transport::Tcp).await;
-                metrics.inc(outcome.counter());
-                let Some(answer) = answer else { continue };
-                let Ok(len) = u16::try_from(answer.len()) else {
-                    continue;
-                };
-                let mut framed = Vec::with_capacity(answer.len() + 2);
-                framed.extend_from_slice(&len.to_be_bytes());
-                framed.extend_from_slice(&answer);
-                if to_engine.send(FromHost::Data(framed)).await.is_err() {
-                    return;
-                }
-                wake.wake();
-            }
+        host.wake.wake();
+        let mut guest = GuestStream::bridge(&host, from_engine, to_engine);
+        if !serve_stream(&mut guest.io, &forwarder, &metrics).await {
+            // The guest broke the framing: reset, as a server would.
+            guest.reset().await;
         }
     });
     channels
+}
+
+/// Answers length-prefixed queries from `stream` until it ends (also the
+/// inside of DNS over TLS); false when the guest overran the framing bound.
+pub async fn serve_stream<S>(stream: &mut S, forwarder: &Forwarder, metrics: &Metrics) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buffered: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = stream.shutdown().await;
+                return true;
+            }
+            Ok(n) => n,
+        };
+        buffered.extend_from_slice(buf.get(..n).unwrap_or_default());
+        if buffered.len() > MAX_BUFFERED {
+            metrics.inc(Counter::dns_malformed);
+            return false;
+        }
+        while let Some(query) = next_message(&mut buffered) {
+            metrics.inc(Counter::dns_queries);
+            let (answer, outcome) = forwarder.answer(&query, Transport::Tcp).await;
+            metrics.inc(outcome.counter());
+            let Some(answer) = answer else { continue };
+            let Ok(len) = u16::try_from(answer.len()) else {
+                continue;
+            };
+            let mut framed = Vec::with_capacity(answer.len() + 2);
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(&answer);
+            if stream.write_all(&framed).await.is_err() || stream.flush().await.is_err() {
+                return true;
+            }
+        }
+    }
 }
 
 /// Takes one complete length-prefixed message off the front of `buf`.

@@ -150,6 +150,29 @@ impl Services {
                 self.refuse(src, dst, seq);
                 true
             }
+            classify::Kind::TcpSyn { src, dst, seq }
+                if self
+                    .host
+                    .tls
+                    .as_ref()
+                    .is_some_and(|t| t.intercepts(dst.port())) =>
+            {
+                // The interceptor decides on the SNI itself (and the Host
+                // inside); only an address-level deny stops it at the SYN.
+                let (Some(tls), Some(upstream)) = (self.host.tls.clone(), ctx.upstream(dst)) else {
+                    self.refuse(src, dst, seq);
+                    return true;
+                };
+                let flow = crate::tls::intercept::Flow {
+                    dst,
+                    upstream,
+                    connect_timeout: self.tcp.connect_timeout(),
+                    check: self.name_check(),
+                    metrics: self.metrics.clone(),
+                };
+                let local: tcp::LocalService = Box::new(move |host: &Host| tls.spawn(host, flow));
+                self.syn(now, frame, (src, dst, seq), Some(local), None)
+            }
             classify::Kind::TcpSyn { src, dst, seq } if verdict == Verdict::Peek => {
                 let names = self.pins.names_of(dst.ip(), now);
                 let (local, gate) = if names.is_empty() {
@@ -161,8 +184,7 @@ impl Services {
                         dst,
                         upstream,
                         connect_timeout: self.tcp.connect_timeout(),
-                        policy: self.policy.clone(),
-                        forwarder: self.dns.forwarder(),
+                        check: self.name_check(),
                         metrics: self.metrics.clone(),
                     };
                     let local: tcp::LocalService =
@@ -171,14 +193,7 @@ impl Services {
                 } else {
                     (None, Some(gate::Gate::new(names, self.policy.clone())))
                 };
-                match self.tcp.on_syn(&ctx, frame, (src, dst), seq, local, gate) {
-                    tcp::Syn::Held => true,
-                    tcp::Syn::Pass => false,
-                    tcp::Syn::Refuse => {
-                        self.refuse(src, dst, seq);
-                        true
-                    }
-                }
+                self.syn(now, frame, (src, dst, seq), local, gate)
             }
             classify::Kind::Udp { .. } | classify::Kind::Echo(_) if !allowed => true,
             classify::Kind::Dhcp { payload } => {
@@ -211,9 +226,17 @@ impl Services {
             classify::Kind::TcpSyn { src, dst, seq }
                 if dst.port() == crate::dns::intercept::ENCRYPTED_DNS_PORT =>
             {
-                self.metrics.inc(Counter::dns_encrypted_refused);
-                self.refuse(src, dst, seq);
-                true
+                // DNS over TLS: answered by our forwarder when we can
+                // terminate TLS, refused otherwise (the guest falls back).
+                let Some(tls) = self.host.tls.clone() else {
+                    self.metrics.inc(Counter::dns_encrypted_refused);
+                    self.refuse(src, dst, seq);
+                    return true;
+                };
+                let (forwarder, metrics) = (self.dns.forwarder(), self.metrics.clone());
+                let local: tcp::LocalService =
+                    Box::new(move |host: &Host| tls.spawn_dot(host, dst, forwarder, metrics));
+                self.syn(now, frame, (src, dst, seq), Some(local), None)
             }
             classify::Kind::Udp { dst, .. }
                 if dst.port() == crate::dns::intercept::ENCRYPTED_DNS_PORT =>
@@ -235,14 +258,7 @@ impl Services {
                     let name = self.pins.name_of(dst.ip(), now);
                     tracing::debug!(%src, %dst, name = name.as_deref().unwrap_or("-"), "new TCP flow");
                 }
-                match self.tcp.on_syn(&ctx, frame, (src, dst), seq, local, None) {
-                    tcp::Syn::Held => true,
-                    tcp::Syn::Pass => false,
-                    tcp::Syn::Refuse => {
-                        self.refuse(src, dst, seq);
-                        true
-                    }
-                }
+                self.syn(now, frame, (src, dst, seq), local, None)
             }
             classify::Kind::Udp { src, dst, payload } => {
                 let published = self.own.is_own(dst.ip())
@@ -251,6 +267,15 @@ impl Services {
                     });
                 if published {
                     // Taken by a published port's session.
+                } else if self
+                    .host
+                    .tls
+                    .as_ref()
+                    .is_some_and(|t| t.intercepts(dst.port()))
+                {
+                    // QUIC would bypass interception: dropped, so the
+                    // client falls back to TCP.
+                    self.metrics.inc(Counter::tls_quic_dropped);
                 } else if dst.port() == crate::dns::intercept::DNS_PORT {
                     if let Some(refusal) = self.dns.query(&ctx, src, dst, payload) {
                         let ends = self.to_guest(dst.ip(), src.ip());
@@ -349,6 +374,41 @@ impl Services {
             });
         }
         Verdict::Deny
+    }
+
+    /// Hands a SYN to the flow table; true when taken.
+    fn syn(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        (src, dst, seq): (SocketAddr, SocketAddr, u32),
+        local: Option<tcp::LocalService>,
+        gate: Option<gate::Gate>,
+    ) -> bool {
+        let ctx = Ctx {
+            host: &self.host,
+            metrics: &self.metrics,
+            own: self.own,
+            allow_host_loopback: self.allow_host_loopback,
+            now,
+        };
+        let taken = self.tcp.on_syn(&ctx, frame, (src, dst), seq, local, gate);
+        match taken {
+            tcp::Syn::Held => true,
+            tcp::Syn::Pass => false,
+            tcp::Syn::Refuse => {
+                self.refuse(src, dst, seq);
+                true
+            }
+        }
+    }
+
+    fn name_check(&self) -> crate::proxy::check::NameCheck {
+        crate::proxy::check::NameCheck {
+            policy: self.policy.clone(),
+            pins: self.pins.clone(),
+            forwarder: self.dns.forwarder(),
+        }
     }
 
     fn to_guest(&self, from: IpAddr, to: IpAddr) -> frames::Ends {

@@ -296,10 +296,8 @@ pub struct Deciding {
     pub upstream: SocketAddr,
     /// Dial budget.
     pub connect_timeout: Duration,
-    /// The egress policy.
-    pub policy: Arc<crate::policy::Policy>,
-    /// For checking the name against the address.
-    pub forwarder: Arc<crate::dns::forward::Forwarder>,
+    /// Decides the flow on its name.
+    pub check: super::check::NameCheck,
     /// Counters.
     pub metrics: Arc<crate::metrics::Metrics>,
 }
@@ -317,17 +315,9 @@ impl Deciding {
             let Some((first, name)) = self.peek(&mut rx, &host.wake).await else {
                 return;
             };
-            if let Err((rule, reason)) = self.decide(name.as_ref()).await {
-                self.metrics.inc(crate::metrics::Counter::policy_denied);
-                crate::audit::deny(&crate::audit::Deny {
-                    proto: "tcp",
-                    dst: Some(self.dst.ip()),
-                    port: self.dst.port(),
-                    name: name.as_ref().map(|(n, _)| n.as_str()),
-                    name_source: name.as_ref().map(|(_, s)| s.as_str()),
-                    rule,
-                    reason,
-                });
+            let named = name.as_ref().map(|(n, s)| (n.as_str(), *s));
+            if let Err(denied) = self.check.decide(self.dst, named).await {
+                super::check::audit(&self.metrics, self.dst, named, denied);
                 let _ = tx.send(FromHost::Reset).await;
                 host.wake.wake();
                 return;
@@ -382,34 +372,6 @@ impl Deciding {
                 FirstName::Unnamed => return Some((first, None)),
                 FirstName::Wait => {}
             }
-        }
-    }
-
-    /// Ok to dial; Err(rule, reason) to reset.
-    async fn decide(
-        &self,
-        name: Option<&(String, crate::policy::NameSource)>,
-    ) -> Result<(), (Option<usize>, crate::audit::Reason)> {
-        use crate::policy::{Action, Flow, Proto};
-        let flow = Flow {
-            dst: self.dst.ip(),
-            proto: Proto::Tcp,
-            port: Some(self.dst.port()),
-            name: name.map(|(n, s)| (n.as_str(), *s)),
-        };
-        let decision = self.policy.decide(&flow);
-        if decision.action == Action::Deny {
-            return Err((decision.rule, crate::audit::Reason::Policy));
-        }
-        let Some((name, _)) = name else {
-            return Ok(());
-        };
-        let unnamed = self.policy.decide(&Flow { name: None, ..flow });
-        if unnamed.action == Action::Allow || self.forwarder.resolves_to(name, self.dst.ip()).await
-        {
-            Ok(())
-        } else {
-            Err((None, crate::audit::Reason::NameNotResolving))
         }
     }
 }

@@ -1,5 +1,14 @@
-//! TLS-related parsing. Today: the server name of a ClientHello and the Host
-//! of an HTTP/1 request, which the egress policy reads from a flow's first
-//! bytes. TLS interception itself is a later issue.
+//! TLS: names from a flow's first bytes (`sni`, read by the egress
+//! policy), the operator CA and minted leaves (`certs`), and interception
+//! of TLS flows on the configured ports (`intercept`), including
+//! DNS-over-TLS termination.
 
+pub mod certs;
+pub mod intercept;
 pub mod sni;
+
+/// Makes ring the process's rustls crypto provider (FACTS: install it
+/// explicitly); harmless when already installed.
+pub fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

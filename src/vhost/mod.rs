@@ -88,12 +88,14 @@ impl NetBackend {
         runtime: tokio::runtime::Handle,
         icmp_available: bool,
         publisher: Option<Arc<Publisher>>,
+        tls: Option<Arc<crate::tls::intercept::Interceptor>>,
     ) -> Result<Self, Error> {
         let timer = nonblocking_timer().map_err(Error::CreateEvents)?;
         let host = Host {
             runtime,
             wake: Arc::new(Wake::new().map_err(Error::CreateEvents)?),
             upstream: Arc::new(Direct),
+            tls,
         };
         let attachment = publisher.as_ref().map(|p| p.attach(host.wake.clone()));
         let engine = Engine::new(&config, metrics, host, icmp_available, attachment);
@@ -370,6 +372,7 @@ mod tests {
             rt.handle().clone(),
             false,
             None,
+            None,
         )
         .unwrap();
         let space = b.get_config(0, 12);
@@ -389,6 +392,7 @@ mod tests {
             Arc::default(),
             rt.handle().clone(),
             false,
+            None,
             None,
         )
         .unwrap();

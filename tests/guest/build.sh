@@ -23,7 +23,7 @@ fi
 mkdir -p "$out"
 exec 9>"$out/.lock"
 flock 9
-want="$pkg $(cat "$here/build.sh" "$here/init" "$here/udhcpc.sh" "$here/probe/Cargo.toml" "$here/probe/src/main.rs" | sha256sum | cut -c1-16)"
+want="$pkg $(cat "$here/build.sh" "$here/init" "$here/udhcpc.sh" "$here/probe/Cargo.toml" "$here/probe/Cargo.lock" "$here/probe/src/main.rs" | sha256sum | cut -c1-16)"
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$want" ] &&
   [ -f "$out/vmlinuz" ] && [ -f "$out/initramfs.cpio" ]; then
   exit 0

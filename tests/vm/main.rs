@@ -10,6 +10,7 @@ mod dns;
 mod flows;
 mod harness;
 mod policy;
+mod tls;
 
 use std::time::Duration;
 

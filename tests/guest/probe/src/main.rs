@@ -13,7 +13,8 @@ fn usage() -> ! {
          | tcp-many ADDR N | tcp-rr ADDR N | tcp-crr ADDR N | tcp-send ADDR MIB \
          | tcp-send-file ADDR PATH | tcp-connect ADDR \
          | tcp-hold ADDR SECS | dns ADDR NAME udp|tcp \
-         | tls-hello ADDR SNI"
+         | tls-hello ADDR SNI | https-get ADDR SNI CAFILE PATH [HOST] \
+         | dot ADDR SNI CAFILE NAME | https-crr ADDR SNI CAFILE N"
     );
     std::process::exit(2)
 }
@@ -38,6 +39,29 @@ fn main() {
         Some("tcp-connect") => tcp_connect(arg(&args, 2)),
         Some("tcp-hold") => tcp_hold(arg(&args, 2), arg(&args, 3)),
         Some("tls-hello") => tls_hello(arg(&args, 2), &arg::<String>(&args, 3)),
+        Some("https-get") => {
+            let sni: String = arg(&args, 3);
+            let host = args.get(6).cloned().unwrap_or_else(|| sni.clone());
+            https_get(
+                arg(&args, 2),
+                &sni,
+                &arg::<String>(&args, 4),
+                &arg::<String>(&args, 5),
+                &host,
+            )
+        }
+        Some("dot") => dot(
+            arg(&args, 2),
+            &arg::<String>(&args, 3),
+            &arg::<String>(&args, 4),
+            &arg::<String>(&args, 5),
+        ),
+        Some("https-crr") => https_crr(
+            arg(&args, 2),
+            &arg::<String>(&args, 3),
+            &arg::<String>(&args, 4),
+            arg(&args, 5),
+        ),
         Some("dns") => dns(
             arg(&args, 2),
             &arg::<String>(&args, 3),
@@ -340,4 +364,137 @@ fn tls_hello(addr: SocketAddr, sni: &str) {
         }
     })();
     println!("VG-TLS {sni} result={}", result.unwrap_or("error"));
+}
+
+/// A TLS client trusting only the CA certificates in `ca_file`.
+fn tls_config(ca_file: &str, alpn: &[&[u8]]) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file).expect("CA file") {
+        roots.add(cert.expect("CA certificate")).expect("CA usable");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    std::sync::Arc::new(config)
+}
+
+/// One HTTPS request over a fresh connection; (status line's code, ALPN,
+/// body) or the error's text.
+fn https_once(
+    addr: SocketAddr,
+    sni: &str,
+    config: &std::sync::Arc<rustls::ClientConfig>,
+    path: &str,
+    host: &str,
+) -> Result<(String, String, String), String> {
+    let name =
+        rustls::pki_types::ServerName::try_from(sni.to_owned()).map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(config.clone(), name).map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| format!("connect:{:?}", e.kind()))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).ok();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    match tls.read_to_end(&mut response) {
+        Ok(_) => {}
+        // Servers that close without close_notify: what came is the answer.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let alpn = tls
+        .conn
+        .alpn_protocol()
+        .map_or("-".to_owned(), |p| String::from_utf8_lossy(p).into_owned());
+    let text = String::from_utf8_lossy(&response);
+    let code = text.split_whitespace().nth(1).unwrap_or("?").to_owned();
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    Ok((code, alpn, body))
+}
+
+/// GET over TLS trusting only `ca_file`; prints the status, the ALPN and
+/// the body's first line, or the TLS error.
+fn https_get(addr: SocketAddr, sni: &str, ca_file: &str, path: &str, host: &str) {
+    let config = tls_config(ca_file, &[b"h2", b"http/1.1"]);
+    match https_once(addr, sni, &config, path, host) {
+        Ok((code, alpn, body)) => println!(
+            "VG-HTTPS {sni} host={host} result=ok status={code} alpn={alpn} body={}",
+            body.lines().next().unwrap_or("")
+        ),
+        Err(e) => println!(
+            "VG-HTTPS {sni} host={host} result=error error={}",
+            e.replace(' ', "_")
+        ),
+    }
+}
+
+/// N sequential HTTPS requests, each on a new connection (full handshake);
+/// prints connections per second.
+fn https_crr(addr: SocketAddr, sni: &str, ca_file: &str, n: usize) {
+    let config = tls_config(ca_file, &[b"http/1.1"]);
+    let t = Instant::now();
+    let mut ok = 0;
+    for _ in 0..n {
+        if matches!(https_once(addr, sni, &config, "/", sni), Ok((code, _, _)) if code == "200") {
+            ok += 1;
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!("VG-HTTPS-CRR n={n} ok={ok} per_sec={:.1}", ok as f64 / secs);
+}
+
+/// One A query over DNS-over-TLS, trusting only `ca_file`.
+fn dot(addr: SocketAddr, sni: &str, ca_file: &str, qname: &str) {
+    let mut query = vec![0x43, 0x21, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in qname.trim_end_matches('.').split('.') {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let result = (|| -> Result<Vec<u8>, String> {
+        let config = tls_config(ca_file, &[b"dot"]);
+        let name =
+            rustls::pki_types::ServerName::try_from(sni.to_owned()).map_err(|e| e.to_string())?;
+        let conn = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?;
+        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .map_err(|e| format!("connect:{:?}", e.kind()))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut msg = (query.len() as u16).to_be_bytes().to_vec();
+        msg.extend_from_slice(&query);
+        tls.write_all(&msg).map_err(|e| e.to_string())?;
+        let mut len = [0u8; 2];
+        tls.read_exact(&mut len).map_err(|e| e.to_string())?;
+        let mut answer = vec![0u8; u16::from_be_bytes(len) as usize];
+        tls.read_exact(&mut answer).map_err(|e| e.to_string())?;
+        Ok(answer)
+    })();
+    match result {
+        Ok(a) => {
+            let rcode = a.get(3).map_or(99, |b| b & 0x0f);
+            let count = a.get(6..8).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+            // The last answer's address, when it is an A record at the end.
+            let addr = if count > 0 && a.len() >= 4 {
+                let t = &a[a.len() - 4..];
+                format!("{}.{}.{}.{}", t[0], t[1], t[2], t[3])
+            } else {
+                "-".into()
+            };
+            println!("VG-DOT {qname} rcode={rcode} answers={count} last={addr}");
+        }
+        Err(e) => println!("VG-DOT {qname} result=error error={}", e.replace(' ', "_")),
+    }
 }
