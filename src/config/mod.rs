@@ -1049,6 +1049,14 @@ mod tests {
                 "[network]\ndomain-search = [\"bad..name\"]\n",
                 "network.domain-search",
             ),
+            ("[tls]\nports = [443, 853]\n", "tls.ports"),
+            ("[tls]\nleaf-validity-days = 0\n", "tls.leaf-validity-days"),
+            ("[tls]\nmax-cached-certs = 0\n", "tls.max-cached-certs"),
+            (
+                "[tls]\nhandshake-timeout-ms = 1\n",
+                "tls.handshake-timeout-ms",
+            ),
+            ("[tls]\nbypass = [\"bad..name\"]\n", "tls.bypass"),
         ];
         for (text, key) in cases {
             let Err(Error::Invalid(problems)) = Config::from_toml(text) else {
@@ -1059,6 +1067,21 @@ mod tests {
                 "{text:?}: {problems:?}"
             );
         }
+    }
+
+    #[test]
+    fn interception_needs_a_ca() {
+        let Err(Error::Invalid(problems)) = Config::from_toml("[tls]\nenabled = true\n") else {
+            panic!("interception without a CA must be rejected")
+        };
+        assert!(
+            problems.iter().any(|p| p.key == "tls.ca-cert"),
+            "{problems:?}"
+        );
+        let ok = "[tls]\nenabled = true\nca-cert = \"/c.pem\"\nca-key = \"/c.key\"\nno-sni = \"refuse\"\n";
+        let c = Config::from_toml(ok).unwrap();
+        assert_eq!(c.tls.no_sni, Fallback::Refuse);
+        assert!(Config::from_toml("[tls]\nno-sni = \"maybe\"\n").is_err());
     }
 
     #[test]

@@ -309,4 +309,25 @@ mod tests {
         assert_eq!(first_name(&long, false), FirstName::Unnamed);
         assert_eq!(first_name(&long[..1000], false), FirstName::Wait);
     }
+
+    #[test]
+    fn mutated_hellos_never_panic_or_invent_names() {
+        // Every byte of a real-shaped hello set to boundary values: the
+        // parsers must return, and any name must be plain text.
+        let hello = client_hello("www.example.test");
+        for at in 0..hello.len() {
+            for value in [0u8, 1, 0x7f, 0x80, 0xfe, 0xff] {
+                let mut bad = hello.clone();
+                bad[at] = value;
+                for cut in [bad.len(), at + 1, bad.len() / 2] {
+                    let data = &bad[..cut.min(bad.len())];
+                    if let Peek::Name(n) = client_hello_sni(data) {
+                        assert!(n.len() <= data.len(), "{at}/{value}: {n:?}");
+                    }
+                    let _ = first_name(data, true);
+                    let _ = http_host(data);
+                }
+            }
+        }
+    }
 }

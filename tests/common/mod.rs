@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod tls;
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 pub fn unique(tag: &str) -> String {
