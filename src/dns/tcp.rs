@@ -13,8 +13,8 @@ use std::sync::Arc;
 use super::forward::{Forwarder, Transport};
 use crate::metrics::{Counter, Metrics};
 use crate::proxy::Host;
-use crate::proxy::stream::GuestStream;
-use crate::proxy::tcp::{Channels, FromHost, pair};
+use crate::proxy::stream::spawn_local;
+use crate::proxy::tcp::Channels;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bytes of unanswered queries a guest may have buffered: one largest
@@ -23,20 +23,12 @@ const MAX_BUFFERED: usize = 2 + 65_535;
 
 /// Starts the service task for one flow.
 pub fn spawn(host: &Host, forwarder: Arc<Forwarder>, metrics: Arc<Metrics>) -> Channels {
-    let (channels, from_engine, to_engine) = pair();
-    let host = host.clone();
-    host.runtime.clone().spawn(async move {
-        if to_engine.send(FromHost::Connected(None)).await.is_err() {
-            return;
-        }
-        host.wake.wake();
-        let mut guest = GuestStream::bridge(&host, from_engine, to_engine);
+    spawn_local(host, move |mut guest, _| async move {
         if !serve_stream(&mut guest.io, &forwarder, &metrics).await {
             // The guest broke the framing: reset, as a server would.
             guest.reset().await;
         }
-    });
-    channels
+    })
 }
 
 /// Answers length-prefixed queries from `stream` until it ends (also the

@@ -163,13 +163,7 @@ impl Services {
                     self.refuse(src, dst, seq);
                     return true;
                 };
-                let flow = crate::tls::intercept::Flow {
-                    dst,
-                    upstream,
-                    connect_timeout: self.tcp.connect_timeout(),
-                    check: self.name_check(),
-                    metrics: self.metrics.clone(),
-                };
+                let flow = self.deciding(dst, upstream);
                 let local: tcp::LocalService = Box::new(move |host: &Host| tls.spawn(host, flow));
                 self.syn(now, frame, (src, dst, seq), Some(local), None)
             }
@@ -180,13 +174,7 @@ impl Services {
                         self.refuse(src, dst, seq);
                         return true;
                     };
-                    let deciding = crate::proxy::tcp::Deciding {
-                        dst,
-                        upstream,
-                        connect_timeout: self.tcp.connect_timeout(),
-                        check: self.name_check(),
-                        metrics: self.metrics.clone(),
-                    };
+                    let deciding = self.deciding(dst, upstream);
                     let local: tcp::LocalService =
                         Box::new(move |host: &Host| deciding.spawn(host));
                     (Some(local), None)
@@ -403,11 +391,18 @@ impl Services {
         }
     }
 
-    fn name_check(&self) -> crate::proxy::check::NameCheck {
-        crate::proxy::check::NameCheck {
-            policy: self.policy.clone(),
-            pins: self.pins.clone(),
-            forwarder: self.dns.forwarder(),
+    /// The parts of a flow decided on its name (first bytes or TLS).
+    fn deciding(&self, dst: SocketAddr, upstream: SocketAddr) -> crate::proxy::tcp::Deciding {
+        crate::proxy::tcp::Deciding {
+            dst,
+            upstream,
+            connect_timeout: self.tcp.connect_timeout(),
+            check: crate::proxy::check::NameCheck {
+                policy: self.policy.clone(),
+                pins: self.pins.clone(),
+                forwarder: self.dns.forwarder(),
+            },
+            metrics: self.metrics.clone(),
         }
     }
 

@@ -84,3 +84,24 @@ impl GuestStream {
         self.wake.wake();
     }
 }
+
+/// Starts a local service's task: the flow is accepted at once (its SYN
+/// answered without dialling) and `serve` gets the guest's bytes as a
+/// stream. Returns the engine's channel ends.
+pub fn spawn_local<F, Fut>(host: &Host, serve: F) -> super::tcp::Channels
+where
+    F: FnOnce(GuestStream, Host) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (channels, from_engine, to_engine) = super::tcp::pair();
+    let host = host.clone();
+    host.runtime.clone().spawn(async move {
+        if to_engine.send(FromHost::Connected(None)).await.is_err() {
+            return;
+        }
+        host.wake.wake();
+        let guest = GuestStream::bridge(&host, from_engine, to_engine);
+        serve(guest, host).await;
+    });
+    channels
+}

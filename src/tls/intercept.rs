@@ -38,9 +38,9 @@ use crate::dns::names::BlockList;
 use crate::metrics::{Counter, Metrics};
 use crate::policy::NameSource;
 use crate::proxy::Host;
-use crate::proxy::check::{self, NameCheck};
-use crate::proxy::stream::GuestStream;
-use crate::proxy::tcp::{Channels, FromHost, pair};
+use crate::proxy::check;
+use crate::proxy::stream::{GuestStream, spawn_local};
+use crate::proxy::tcp::Channels;
 
 const TLS_HANDSHAKE_RECORD: u8 = 22;
 
@@ -172,17 +172,10 @@ impl Interceptor {
     /// Serves a guest flow to `dst` on an intercepted port; `upstream` is
     /// where to dial (the host mapping applied).
     pub fn spawn(self: &Arc<Self>, host: &Host, flow: Flow) -> Channels {
-        let (channels, rx, tx) = pair();
-        let (this, host) = (self.clone(), host.clone());
-        host.runtime.clone().spawn(async move {
-            if tx.send(FromHost::Connected(None)).await.is_err() {
-                return;
-            }
-            host.wake.wake();
-            let guest = GuestStream::bridge(&host, rx, tx);
+        let this = self.clone();
+        spawn_local(host, move |guest, host| async move {
             this.serve(guest, flow, &host).await;
-        });
-        channels
+        })
     }
 
     async fn serve(&self, mut guest: GuestStream, flow: Flow, host: &Host) {
@@ -398,14 +391,8 @@ impl Interceptor {
         forwarder: Arc<crate::dns::forward::Forwarder>,
         metrics: Arc<Metrics>,
     ) -> Channels {
-        let (channels, rx, tx) = pair();
-        let (this, host) = (self.clone(), host.clone());
-        host.runtime.clone().spawn(async move {
-            if tx.send(FromHost::Connected(None)).await.is_err() {
-                return;
-            }
-            host.wake.wake();
-            let guest = GuestStream::bridge(&host, rx, tx);
+        let this = self.clone();
+        spawn_local(host, move |guest, _| async move {
             let Some(start) = this.hello(guest, Vec::new()).await else {
                 return;
             };
@@ -423,24 +410,13 @@ impl Interceptor {
             };
             metrics.inc(Counter::dns_tls_terminated);
             crate::dns::tcp::serve_stream(&mut tls, &forwarder, &metrics).await;
-        });
-        channels
+        })
     }
 }
 
-/// One intercepted flow.
-pub struct Flow {
-    /// Where the guest connected.
-    pub dst: SocketAddr,
-    /// Where to dial (the host mapping applied).
-    pub upstream: SocketAddr,
-    /// Dial budget.
-    pub connect_timeout: Duration,
-    /// Name decisions.
-    pub check: NameCheck,
-    /// Counters.
-    pub metrics: Arc<Metrics>,
-}
+/// One intercepted flow: the same parts as a flow decided on its first
+/// bytes.
+pub use crate::proxy::tcp::Deciding as Flow;
 
 /// Reads the flow's beginning until it names itself or shows it will not;
 /// None when the guest left without a byte.
