@@ -16,9 +16,8 @@ use std::sync::Arc;
 
 use smoltcp::socket::tcp;
 
-use crate::audit::Reason;
 use crate::metrics::{Counter, Metrics};
-use crate::policy::{Action, Flow, Policy, Proto};
+use crate::policy::Policy;
 use crate::tls::sni::{FIRST_BYTES_LIMIT, FirstName, first_name};
 
 /// A flow held until its first bytes are checked.
@@ -90,31 +89,17 @@ impl Gate {
             }
             FirstName::Named(name, source) => (name, source),
         };
-        let (rule, reason) = if self.names.contains(&name) {
-            let decision = self.policy.decide(&Flow {
-                dst: dst.ip(),
-                proto: Proto::Tcp,
-                port: Some(dst.port()),
-                name: Some((&name, source)),
-            });
-            if decision.action == Action::Allow {
+        let named = Some((name.as_str(), source));
+        let denied = match crate::proxy::check::decide_known(&self.policy, &self.names, dst, named)
+        {
+            // The names are pins, so nothing is left to resolve.
+            Ok(_) => {
                 metrics.inc(Counter::policy_allowed);
                 return Outcome::Open(std::mem::take(&mut self.first));
             }
-            (decision.rule, Reason::Policy)
-        } else {
-            (None, Reason::NameNotPinned)
+            Err(denied) => denied,
         };
-        metrics.inc(Counter::policy_denied);
-        crate::audit::deny(&crate::audit::Deny {
-            proto: "tcp",
-            dst: Some(dst.ip()),
-            port: dst.port(),
-            name: Some(&name),
-            name_source: Some(source.as_str()),
-            rule,
-            reason,
-        });
+        crate::proxy::check::audit(metrics, dst, named, denied);
         Outcome::Denied
     }
 }
@@ -122,7 +107,7 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{Destination, Rule};
+    use crate::policy::{Action, Destination, Rule};
     use crate::tls::sni::client_hello;
 
     fn gate() -> Gate {

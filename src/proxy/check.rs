@@ -39,33 +39,47 @@ impl NameCheck {
         name: Option<(&str, NameSource)>,
     ) -> Result<(), Denied> {
         let pinned = self.pins.names_of(dst.ip(), Instant::now());
-        if let Some((n, _)) = name
-            && !pinned.is_empty()
-            && !pinned.iter().any(|p| p == n)
-        {
-            return Err((None, Reason::NameNotPinned));
-        }
-        let flow = Flow {
-            dst: dst.ip(),
-            proto: Proto::Tcp,
-            port: Some(dst.port()),
-            name: name.or_else(|| pinned.first().map(|p| (p.as_str(), NameSource::Dns))),
-        };
-        let decision = self.policy.decide(&flow);
-        if decision.action == Action::Deny {
-            return Err((decision.rule, Reason::Policy));
-        }
-        let Some((n, _)) = name.filter(|_| pinned.is_empty()) else {
-            return Ok(());
-        };
-        // Only a name that is what allows the flow needs checking.
-        let unnamed = self.policy.decide(&Flow { name: None, ..flow });
-        if unnamed.action == Action::Allow || self.forwarder.resolves_to(n, dst.ip()).await {
-            Ok(())
-        } else {
-            Err((None, Reason::NameNotResolving))
+        match decide_known(&self.policy, &pinned, dst, name)? {
+            Some(n) if !self.forwarder.resolves_to(n, dst.ip()).await => {
+                Err((None, Reason::NameNotResolving))
+            }
+            _ => Ok(()),
         }
     }
+}
+
+/// What can be decided without I/O: a name must be one of `pinned` (the
+/// names the address was given for) when there are any, then the policy
+/// decides. Ok(Some(name)): allowed only by a name with no DNS answer
+/// behind the address, which must still be shown to resolve to it.
+pub fn decide_known<'a>(
+    policy: &Policy,
+    pinned: &[String],
+    dst: SocketAddr,
+    name: Option<(&'a str, NameSource)>,
+) -> Result<Option<&'a str>, Denied> {
+    if let Some((n, _)) = name
+        && !pinned.is_empty()
+        && !pinned.iter().any(|p| p == n)
+    {
+        return Err((None, Reason::NameNotPinned));
+    }
+    let flow = Flow {
+        dst: dst.ip(),
+        proto: Proto::Tcp,
+        port: Some(dst.port()),
+        name: name.or_else(|| pinned.first().map(|p| (p.as_str(), NameSource::Dns))),
+    };
+    let decision = policy.decide(&flow);
+    if decision.action == Action::Deny {
+        return Err((decision.rule, Reason::Policy));
+    }
+    let Some((n, _)) = name.filter(|_| pinned.is_empty()) else {
+        return Ok(None);
+    };
+    // Only a name that is what allows the flow needs checking.
+    let unnamed = policy.decide(&Flow { name: None, ..flow });
+    Ok((unnamed.action != Action::Allow).then_some(n))
 }
 
 /// Audits and counts a deny from [`NameCheck::decide`].
