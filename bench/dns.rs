@@ -12,12 +12,6 @@
 // Counts and rates here are far below the truncation bounds.
 #![allow(clippy::cast_possible_truncation)]
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "../tests/e2e/vmm.rs"]
-#[allow(dead_code)]
-mod vmm;
-
 use std::net::{Ipv4Addr, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -27,8 +21,8 @@ use smoltcp::wire::{
     Ipv4Repr, UdpPacket, UdpRepr,
 };
 
-use common::{Daemon, cpu_seconds};
-use vmm::Vmm;
+use kit::vmm::Vmm;
+use kit::{Daemon, cpu_seconds};
 
 const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
 const GW_MAC: EthernetAddress = EthernetAddress([0x02, 0x76, 0x67, 0, 0, 1]);

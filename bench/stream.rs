@@ -12,12 +12,6 @@
 // Sizes and rates here are far below the truncation bounds.
 #![allow(clippy::cast_possible_truncation)]
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "../tests/e2e/vmm.rs"]
-#[allow(dead_code)]
-mod vmm;
-
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -28,8 +22,8 @@ use smoltcp::phy::{self, Checksum, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
 
-use common::{Daemon, cpu_seconds};
-use vmm::Vmm;
+use kit::vmm::Vmm;
+use kit::{Daemon, cpu_seconds};
 
 const MTU: usize = 65520;
 const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
@@ -133,7 +127,11 @@ fn stream(daemon: &Daemon, direction: Direction, bytes: u64) -> (f64, f64) {
     });
     let upload = matches!(direction, Direction::Upload);
 
-    let mut vmm = Vmm::qemu_start_with(&daemon.socket, true, vmm::F_CSUM | vmm::F_GUEST_CSUM);
+    let mut vmm = Vmm::qemu_start_with(
+        &daemon.socket,
+        true,
+        kit::vmm::F_CSUM | kit::vmm::F_GUEST_CSUM,
+    );
     vmm.post_rx(RX_POSTED);
     let mut link = Link {
         vmm: &mut vmm,

@@ -11,17 +11,11 @@
 //! machine.
 #![allow(clippy::unwrap_used)] // a benchmark whose set-up fails should stop loudly
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "../tests/vm/harness.rs"]
-#[allow(dead_code, unused_imports)]
-mod harness;
-
 use std::process::Command;
 
-use common::tls::{serve_https, upstream_identity};
-use common::{Daemon, Netns, TempDir, run};
-use harness::{GuestOpts, boot};
+use kit::guest::{GuestOpts, boot};
+use kit::tls::{serve_https, upstream_identity};
+use kit::{Daemon, Netns, TempDir, run};
 
 fn env_or(key: &str, default: usize) -> usize {
     std::env::var(key)

@@ -9,18 +9,12 @@
 //! machine: every server is on a namespace's loopback.
 #![allow(clippy::unwrap_used)] // a benchmark whose set-up fails should stop loudly
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "../tests/vm/harness.rs"]
-#[allow(dead_code, unused_imports)]
-mod harness;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Netns, Server, TempDir, serve_tcp_echo};
-use harness::{Backend, Guest, GuestOpts, line_after};
+use kit::guest::{Backend, Guest, GuestOpts, line_after};
+use kit::{Daemon, Netns, Server, TempDir, serve_tcp_echo};
 
 const SCRIPT: &str = r#"
 dhcp

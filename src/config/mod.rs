@@ -587,7 +587,7 @@ impl Config {
                 source,
             })?;
             for (line, name) in block_file_entries(&list) {
-                match crate::dns::names::check_entry(name) {
+                match crate::names::Pattern::parse(name).map(drop) {
                     Ok(()) => config.dns.block.push(name.to_owned()),
                     Err(e) => problems.push(Problem {
                         key: "dns.block-files".into(),
@@ -709,11 +709,11 @@ impl Config {
             bad("dns-ipv6", "at most 3 servers".into());
         }
         for name in &n.domain_search {
-            if let Err(e) = types::check_domain(name) {
+            if let Err(e) = crate::names::check(name) {
                 bad("domain-search", format!("{name:?}: {e}"));
             }
         }
-        if types::encode_domain_search(&n.domain_search).len() > 255 {
+        if crate::names::encode_wire(&n.domain_search).len() > 255 {
             bad(
                 "domain-search",
                 "encoded list exceeds 255 bytes (one DHCP option)".into(),
@@ -807,7 +807,7 @@ impl Config {
             "upstreams need an address and a port (53 by default)".into(),
         );
         for entry in d.block.iter().chain(&d.rebind_allow) {
-            if let Err(e) = crate::dns::names::check_entry(entry) {
+            if let Err(e) = crate::names::Pattern::parse(entry) {
                 check("dns.block", false, format!("{entry:?}: {e}"));
             }
         }
@@ -834,8 +834,8 @@ impl Config {
             t.ports.iter().all(|p| {
                 ![
                     0,
-                    crate::dns::intercept::DNS_PORT,
-                    crate::dns::intercept::ENCRYPTED_DNS_PORT,
+                    crate::wellknown::DNS_PORT,
+                    crate::wellknown::ENCRYPTED_DNS_PORT,
                 ]
                 .contains(p)
             }),
@@ -857,7 +857,7 @@ impl Config {
             format!("{} is outside 100..=120000", t.handshake_timeout_ms),
         );
         for entry in &t.bypass {
-            if let Err(e) = crate::dns::names::check_entry(entry) {
+            if let Err(e) = crate::names::Pattern::parse(entry) {
                 check("tls.bypass", false, format!("{entry:?}: {e}"));
             }
         }
@@ -896,8 +896,6 @@ impl Config {
         )
     }
 }
-
-pub use types::{check_domain, encode_domain_search};
 
 /// (line number, name) of each entry of a block-list file: one name per
 /// line, or hosts-file lines (`0.0.0.0 name [name...]`), `#` comments;

@@ -1,5 +1,5 @@
 //! Value types of the configuration that TOML has no native form for: MAC
-//! addresses, IPv6 prefixes, domain names.
+//! addresses, IPv6 prefixes, resolver addresses.
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -145,44 +145,6 @@ impl<'de> Deserialize<'de> for Resolver {
     }
 }
 
-/// Checks a DNS name's syntax (RFC 1035 2.3.4 lengths, LDH labels).
-pub fn check_domain(name: &str) -> Result<(), &'static str> {
-    let name = name.strip_suffix('.').unwrap_or(name);
-    if name.is_empty() || name.len() > 253 {
-        return Err("name must be 1..=253 characters");
-    }
-    for label in name.split('.') {
-        if label.is_empty() || label.len() > 63 {
-            return Err("each label must be 1..=63 characters");
-        }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            || label.starts_with('-')
-            || label.ends_with('-')
-        {
-            return Err("labels are letters, digits and inner hyphens");
-        }
-    }
-    Ok(())
-}
-
-/// Encodes a domain search list as DHCP option 119 data (RFC 3397: DNS wire
-/// names, uncompressed, which every client accepts).
-pub fn encode_domain_search(names: &[String]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for name in names {
-        let name = name.strip_suffix('.').unwrap_or(name);
-        for label in name.split('.') {
-            // check_domain bounds labels to 63 bytes before this runs.
-            out.push(u8::try_from(label.len()).unwrap_or(63));
-            out.extend_from_slice(label.as_bytes());
-        }
-        out.push(0);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,18 +172,5 @@ mod tests {
         assert!("fd00:1::1/64".parse::<Ipv6Prefix>().is_err());
         assert!("fd00::/129".parse::<Ipv6Prefix>().is_err());
         assert!("fd00::".parse::<Ipv6Prefix>().is_err());
-    }
-
-    #[test]
-    fn domain_checks_and_encoding() {
-        assert!(check_domain("example.com").is_ok());
-        assert!(check_domain("example.com.").is_ok());
-        assert!(check_domain("a..b").is_err());
-        assert!(check_domain("-a.b").is_err());
-        assert!(check_domain(&"a".repeat(64)).is_err());
-        assert_eq!(
-            encode_domain_search(&["ab.c".into()]),
-            vec![2, b'a', b'b', 1, b'c', 0]
-        );
     }
 }

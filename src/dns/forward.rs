@@ -18,10 +18,10 @@ use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::net::UdpSocket;
 
-use super::names::BlockList;
 use super::pins::Pins;
 use super::rebind::{Filtered, Rebind};
 use crate::config::{BlockedAnswer, Dns};
+use crate::names::NameSet;
 use crate::policy::Policy;
 
 /// Smallest DNS message: the header (RFC 1035 4.1.1).
@@ -42,7 +42,7 @@ pub struct Forwarder {
     upstreams: Vec<SocketAddr>,
     timeout: Duration,
     attempts: u32,
-    block: BlockList,
+    block: NameSet,
     blocked_answer: BlockedAnswer,
     rebind: Option<Rebind>,
     pins: Arc<Pins>,
@@ -102,7 +102,7 @@ impl Forwarder {
             upstreams,
             timeout: Duration::from_millis(config.timeout_ms),
             attempts: config.attempts,
-            block: BlockList::new(config.block.iter().map(String::as_str)),
+            block: NameSet::new(config.block.iter().map(String::as_str)),
             blocked_answer: config.blocked_answer,
             rebind: config
                 .rebind_protection
@@ -139,7 +139,7 @@ impl Forwarder {
             .first()
             .map(|q| q.name().to_ascii())
             .unwrap_or_default();
-        if self.block.blocks(&name) {
+        if self.block.contains(&name) {
             return (self.refusal(&parsed), Outcome::Blocked);
         }
         // A name the egress policy denies is answered like a blocked one.

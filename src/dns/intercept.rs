@@ -15,12 +15,8 @@ use tokio::sync::mpsc;
 use super::forward::{Forwarder, Transport};
 use crate::engine::Ctx;
 use crate::metrics::Counter;
+use crate::wellknown::DNS_PORT;
 
-/// The DNS port (RFC 1035 4.2.1).
-pub const DNS_PORT: u16 = 53;
-/// DNS over TLS (RFC 7858) and over QUIC (RFC 9250): refused, so stub
-/// resolvers fall back to port 53, where the block list applies.
-pub const ENCRYPTED_DNS_PORT: u16 = 853;
 /// Answers waiting for the engine.
 const ANSWER_DEPTH: usize = 256;
 

@@ -9,7 +9,6 @@
 
 pub mod forward;
 pub mod intercept;
-pub mod names;
 pub mod pins;
 pub mod rebind;
 pub mod tcp;

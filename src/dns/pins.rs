@@ -120,6 +120,12 @@ impl Pins {
     pub fn len(&self) -> usize {
         self.lock().by_addr.len()
     }
+
+    /// Whether the table is empty.
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[cfg(test)]

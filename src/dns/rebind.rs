@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use hickory_proto::op::Message;
 use hickory_proto::rr::RData;
 
-use super::names::BlockList;
+use crate::names::NameSet;
 use crate::policy::Group;
 
 /// What filtering did to an answer.
@@ -29,7 +29,7 @@ pub enum Filtered {
 
 /// The filter.
 pub struct Rebind {
-    allow: BlockList,
+    allow: NameSet,
     own: Vec<(IpAddr, u8)>,
 }
 
@@ -38,7 +38,7 @@ impl Rebind {
     /// prefix length).
     pub fn new<'a>(allow: impl IntoIterator<Item = &'a str>, own: Vec<(IpAddr, u8)>) -> Self {
         Self {
-            allow: BlockList::new(allow.into_iter().chain(["localhost", "*.localhost"])),
+            allow: NameSet::new(allow.into_iter().chain(["localhost", "*.localhost"])),
             own,
         }
     }
@@ -55,7 +55,7 @@ impl Rebind {
                 RData::AAAA(a) => IpAddr::V6(a.0),
                 _ => return true,
             };
-            !self.is_internal(ip) || self.allow.blocks(&record.name.to_ascii())
+            !self.is_internal(ip) || self.allow.contains(&record.name.to_ascii())
         });
         let removed = before - message.answers.len();
         if removed == 0 {

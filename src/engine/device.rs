@@ -183,7 +183,7 @@ fn write_frame<M: GuestMemory>(
 /// Frames for the guest that wait for RX buffers, oldest first: gateway
 /// service replies, relayed datagrams, and smoltcp frames that did not fit
 /// the buffers posted when they were made. Bounded; the head is dropped if
-/// it cannot be written for [`MAX_WAIT`] (buffers that will never hold it).
+/// it cannot be written for `MAX_WAIT` (buffers that will never hold it).
 #[derive(Default)]
 pub struct ToGuest {
     frames: std::collections::VecDeque<Vec<u8>>,

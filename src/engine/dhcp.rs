@@ -10,12 +10,11 @@ use std::time::{Duration, Instant};
 
 use smoltcp::wire::{DhcpMessageType, DhcpOption, DhcpPacket, DhcpRepr, EthernetAddress};
 
-use super::classify::DHCP_SERVER_PORT;
 use super::frames::{self, Ends};
-use crate::config::{Network, encode_domain_search};
+use crate::config::Network;
+use crate::wellknown::{DHCP_CLIENT_PORT, DHCP_SERVER_PORT};
 
 /// DHCP client port (RFC 2131 4.1).
-const DHCP_CLIENT_PORT: u16 = 68;
 /// DHCP option: interface MTU (RFC 2132 5.1).
 const OPT_INTERFACE_MTU: u8 = 26;
 /// DHCP option: domain search (RFC 3397).
@@ -64,7 +63,7 @@ impl Server {
             netmask: net.ipv4_netmask(),
             dns: net.advertised_dns_v4(),
             mtu: net.mtu.to_be_bytes(),
-            search: encode_domain_search(&net.domain_search),
+            search: crate::names::encode_wire(&net.domain_search),
             lease_time: Duration::from_secs(u64::from(net.dhcp_lease_seconds)),
             lease: None,
         }

@@ -18,7 +18,7 @@ use smoltcp::socket::tcp;
 
 use crate::metrics::{Counter, Metrics};
 use crate::policy::Policy;
-use crate::tls::sni::{FIRST_BYTES_LIMIT, FirstName, first_name};
+use crate::sniff::{FIRST_BYTES_LIMIT, FirstName, first_name};
 
 /// A flow held until its first bytes are checked.
 pub struct Gate {
@@ -108,14 +108,14 @@ impl Gate {
 mod tests {
     use super::*;
     use crate::policy::{Action, Destination, Rule};
-    use crate::tls::sni::client_hello;
+    use crate::sniff::client_hello;
 
     fn gate() -> Gate {
         // Allow *.ok.test, deny the rest; the address was given for
         // www.ok.test and evil.test (shared hosting).
         let rule = Rule {
             action: Action::Allow,
-            destination: Destination::Suffix("ok.test".into()),
+            destination: Destination::Name(crate::names::Pattern::Under("ok.test".into())),
             protos: Vec::new(),
             ports: Vec::new(),
         };

@@ -212,7 +212,7 @@ impl Services {
                 true
             }
             classify::Kind::TcpSyn { src, dst, seq }
-                if dst.port() == crate::dns::intercept::ENCRYPTED_DNS_PORT =>
+                if dst.port() == crate::wellknown::ENCRYPTED_DNS_PORT =>
             {
                 // DNS over TLS: answered by our forwarder when we can
                 // terminate TLS, refused otherwise (the guest falls back).
@@ -227,15 +227,15 @@ impl Services {
                 self.syn(now, frame, (src, dst, seq), Some(local), None)
             }
             classify::Kind::Udp { dst, .. }
-                if dst.port() == crate::dns::intercept::ENCRYPTED_DNS_PORT =>
+                if dst.port() == crate::wellknown::ENCRYPTED_DNS_PORT =>
             {
                 self.metrics.inc(Counter::dns_encrypted_refused);
                 true
             }
             classify::Kind::TcpSyn { src, dst, seq } => {
                 // DNS over TCP to any address is answered by the forwarder.
-                let local: Option<tcp::LocalService> =
-                    (dst.port() == crate::dns::intercept::DNS_PORT).then(|| {
+                let local: Option<tcp::LocalService> = (dst.port() == crate::wellknown::DNS_PORT)
+                    .then(|| {
                         let forwarder = self.dns.forwarder();
                         let metrics = self.metrics.clone();
                         Box::new(move |host: &Host| {
@@ -264,7 +264,7 @@ impl Services {
                     // QUIC would bypass interception: dropped, so the
                     // client falls back to TCP.
                     self.metrics.inc(Counter::tls_quic_dropped);
-                } else if dst.port() == crate::dns::intercept::DNS_PORT {
+                } else if dst.port() == crate::wellknown::DNS_PORT {
                     if let Some(refusal) = self.dns.query(&ctx, src, dst, payload) {
                         let ends = self.to_guest(dst.ip(), src.ip());
                         self.queue(frames::udp(&ends, dst.port(), src.port(), &refusal));
@@ -289,8 +289,8 @@ impl Services {
     /// first bytes (Peek): with no DNS pin for its address, entirely; with
     /// pins that allow it, its SNI/Host must be a pinned name and allowed.
     fn police(&mut self, kind: &classify::Kind<'_>, now: Instant) -> Verdict {
-        use crate::dns::intercept::{DNS_PORT, ENCRYPTED_DNS_PORT};
         use crate::policy::{Action, Flow, NameSource, Proto};
+        use crate::wellknown::{DNS_PORT, ENCRYPTED_DNS_PORT};
         // A SYN for a flow that exists (a retransmission) keeps the flow's
         // first decision.
         if self.tcp.has_socket_for(kind) {
@@ -521,7 +521,10 @@ impl Engine {
             ));
             if net.ipv6_enabled {
                 let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(net.ipv6_gateway), 64));
-                let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(ndp::GATEWAY_LINK_LOCAL), 64));
+                let _ = addrs.push(IpCidr::new(
+                    IpAddress::Ipv6(crate::wellknown::GATEWAY_LINK_LOCAL),
+                    64,
+                ));
             }
         });
         let allow_loopback = config.outbound.allow_host_loopback;
@@ -535,7 +538,7 @@ impl Engine {
                     v4: net.ipv4_gateway,
                     v6: net
                         .ipv6_enabled
-                        .then_some((net.ipv6_gateway, ndp::GATEWAY_LINK_LOCAL)),
+                        .then_some((net.ipv6_gateway, crate::wellknown::GATEWAY_LINK_LOCAL)),
                 },
                 gateway_mac,
                 guest_mac: EthernetAddress(net.guest_mac.0),
@@ -692,7 +695,7 @@ impl Engine {
                 .services
                 .published
                 .as_mut()
-                .and_then(publish::Published::next)
+                .and_then(publish::Published::next_inbound)
             else {
                 break;
             };
@@ -753,7 +756,7 @@ impl Engine {
             .as_ref()
             .and_then(ndp::Advertiser::deadline)
             .map(|t| t.saturating_duration_since(now));
-        let expiry = (!self.services.tcp.is_empty() || self.services.udp.len() > 0)
+        let expiry = (!self.services.tcp.is_empty() || !self.services.udp.is_empty())
             .then(|| self.next_expiry.saturating_duration_since(now));
         [smol, ra, expiry].into_iter().flatten().min()
     }

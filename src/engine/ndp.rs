@@ -13,8 +13,7 @@ use smoltcp::wire::EthernetAddress;
 use super::frames;
 use crate::config::Network;
 
-/// The gateway's link-local address: RAs must come from one (RFC 4861 6.1.2).
-pub const GATEWAY_LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+use crate::wellknown::GATEWAY_LINK_LOCAL;
 const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
 const ALL_NODES_MAC: EthernetAddress = EthernetAddress([0x33, 0x33, 0, 0, 0, 1]);
 

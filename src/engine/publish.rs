@@ -51,7 +51,7 @@ impl Published {
     }
 
     /// The next inbound connection or datagram.
-    pub fn next(&mut self) -> Option<Inbound> {
+    pub fn next_inbound(&mut self) -> Option<Inbound> {
         self.inbound.try_recv().ok()
     }
 

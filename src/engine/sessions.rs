@@ -40,6 +40,11 @@ impl<K: Copy + Eq + Hash, T> Table<K, T> {
         self.sessions.len()
     }
 
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
     /// Whether `key` has a session.
     pub fn contains(&self, key: &K) -> bool {
         self.sessions.contains_key(key)

@@ -93,4 +93,9 @@ impl Sessions {
     pub fn len(&self) -> usize {
         self.table.len()
     }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
 }

@@ -10,29 +10,8 @@ pub mod rule;
 
 use std::net::IpAddr;
 
+pub use crate::names::NameSource;
 pub use rule::{Action, Destination, Group, Proto, Rule};
-
-/// Where a flow's hostname came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NameSource {
-    /// The guest's own DNS answer for the address (a pin).
-    Dns,
-    /// TLS ClientHello SNI, from the flow's first bytes.
-    Sni,
-    /// HTTP/1 Host header, from the flow's first bytes.
-    Host,
-}
-
-impl NameSource {
-    /// Lower-case name for logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NameSource::Dns => "dns",
-            NameSource::Sni => "sni",
-            NameSource::Host => "host",
-        }
-    }
-}
 
 /// What is being decided.
 #[derive(Debug, Clone, Copy)]
@@ -109,10 +88,8 @@ impl Policy {
         });
         let last = without.rule.unwrap_or(self.rules.len() + 1);
         self.rules.iter().take(last - 1).any(|rule| {
-            matches!(
-                rule.destination,
-                Destination::Domain(_) | Destination::Suffix(_)
-            ) && rule.action != without.action
+            matches!(rule.destination, Destination::Name(_))
+                && rule.action != without.action
                 && rule.matches_transport(flow.proto, flow.port)
         })
     }
@@ -121,10 +98,8 @@ impl Policy {
     /// covers it decides; a deny is answered like a blocked name.
     pub fn name_denied(&self, name: &str) -> Option<usize> {
         for (i, rule) in self.rules.iter().enumerate() {
-            if matches!(
-                rule.destination,
-                Destination::Domain(_) | Destination::Suffix(_)
-            ) && rule.destination.matches_name(name)
+            if let Destination::Name(pattern) = &rule.destination
+                && pattern.matches(name)
             {
                 return (rule.action == Action::Deny).then_some(i + 1);
             }

@@ -3,7 +3,7 @@
 //! config's strings with errors that say what is wrong.
 #![forbid(unsafe_code)]
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 /// Allow or deny.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -64,10 +64,8 @@ pub enum Group {
 pub enum Destination {
     /// An address prefix.
     Cidr(IpAddr, u8),
-    /// Exactly this hostname.
-    Domain(String),
-    /// Every hostname under this one (label-aligned), not the name itself.
-    Suffix(String),
+    /// A hostname, or every name under one (the grammar of [`crate::names`]).
+    Name(crate::names::Pattern),
     /// A named group.
     Group(Group),
 }
@@ -85,8 +83,7 @@ pub struct Rule {
     pub ports: Vec<(u16, u16)>,
 }
 
-const METADATA_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
-const METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x254);
+use crate::wellknown::{METADATA_V4, METADATA_V6};
 
 impl Group {
     fn parse(s: &str) -> Option<Self> {
@@ -153,10 +150,6 @@ fn in_prefix(ip: IpAddr, net: IpAddr, len: u8) -> bool {
     }
 }
 
-fn normalize(name: &str) -> String {
-    name.trim_end_matches('.').to_ascii_lowercase()
-}
-
 impl Destination {
     /// Parses `CIDR`, `IP`, `name`, `*.name` or `group:NAME`.
     pub fn parse(s: &str) -> Result<Self, String> {
@@ -181,37 +174,16 @@ impl Destination {
             let len = if ip.is_ipv4() { 32 } else { 128 };
             return Ok(Destination::Cidr(ip, len));
         }
-        let (suffix, name) = match s.strip_prefix("*.") {
-            Some(rest) => (true, rest),
-            None => (false, s),
-        };
-        crate::config::check_domain(name).map_err(|e| format!("{s:?}: {e}"))?;
-        Ok(if suffix {
-            Destination::Suffix(normalize(name))
-        } else {
-            Destination::Domain(normalize(name))
-        })
-    }
-
-    /// Whether a hostname is covered (domain destinations only).
-    pub fn matches_name(&self, name: &str) -> bool {
-        let name = normalize(name);
-        match self {
-            Destination::Domain(d) => name == *d,
-            Destination::Suffix(d) => name
-                .strip_suffix(d.as_str())
-                .is_some_and(|head| head.ends_with('.')),
-            _ => false,
-        }
+        crate::names::Pattern::parse(s)
+            .map(Destination::Name)
+            .map_err(|e| format!("{s:?}: {e}"))
     }
 
     fn matches(&self, ip: IpAddr, name: Option<&str>, own: &[IpAddr]) -> bool {
         match self {
             Destination::Cidr(net, len) => in_prefix(ip, *net, *len),
             Destination::Group(g) => g.contains(ip, own),
-            Destination::Domain(_) | Destination::Suffix(_) => {
-                name.is_some_and(|n| self.matches_name(n))
-            }
+            Destination::Name(pattern) => name.is_some_and(|n| pattern.matches(n)),
         }
     }
 }

@@ -348,8 +348,8 @@ impl Deciding {
         &self,
         rx: &mut mpsc::Receiver<ToHost>,
         wake: &Wake,
-    ) -> Option<(Vec<u8>, Option<(String, crate::policy::NameSource)>)> {
-        use crate::tls::sni::{FirstName, first_name};
+    ) -> Option<(Vec<u8>, Option<(String, crate::names::NameSource)>)> {
+        use crate::sniff::{FirstName, first_name};
         let mut first: Vec<u8> = Vec::new();
         let deadline = tokio::time::Instant::now() + PEEK_TIME;
         loop {

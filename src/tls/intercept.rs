@@ -32,15 +32,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake, TlsConnector};
 
 use super::certs::Authority;
-use super::sni::{FIRST_BYTES_LIMIT, FirstName, Peek, first_name, http_host};
 use crate::config::{Fallback, Tls, UpstreamRoots};
-use crate::dns::names::BlockList;
 use crate::metrics::{Counter, Metrics};
-use crate::policy::NameSource;
+use crate::names::NameSet;
+use crate::names::NameSource;
 use crate::proxy::Host;
 use crate::proxy::check;
 use crate::proxy::stream::{GuestStream, spawn_local};
 use crate::proxy::tcp::Channels;
+use crate::sniff::{FIRST_BYTES_LIMIT, FirstName, Peek, first_name, http_host};
 
 const TLS_HANDSHAKE_RECORD: u8 = 22;
 
@@ -50,7 +50,7 @@ pub struct Interceptor {
     client: Arc<ClientConfig>,
     /// Fails a guest's handshake with an alert (no certificate).
     refuse: Arc<ServerConfig>,
-    bypass: BlockList,
+    bypass: NameSet,
     ports: Vec<u16>,
     no_sni: Fallback,
     not_tls: Fallback,
@@ -156,7 +156,7 @@ impl Interceptor {
             authority,
             client: Arc::new(client),
             refuse: Arc::new(server_config(Arc::new(NoCertificate), Vec::new()).map_err(bad)?),
-            bypass: BlockList::new(config.bypass.iter().map(String::as_str)),
+            bypass: NameSet::new(config.bypass.iter().map(String::as_str)),
             ports: config.ports.clone(),
             no_sni: config.no_sni,
             not_tls: config.not_tls,
@@ -219,7 +219,7 @@ impl Interceptor {
             self.forbid(guest, first, &sni, denied, &metrics).await;
             return;
         }
-        if self.bypass.blocks(&sni) {
+        if self.bypass.contains(&sni) {
             metrics.inc(Counter::tls_bypassed);
             relay_raw(guest, first, &flow, host).await;
             return;

@@ -1,11 +1,9 @@
-//! TLS: names from a flow's first bytes (`sni`, read by the egress
-//! policy), the operator CA and minted leaves (`certs`), and interception
+//! TLS: the operator CA and minted leaves (`certs`), and interception
 //! of TLS flows on the configured ports (`intercept`), including
 //! DNS-over-TLS termination.
 
 pub mod certs;
 pub mod intercept;
-pub mod sni;
 
 /// Makes ring the process's rustls crypto provider (FACTS: install it
 /// explicitly); harmless when already installed.

@@ -4,11 +4,6 @@
 //! process pair.
 #![allow(clippy::unwrap_used)] // test harness: a failed set-up step should panic
 
-#[path = "../common/mod.rs"]
-mod common;
-#[allow(dead_code)] // shared with bench/stream.rs, which uses more of it
-mod vmm;
-
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -19,8 +14,8 @@ use smoltcp::wire::{
     Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr,
 };
 
-use common::Daemon;
-use vmm::{BUF_SIZE, MEM_SIZE, TX_BUFS, Vmm};
+use kit::Daemon;
+use kit::vmm::{BUF_SIZE, MEM_SIZE, TX_BUFS, Vmm};
 
 const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0xab, 0xcd, 0xef]);
 const GW_MAC: EthernetAddress = EthernetAddress([0x02, 0x76, 0x67, 0, 0, 1]);
@@ -271,13 +266,13 @@ fn hostile_descriptor_chains_are_dropped_and_the_device_keeps_working() {
         vmm.send_chain(chain);
     }
     // A descriptor loop: 100 -> 101 -> 100.
-    let tx = &mut vmm.rings[vmm::TX as usize];
+    let tx = &mut vmm.rings[kit::vmm::TX as usize];
     tx.write_desc(&vmm.mem, 100, TX_BUFS, 64, 1, 101);
     tx.write_desc(&vmm.mem, 101, TX_BUFS, 64, 1, 100);
     tx.publish(&vmm.mem, 100);
     // A head index beyond the ring.
     tx.publish(&vmm.mem, 4000);
-    vmm.kick(vmm::TX);
+    vmm.kick(kit::vmm::TX);
     // Every hostile chain is consumed, and the device still answers.
     std::thread::sleep(Duration::from_millis(300));
     vmm.send_frame(&arp_request());
@@ -344,7 +339,7 @@ fn malformed_vhost_messages_end_the_session_not_the_daemon() {
     // A message claiming a 4 GiB payload.
     let mut bad = Vmm::connect(&daemon.socket);
     let mut msg = Vec::new();
-    for v in [vmm::SET_FEATURES, 1, u32::MAX] {
+    for v in [kit::vmm::SET_FEATURES, 1, u32::MAX] {
         msg.extend_from_slice(&v.to_le_bytes());
     }
     bad.send_raw(&msg, &[]);
@@ -357,7 +352,7 @@ fn malformed_vhost_messages_end_the_session_not_the_daemon() {
     assert!(bad.is_closed());
     let mut bad = Vmm::connect(&daemon.socket);
     bad.send(
-        vmm::SET_VRING_NUM,
+        kit::vmm::SET_VRING_NUM,
         &[[7u8, 0, 0, 0], [0, 1, 0, 0]].concat(),
         &[],
         false,
@@ -372,7 +367,7 @@ fn malformed_vhost_messages_end_the_session_not_the_daemon() {
 #[test]
 fn ready_notification_and_clean_sigterm() {
     use std::os::unix::net::UnixDatagram;
-    let dir = common::TempDir::new("notify");
+    let dir = kit::TempDir::new("notify");
     let notify_path = dir.0.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify.set_read_timeout(Some(WAIT)).unwrap();
@@ -409,7 +404,7 @@ fn garbage_avail_index_does_not_take_the_daemon_down() {
     vmm.post_rx(8);
     // The driver claims 40000 new TX buffers on a 256-entry ring, and as
     // many RX buffers.
-    for q in [vmm::TX, vmm::RX] {
+    for q in [kit::vmm::TX, kit::vmm::RX] {
         let mem = vmm.mem.clone();
         vmm.rings[q as usize].set_avail_idx(&mem, 40_000);
         vmm.kick(q);
@@ -426,16 +421,16 @@ fn idle_guest_costs_no_cpu() {
     let mut vmm = Vmm::qemu_start(&daemon.socket, true);
     exercise_gateway(&mut vmm);
     let pid = daemon.pid();
-    let before = common::cpu_seconds(pid);
+    let before = kit::cpu_seconds(pid);
     std::thread::sleep(Duration::from_secs(3));
-    let used = common::cpu_seconds(pid) - before;
+    let used = kit::cpu_seconds(pid) - before;
     // A busy-polling loop would burn ~3 s here.
     assert!(used <= 0.02, "daemon used {used} s of CPU while idle");
 }
 
 #[test]
 fn json_logs_are_one_object_per_line() {
-    let dir = common::TempDir::new("json");
+    let dir = kit::TempDir::new("json");
     let socket = dir.0.join("s.sock");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-gateway"))
         .args(["--log-format", "json", "--socket-path"])

@@ -3,8 +3,8 @@
 
 use std::process::Stdio;
 
-use crate::common::Server;
-use crate::harness::{Daemon, GuestOpts, Netns, boot};
+use kit::Server;
+use kit::guest::{Daemon, GuestOpts, Netns, boot};
 
 /// dnsmasq on 192.0.2.53 answering only from `records` (its own flags).
 pub fn dnsmasq_with(ns: &Netns, records: &[&str]) -> Server {
@@ -49,7 +49,7 @@ fn dnsmasq(ns: &Netns) -> Server {
 fn queries_to_any_resolver_are_answered_and_blocked_names_refused() {
     let ns = Netns::new("dns");
     let _dnsmasq = dnsmasq(&ns);
-    let lists = crate::common::TempDir::new("blocklist");
+    let lists = kit::TempDir::new("blocklist");
     let list = lists.0.join("hosts.txt");
     std::fs::write(
         &list,
@@ -144,7 +144,7 @@ vg-probe tcp-connect 192.0.2.10:80
         "no pinned name in the flow log: {log}"
     );
     // DNS over TLS is refused at once, so stubs fall back to port 53.
-    let dot = crate::harness::line_after(&console, "VG-CONNECT 192.0.2.53:853").unwrap_or("");
+    let dot = kit::guest::line_after(&console, "VG-CONNECT 192.0.2.53:853").unwrap_or("");
     assert!(dot.contains("result=refused"), "{console}");
 }
 
@@ -165,7 +165,7 @@ echo "VG-DNS-SECONDS $(( $(date +%s) - start ))"
 "#;
     let console = boot(&GuestOpts::new(&daemon.socket, script));
     assert!(console.contains("SERVFAIL"), "{console}");
-    let secs: u64 = crate::harness::line_after(&console, "VG-DNS-SECONDS")
+    let secs: u64 = kit::guest::line_after(&console, "VG-DNS-SECONDS")
         .and_then(|s| s.parse().ok())
         .unwrap_or(99);
     assert!(secs <= 3, "SERVFAIL took {secs} s");
@@ -185,7 +185,7 @@ vg-probe dns 198.19.0.1:53 big.test tcp
 vg-probe dns 203.0.113.9:53 big.test tcp
 "#;
     let console = boot(&GuestOpts::new(&daemon.socket, script));
-    let udp = crate::harness::line_after(&console, "VG-DNS udp big.test").unwrap_or("");
+    let udp = kit::guest::line_after(&console, "VG-DNS udp big.test").unwrap_or("");
     assert!(
         udp.contains("rcode=0 tc=1"),
         "UDP answer not truncated: {console}"

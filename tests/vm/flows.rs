@@ -6,8 +6,8 @@ use std::net::{TcpListener, UdpSocket};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::common::{Server, TempDir, serve_sink, serve_tcp_echo, serve_udp_echo, sha256_file};
-use crate::harness::{Daemon, Guest, GuestOpts, Netns, boot, line_after};
+use kit::guest::{Daemon, Guest, GuestOpts, Netns, boot, line_after};
+use kit::{Server, TempDir, serve_sink, serve_tcp_echo, serve_udp_echo, sha256_file};
 
 const HOST_V4: &str = "192.0.2.10";
 const HOST_V6: &str = "2001:db8::10";
@@ -135,17 +135,17 @@ vg-probe tcp-many {HOST_V4}:7 200
         assert!(line.contains("sent=20 ok=20"), "{line}");
     }
     assert_eq!(
-        crate::harness::ping_result(&console, "VG-PING-HOST"),
+        kit::guest::ping_result(&console, "VG-PING-HOST"),
         Some((3, 3)),
         "{console}"
     );
     assert_eq!(
-        crate::harness::ping_result(&console, "VG-PING-HOST6"),
+        kit::guest::ping_result(&console, "VG-PING-HOST6"),
         Some((3, 3)),
         "{console}"
     );
     assert_eq!(
-        crate::harness::ping_result(&console, "VG-PING-NONE"),
+        kit::guest::ping_result(&console, "VG-PING-NONE"),
         Some((2, 0)),
         "{console}"
     );

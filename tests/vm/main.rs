@@ -4,17 +4,14 @@
 
 #![allow(clippy::unwrap_used)] // test harness: a failed set-up step should panic
 
-#[path = "../common/mod.rs"]
-mod common;
 mod dns;
 mod flows;
-mod harness;
 mod policy;
 mod tls;
 
 use std::time::Duration;
 
-use harness::{Daemon, Guest, GuestOpts, Netns, boot, lease_field, line_after, ping_result};
+use kit::guest::{Daemon, Guest, GuestOpts, Netns, boot, lease_field, line_after, ping_result};
 
 const NETWORK_CHECK: &str = r#"
 dhcp

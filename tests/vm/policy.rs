@@ -4,8 +4,8 @@
 
 use std::net::{TcpListener, UdpSocket};
 
-use crate::common::{serve_tcp_echo, serve_udp_echo};
-use crate::harness::{Daemon, GuestOpts, Netns, boot, line_after, ping_result};
+use kit::guest::{Daemon, GuestOpts, Netns, boot, line_after, ping_result};
+use kit::{serve_tcp_echo, serve_udp_echo};
 
 #[test]
 fn public_only_with_operator_rules_denies_fast_and_audits() {
@@ -156,7 +156,7 @@ const NAMED: [&str; 4] = ["192.0.2.10", "2001:db8::10", "192.0.2.20", "2001:db8:
 #[test]
 fn domain_allow_list_by_name_sni_and_host_v4_v6_no_fronting() {
     let ns = Netns::new("names");
-    let www = crate::common::TempDir::new("names-www");
+    let www = kit::TempDir::new("names-www");
     std::fs::write(www.0.join("small"), "hello by name\n").unwrap();
     let mut servers = Vec::new();
     for addr in NAMED {
@@ -168,7 +168,7 @@ fn domain_allow_list_by_name_sni_and_host_v4_v6_no_fronting() {
         ns.add_addr(&format!("{addr}/{prefix}"));
         let bind = std::net::SocketAddr::new(addr.parse().unwrap(), 7);
         serve_tcp_echo(ns.enter(move || TcpListener::bind(bind).unwrap()));
-        servers.push(crate::common::Server(
+        servers.push(kit::Server(
             ns.command("busybox")
                 .args(["httpd", "-f", "-p", &listen, "-h"])
                 .arg(&www.0)

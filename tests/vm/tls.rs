@@ -7,9 +7,9 @@
 use std::net::UdpSocket;
 use std::process::Command;
 
-use crate::common::tls::{serve_https, upstream_identity};
-use crate::common::{TempDir, run, serve_udp_echo};
-use crate::harness::{Daemon, GuestOpts, Netns, boot, line_after};
+use kit::guest::{Daemon, GuestOpts, Netns, boot, line_after};
+use kit::tls::{serve_https, upstream_identity};
+use kit::{TempDir, run, serve_udp_echo};
 
 #[test]
 fn interception_bypass_bad_upstream_403_quic_and_dot() {

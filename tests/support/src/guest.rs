@@ -11,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-pub use crate::common::{Daemon, Netns};
-use crate::common::{TempDir, collect, run, wait_timeout};
+pub use crate::{Daemon, Netns};
+use crate::{TempDir, collect, run, wait_timeout};
 
 /// The cached guest (kernel, base initramfs), built once per test binary.
 pub struct GuestImage {
@@ -23,7 +23,7 @@ pub struct GuestImage {
 pub fn guest_image() -> &'static GuestImage {
     static IMAGE: OnceLock<GuestImage> = OnceLock::new();
     IMAGE.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let root = crate::project_root();
         assert!(
             nix_is_root(),
             "VM tests need root (network namespaces); run the README's test command"

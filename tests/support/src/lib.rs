@@ -1,6 +1,11 @@
-//! Helpers shared by the integration tests: scratch directories, network
-//! namespaces, and the daemon under test as a child process.
-#![allow(dead_code, clippy::unwrap_used)] // each test binary uses a subset
+//! Test support shared by vhost-gateway's integration tests and
+//! benchmarks: scratch directories, network namespaces, the daemon under
+//! test as a child process, test servers ([`tls`] for TLS peers), a VMM the
+//! test plays ([`vmm`]) and real-guest boots ([`guest`]).
+//!
+//! Everything here talks only to loopback or to hosts inside namespaces the
+//! test creates itself.
+#![allow(clippy::unwrap_used)] // test harness: a failed set-up step should panic
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
@@ -9,7 +14,35 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod guest;
 pub mod tls;
+pub mod vmm;
+
+/// The project's root directory (where `Cargo.toml` and `tests/` are).
+pub fn project_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+/// The daemon binary under test: `$VG_BIN`, else the `vhost-gateway` that
+/// cargo built beside the running test or bench executable (they live in
+/// `target/<profile>/deps/`, the binary in `target/<profile>/`).
+pub fn daemon_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("VG_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("test executables live in target/<profile>/deps");
+    let bin = profile_dir.join("vhost-gateway");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests through cargo, which builds it",
+        bin.display()
+    );
+    bin
+}
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -142,7 +175,7 @@ impl Daemon {
     ) -> Self {
         let dir = TempDir::new("daemon");
         let socket = dir.0.join("vhost.sock");
-        let bin = env!("CARGO_BIN_EXE_vhost-gateway");
+        let bin = daemon_bin();
         let mut cmd = match ns {
             Some(ns) => ns.command(bin),
             None => Command::new(bin),

@@ -4,6 +4,8 @@
 //! Pure parsers over the daemon's own copy of the bytes; every length is
 //! checked before use, nothing panics, and an incomplete prefix says so, so
 //! the caller can wait for more (within its own size and time budget).
+//!
+//! Leaf module: imports only [`crate::names`].
 #![forbid(unsafe_code)]
 
 /// What the first bytes say.
@@ -163,7 +165,7 @@ pub const FIRST_BYTES_LIMIT: usize = 16 * 1024 + 5;
 #[derive(Debug, PartialEq, Eq)]
 pub enum FirstName {
     /// The TLS SNI, else the HTTP Host.
-    Named(String, crate::policy::NameSource),
+    Named(String, crate::names::NameSource),
     /// Decide without a name: the bytes name nothing, the name is an
     /// address literal (it says nothing the destination does not), or the
     /// guest sent all it will before an answer, or reached the limit.
@@ -175,7 +177,7 @@ pub enum FirstName {
 /// The name in a flow's first bytes; `finished`: no more bytes will come
 /// before the far end answers.
 pub fn first_name(first: &[u8], finished: bool) -> FirstName {
-    use crate::policy::NameSource;
+    use crate::names::NameSource;
     let (name, source) = match (client_hello_sni(first), http_host(first)) {
         (Peek::Name(n), _) => (n, NameSource::Sni),
         (_, Peek::Name(n)) => (n, NameSource::Host),
@@ -284,7 +286,7 @@ mod tests {
 
     #[test]
     fn first_name_decides_when_to_stop_waiting() {
-        use crate::policy::NameSource;
+        use crate::names::NameSource;
         let hello = client_hello("a.test");
         assert_eq!(
             first_name(&hello, false),
