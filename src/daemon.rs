@@ -18,9 +18,8 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::Config;
 use crate::metrics::{Counter, Metrics};
-use crate::ports::Publisher;
-use crate::tls::intercept::Interceptor;
-use crate::vhost::{NetBackend, compat};
+use crate::vhost::compat;
+use crate::wiring::Wiring;
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -43,18 +42,12 @@ pub enum Error {
     /// Signal handler installation failed.
     #[error("cannot install signal handlers")]
     Signals(#[source] io::Error),
-    /// The host-side runtime could not start.
-    #[error("cannot start the host-side runtime")]
-    Runtime(#[source] io::Error),
-    /// A published port could not be bound.
+    /// The daemon's parts could not be built.
     #[error(transparent)]
-    Publish(#[from] crate::ports::Error),
+    Build(#[from] crate::wiring::Error),
     /// Accepting a VMM connection failed.
     #[error("cannot accept a VMM connection")]
     Accept(#[source] io::Error),
-    /// TLS interception is on but cannot work (CA, roots).
-    #[error("TLS interception: {0}")]
-    Tls(#[source] crate::tls::intercept::SetupError),
 }
 
 /// Errors of one VMM connection; logged, then the next VMM is accepted.
@@ -70,51 +63,14 @@ enum ConnectionError {
     Session(vhost_user_backend::Error),
 }
 
-/// tokio worker threads for host sockets; the engine has its own thread.
-const HOST_THREADS: usize = 1;
-
 /// Runs the daemon until a signal ends it.
 pub fn run(socket_path: &Path, config: Config) -> Result<(), Error> {
-    let metrics = Arc::new(Metrics::default());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(HOST_THREADS)
-        .thread_name("vg-host")
-        .enable_all()
-        .build()
-        .map_err(Error::Runtime)?;
-    // Published ports are bound before the socket: a port we cannot have
-    // stops the daemon before any VMM relies on it.
-    let publisher = if config.publish.is_empty() {
-        None
-    } else {
-        Some(Arc::new(Publisher::start(
-            runtime.handle(),
-            &config.publish,
-            &metrics,
-        )?))
-    };
-    // The CA and upstream roots are checked before the socket exists: a
-    // daemon that cannot intercept as configured does not start.
-    let tls = if config.tls.enabled {
-        crate::tls::install_provider();
-        let interceptor = Interceptor::new(&config.tls).map_err(Error::Tls)?;
-        tracing::info!(ports = ?config.tls.ports, "TLS interception on");
-        Some(Arc::new(interceptor))
-    } else {
-        None
-    };
+    let wiring = Wiring::build(config)?;
+    let metrics = wiring.metrics().clone();
     let listener = bind(socket_path)?;
     spawn_signal_thread(socket_path.to_owned(), metrics.clone())?;
-    tracing::info!(socket = %socket_path.display(), config = %config.summary(), "listening");
+    tracing::info!(socket = %socket_path.display(), config = %wiring.config().summary(), "listening");
     notify_systemd("READY=1");
-    let config = Arc::new(config);
-    let icmp_available = crate::proxy::icmp::available();
-    if !icmp_available {
-        tracing::warn!(
-            "ping sockets are not permitted for this group (net.ipv4.ping_group_range): \
-             guest pings to outside hosts will be dropped and counted"
-        );
-    }
     loop {
         let vmm = match listener.accept() {
             Ok((stream, _)) => stream,
@@ -123,15 +79,7 @@ pub fn run(socket_path: &Path, config: Config) -> Result<(), Error> {
         };
         metrics.inc(Counter::vmm_connections);
         tracing::info!("VMM connected");
-        match serve(
-            vmm,
-            &config,
-            &metrics,
-            runtime.handle(),
-            icmp_available,
-            publisher.clone(),
-            tls.clone(),
-        ) {
+        match serve(vmm, &wiring) {
             Ok(()) => {
                 tracing::info!(counters = %metrics.snapshot(), "VMM disconnected; guest state reset")
             }
@@ -163,23 +111,8 @@ fn bind(path: &Path) -> Result<UnixListener, Error> {
 }
 
 /// Serves one VMM connection to its end.
-fn serve(
-    vmm: UnixStream,
-    config: &Arc<Config>,
-    metrics: &Arc<Metrics>,
-    runtime: &tokio::runtime::Handle,
-    icmp_available: bool,
-    publisher: Option<Arc<Publisher>>,
-    tls: Option<Arc<Interceptor>>,
-) -> Result<(), ConnectionError> {
-    let backend = Arc::new(NetBackend::new(
-        config.clone(),
-        metrics.clone(),
-        runtime.clone(),
-        icmp_available,
-        publisher,
-        tls,
-    )?);
+fn serve(vmm: UnixStream, wiring: &Wiring) -> Result<(), ConnectionError> {
+    let backend = Arc::new(wiring.backend()?);
     let mut daemon = VhostUserDaemon::new(
         "vhost-gateway".to_owned(),
         backend.clone(),

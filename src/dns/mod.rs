@@ -1,14 +1,14 @@
-//! DNS interception: the guest's resolver is the daemon, whatever address it
-//! asks. `names` matches the block list, `forward` answers one query (host
-//! side, tokio), `intercept` is the engine's side.
+//! DNS for the guest: the daemon is its resolver, whatever address it asks.
 //!
-//! `rebind` strips answers that point public names inside the sandbox's
-//! reach. `tcp` serves DNS over TCP flows (any address, port 53). Not yet
-//! here (issue 4 continues): block-list files, Extended DNS Errors. `pins`
-//! records which name each answered address came from.
+//! `forward` answers one query (block list, the policy's name rules, the
+//! upstreams, rebind filtering, pinning); `pins` records which names each
+//! answered address came from; `rebind` strips answers that point public
+//! names inside the sandbox's reach; `tcp` serves length-prefixed queries
+//! over a byte stream; `resolv` reads the host's resolvers. The engine's
+//! side of interception is `engine::dns`.
 
 pub mod forward;
-pub mod intercept;
 pub mod pins;
 pub mod rebind;
+pub mod resolv;
 pub mod tcp;

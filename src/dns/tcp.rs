@@ -1,35 +1,19 @@
-//! DNS over TCP from the guest (port 53, any address): a local service in
-//! place of a dialled upstream. The task reads 2-byte length-prefixed
-//! queries from the flow (RFC 1035 4.2.2; several may be pipelined, RFC
-//! 7766), answers each through the forwarder over TCP, and writes the
-//! answers back in order.
+//! DNS over a byte stream (TCP from the guest, port 53 at any address, and
+//! the inside of DNS over TLS): 2-byte length-prefixed queries (RFC 1035
+//! 4.2.2; several may be pipelined, RFC 7766), each answered through the
+//! forwarder over TCP, the answers written back in order.
 //!
-//! Runs as the flow's tokio task; speaks the same channels as a dialled
-//! flow's task, so the engine treats it like any other TCP flow.
+//! Runs on the flow's tokio task (`services` starts it).
 #![forbid(unsafe_code)]
 
-use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::forward::{Forwarder, Transport};
 use crate::metrics::{Counter, Metrics};
-use crate::proxy::Host;
-use crate::proxy::stream::spawn_local;
-use crate::proxy::tcp::Channels;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bytes of unanswered queries a guest may have buffered: one largest
 /// message and its length; more resets the flow.
 const MAX_BUFFERED: usize = 2 + 65_535;
-
-/// Starts the service task for one flow.
-pub fn spawn(host: &Host, forwarder: Arc<Forwarder>, metrics: Arc<Metrics>) -> Channels {
-    spawn_local(host, move |mut guest, _| async move {
-        if !serve_stream(&mut guest.io, &forwarder, &metrics).await {
-            // The guest broke the framing: reset, as a server would.
-            guest.reset().await;
-        }
-    })
-}
 
 /// Answers length-prefixed queries from `stream` until it ends (also the
 /// inside of DNS over TLS); false when the guest overran the framing bound.

@@ -13,7 +13,7 @@ use smoltcp::phy::{self, DeviceCapabilities};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
 
-use super::Services;
+use super::dispatch::Gateway;
 
 use crate::metrics::{Counter, Metrics};
 use crate::virtio::{self, Layout};
@@ -78,8 +78,8 @@ pub struct Device<'a, M: GuestMemory> {
     pub from_guest: &'a mut Vec<u8>,
     /// Reused buffer for frames to the guest (header included).
     pub to_guest: &'a mut Vec<u8>,
-    /// Services that see frames first.
-    pub services: &'a mut Services,
+    /// The dispatch that sees frames first.
+    pub gateway: &'a mut Gateway,
     /// Counters.
     pub metrics: &'a Metrics,
     /// Frames still allowed this poll.
@@ -282,7 +282,7 @@ impl<M: GuestMemory> phy::Device for Device<'_, M> {
         &mut self,
         _timestamp: smoltcp::time::Instant,
     ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        if let Some(frame) = self.services.inject.pop_front() {
+        if let Some(frame) = self.gateway.inject.pop_front() {
             // A held SYN released into smoltcp: it was counted when the guest
             // sent it.
             self.from_guest.clear();
@@ -297,7 +297,7 @@ impl<M: GuestMemory> phy::Device for Device<'_, M> {
                     layout: self.layout,
                     buf: self.to_guest,
                     metrics: self.metrics,
-                    waiting: &mut self.services.pending,
+                    waiting: &mut self.gateway.pending,
                     rx_used: &mut self.rx_used,
                     now: self.now,
                 },
@@ -332,7 +332,7 @@ impl<M: GuestMemory> phy::Device for Device<'_, M> {
                 .add(Counter::bytes_from_guest, frame_len as u64);
             let frame = self.layout.hdr_len..self.layout.hdr_len + frame_len;
             let taken = match self.from_guest.get(frame.clone()) {
-                Some(bytes) => self.services.intercept(bytes, self.now),
+                Some(bytes) => self.gateway.intercept(bytes, self.now),
                 None => true,
             };
             if taken {
@@ -348,7 +348,7 @@ impl<M: GuestMemory> phy::Device for Device<'_, M> {
                     layout: self.layout,
                     buf: self.to_guest,
                     metrics: self.metrics,
-                    waiting: &mut self.services.pending,
+                    waiting: &mut self.gateway.pending,
                     rx_used: &mut self.rx_used,
                     now: self.now,
                 },
@@ -358,8 +358,8 @@ impl<M: GuestMemory> phy::Device for Device<'_, M> {
 
     fn transmit(&mut self, _timestamp: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
         // Frames already waiting go first, so the guest sees them in order.
-        if !self.services.pending.is_empty() {
-            let (used, waiting) = self.services.pending.flush(
+        if !self.gateway.pending.is_empty() {
+            let (used, waiting) = self.gateway.pending.flush(
                 self.rx,
                 self.mem,
                 self.layout,
@@ -383,7 +383,7 @@ impl<M: GuestMemory> phy::Device for Device<'_, M> {
             layout: self.layout,
             buf: self.to_guest,
             metrics: self.metrics,
-            waiting: &mut self.services.pending,
+            waiting: &mut self.gateway.pending,
             rx_used: &mut self.rx_used,
             now: self.now,
         })

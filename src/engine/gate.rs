@@ -16,15 +16,15 @@ use std::sync::Arc;
 
 use smoltcp::socket::tcp;
 
-use crate::metrics::{Counter, Metrics};
-use crate::policy::Policy;
+use crate::egress::Egress;
+use crate::policy::{Claim, Proto, Query, Verdict};
 use crate::sniff::{FIRST_BYTES_LIMIT, FirstName, first_name};
 
 /// A flow held until its first bytes are checked.
 pub struct Gate {
     /// Names the destination was given for, newest first.
     names: Vec<String>,
-    policy: Arc<Policy>,
+    egress: Arc<Egress>,
     first: Vec<u8>,
 }
 
@@ -40,22 +40,18 @@ pub enum Outcome {
 }
 
 impl Gate {
-    /// A gate for a destination pinned to `names` (not empty).
-    pub fn new(names: Vec<String>, policy: Arc<Policy>) -> Self {
+    /// A gate for a destination pinned to `names` (not empty), deciding
+    /// through `egress`.
+    pub fn new(names: Vec<String>, egress: Arc<Egress>) -> Self {
         Self {
             names,
-            policy,
+            egress,
             first: Vec::new(),
         }
     }
 
     /// Takes what the guest sent so far (up to the limit) from `socket`.
-    pub fn feed(
-        &mut self,
-        socket: &mut tcp::Socket<'static>,
-        dst: SocketAddr,
-        metrics: &Metrics,
-    ) -> Outcome {
+    pub fn feed(&mut self, socket: &mut tcp::Socket<'static>, dst: SocketAddr) -> Outcome {
         let first = &mut self.first;
         while socket.can_recv() && first.len() < FIRST_BYTES_LIMIT {
             let room = FIRST_BYTES_LIMIT - first.len();
@@ -77,37 +73,45 @@ impl Gate {
                 | tcp::State::Closing
                 | tcp::State::TimeWait
         );
-        self.decide(dst, finished, metrics)
+        self.decide(dst, finished)
     }
 
-    fn decide(&mut self, dst: SocketAddr, finished: bool, metrics: &Metrics) -> Outcome {
+    fn decide(&mut self, dst: SocketAddr, finished: bool) -> Outcome {
         let (name, source) = match first_name(&self.first, finished) {
             FirstName::Wait => return Outcome::Wait,
             FirstName::Unnamed => {
-                metrics.inc(Counter::policy_allowed);
+                self.egress.allowed();
                 return Outcome::Open(std::mem::take(&mut self.first));
             }
             FirstName::Named(name, source) => (name, source),
         };
-        let named = Some((name.as_str(), source));
-        let denied = match crate::proxy::check::decide_known(&self.policy, &self.names, dst, named)
-        {
-            // The names are pins, so nothing is left to resolve.
-            Ok(_) => {
-                metrics.inc(Counter::policy_allowed);
-                return Outcome::Open(std::mem::take(&mut self.first));
-            }
-            Err(denied) => denied,
+        let query = Query {
+            dst: dst.ip(),
+            proto: Proto::Tcp,
+            port: Some(dst.port()),
+            pinned: &self.names,
+            claim: Claim::Named(&name, source),
         };
-        crate::proxy::check::audit(metrics, dst, named, denied);
-        Outcome::Denied
+        match self.egress.policy().judge(&query) {
+            // The names are pins, so nothing is left to resolve.
+            Verdict::Allow(_) | Verdict::Resolve(_) | Verdict::NeedsName => {
+                self.egress.allowed();
+                Outcome::Open(std::mem::take(&mut self.first))
+            }
+            Verdict::Deny(denied) => {
+                let (ip, port) = (dst.ip(), Some(dst.port()));
+                let named = Some((name.as_str(), source));
+                self.egress.deny(Proto::Tcp, ip, port, named, denied);
+                Outcome::Denied
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{Action, Destination, Rule};
+    use crate::policy::{Action, Destination, Policy, Rule};
     use crate::sniff::client_hello;
 
     fn gate() -> Gate {
@@ -119,16 +123,28 @@ mod tests {
             protos: Vec::new(),
             ports: Vec::new(),
         };
+        let policy = Arc::new(Policy::new(vec![rule], Action::Deny, Vec::new()));
+        let pins = Arc::new(crate::dns::pins::Pins::new(16));
+        let dns = crate::config::Dns::default();
+        let forwarder = crate::dns::forward::Forwarder::new(
+            &dns,
+            Vec::new(),
+            Vec::new(),
+            pins.clone(),
+            policy.clone(),
+        );
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let egress = Egress::new(policy, pins, forwarder, metrics);
         Gate::new(
             vec!["www.ok.test".into(), "evil.test".into()],
-            Arc::new(Policy::new(vec![rule], Action::Deny, Vec::new())),
+            Arc::new(egress),
         )
     }
 
     fn run(gate: &mut Gate, bytes: &[u8], finished: bool) -> Outcome {
         gate.first.extend_from_slice(bytes);
         let dst: SocketAddr = "192.0.2.10:443".parse().unwrap();
-        gate.decide(dst, finished, &Metrics::default())
+        gate.decide(dst, finished)
     }
 
     #[test]
@@ -139,7 +155,7 @@ mod tests {
         );
         socket.listen(443).unwrap();
         let dst: SocketAddr = "192.0.2.10:443".parse().unwrap();
-        let outcome = gate().feed(&mut socket, dst, &Metrics::default());
+        let outcome = gate().feed(&mut socket, dst);
         assert_eq!(outcome, Outcome::Wait);
     }
 

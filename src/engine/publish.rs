@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::metrics::{Counter, Metrics};
-use crate::ports::{Attachment, Inbound, UdpEntry};
+use crate::proxy::publish::{Attachment, Inbound, UdpEntry};
 
 /// Inbound items taken per pass, so a connection flood cannot hold the thread.
 pub const INBOUND_PER_PASS: usize = 64;

@@ -23,6 +23,7 @@ use super::gate::Outcome;
 use crate::config::Tcp as TcpConfig;
 use crate::metrics::{Counter, Metrics};
 use crate::proxy::tcp::{CHUNK_BYTES, Channels, FromHost, ToHost, spawn_inbound, spawn_outbound};
+use crate::services::LocalService;
 
 /// A flow: guest endpoint and the endpoint it talks to.
 pub type Key = (SocketAddr, SocketAddr);
@@ -66,9 +67,13 @@ impl Flow {
     }
 }
 
-/// An in-process service for a TCP flow: starts its task, returns the
-/// engine's channel ends.
-pub type LocalService = Box<dyn FnOnce(&crate::proxy::Host) -> Channels>;
+/// How a new flow reaches its far end.
+pub enum Opener {
+    /// Dial this address (the host mapping applied).
+    Dial(SocketAddr),
+    /// An in-process service answers instead (`services`).
+    Local(LocalService),
+}
 
 /// What to do with a guest SYN.
 #[derive(Debug, PartialEq, Eq)]
@@ -117,11 +122,6 @@ impl Flows {
         self.flows.is_empty()
     }
 
-    /// The upstream connect timeout.
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.config.connect_timeout_ms)
-    }
-
     /// Whether a SYN belongs to a flow that already exists (a retransmit
     /// or a SYN smoltcp must see), which keeps its first decision.
     pub fn has_socket_for(&self, kind: &super::classify::Kind<'_>) -> bool {
@@ -133,17 +133,18 @@ impl Flows {
         }
     }
 
-    /// A guest SYN (`frame`) from `src` to `dst` with sequence `seq`. With
-    /// `local`, the flow is served by that in-process service (its task
-    /// answers `Connected` like a dialled upstream) instead of dialling `dst`;
-    /// with `gate`, the guest's first bytes are checked before they go on.
+    /// A guest SYN (`frame`) from `src` to `dst` with sequence `seq`, of a
+    /// flow that is opened with `opener` (None: only a retransmission of a
+    /// known flow is expected). A local service's task answers `Connected`
+    /// like a dialled upstream; with `gate`, the guest's first bytes are
+    /// checked before they go on.
     pub fn on_syn(
         &mut self,
         ctx: &Ctx<'_>,
         frame: &[u8],
         (src, dst): (SocketAddr, SocketAddr),
         seq: u32,
-        local: Option<LocalService>,
+        opener: Option<Opener>,
         gate: Option<super::gate::Gate>,
     ) -> Syn {
         let metrics = ctx.metrics;
@@ -157,25 +158,17 @@ impl Flows {
             flow.syn_seq = seq;
             return Syn::Held;
         }
-        let upstream = match &local {
-            Some(_) => None,
-            None => match ctx.upstream(dst) {
-                Some(upstream) => Some(upstream),
-                None => {
-                    metrics.inc(Counter::tcp_denied);
-                    return Syn::Refuse;
-                }
-            },
+        let Some(opener) = opener else {
+            return Syn::Refuse;
         };
         if self.flows.len() >= self.config.max_connections {
             metrics.inc(Counter::tcp_over_limit);
             return Syn::Refuse;
         }
         let timeout = Duration::from_millis(self.config.connect_timeout_ms);
-        let channels = match (local, upstream) {
-            (Some(serve), _) => serve(ctx.host),
-            (None, Some(upstream)) => spawn_outbound(ctx.host, upstream, timeout),
-            (None, None) => return Syn::Refuse,
+        let channels = match opener {
+            Opener::Local(serve) => serve(ctx.host),
+            Opener::Dial(upstream) => spawn_outbound(ctx.host, upstream, timeout),
         };
         metrics.inc(Counter::tcp_flows);
         let mut flow = Flow::new(channels, None, ctx.now);
@@ -292,7 +285,7 @@ impl Flows {
             };
             let socket = sockets.get_mut::<tcp::Socket>(handle);
             if let Some(gate) = &mut flow.gate {
-                match gate.feed(socket, key.1, metrics) {
+                match gate.feed(socket, key.1) {
                     Outcome::Wait => {}
                     Outcome::Open(first) => {
                         flow.gate = None;

@@ -6,11 +6,13 @@
 //! and pass them in. Parsing of the TOML model is in `rule`.
 #![forbid(unsafe_code)]
 
+pub mod judge;
 pub mod rule;
 
 use std::net::IpAddr;
 
 pub use crate::names::NameSource;
+pub use judge::{Claim, Denied, Query, Verdict};
 pub use rule::{Action, Destination, Group, Proto, Rule};
 
 /// What is being decided.

@@ -9,8 +9,8 @@
 //! backpressure reaches the guest's TCP window or the host socket. Tasks never
 //! touch smoltcp.
 
-pub mod check;
 pub mod icmp;
+pub mod publish;
 pub mod stream;
 pub mod tcp;
 pub mod udp;
@@ -69,8 +69,6 @@ pub struct Host {
     pub wake: Arc<Wake>,
     /// Dials upstream connections (real sockets; tests inject failures).
     pub upstream: Arc<dyn Upstream>,
-    /// TLS interception, when on.
-    pub tls: Option<Arc<crate::tls::intercept::Interceptor>>,
 }
 
 /// How the host side opens TCP connections; a trait so tests can inject

@@ -279,99 +279,34 @@ async fn engine_to_host(
     }
 }
 
-/// How long the guest gets to name its flow.
-const PEEK_TIME: Duration = Duration::from_secs(5);
-
-/// A flow to an address no DNS answer of ours stands behind, whose policy
-/// decision waits for its name: accepted at once (the guest sends its first
-/// bytes), decided on the TLS SNI or HTTP Host in them (or without a name,
-/// see `first_name`, or after `PEEK_TIME`), then dialled and relayed with
-/// those bytes first, or reset. A name that is what allows the flow must
-/// resolve to the address through our own forwarder: a guest cannot claim
-/// an allowed name to reach any address it likes.
-pub struct Deciding {
-    /// Where the guest connected.
-    pub dst: SocketAddr,
-    /// Where to dial (the host mapping applied).
-    pub upstream: SocketAddr,
-    /// Dial budget.
-    pub connect_timeout: Duration,
-    /// Decides the flow on its name.
-    pub check: super::check::NameCheck,
-    /// Counters.
-    pub metrics: Arc<crate::metrics::Metrics>,
+/// Dials `upstream` (within `timeout`), sends `first` ahead of everything
+/// else, then relays the flow; the guest is reset when either fails. For a
+/// flow whose task read its first bytes before deciding to dial.
+pub async fn dial_and_relay(
+    host: &Host,
+    upstream: SocketAddr,
+    timeout: Duration,
+    first: &[u8],
+    rx: mpsc::Receiver<ToHost>,
+    tx: mpsc::Sender<FromHost>,
+) {
+    let dialled = tokio::time::timeout(timeout, host.upstream.connect(upstream)).await;
+    let Ok(Ok(stream)) = dialled else {
+        reset(&tx, &host.wake).await;
+        return;
+    };
+    let direct = direct(stream);
+    if write_all(&direct.stream, first).await.is_err() {
+        reset(&tx, &host.wake).await;
+        return;
+    }
+    relay(direct, rx, tx, &host.wake).await;
 }
 
-impl Deciding {
-    /// Starts the flow's task; returns the engine's channel ends.
-    pub fn spawn(self, host: &Host) -> Channels {
-        let (channels, mut rx, tx) = pair();
-        let host = host.clone();
-        host.runtime.clone().spawn(async move {
-            if tx.send(FromHost::Connected(None)).await.is_err() {
-                return;
-            }
-            host.wake.wake();
-            let Some((first, name)) = self.peek(&mut rx, &host.wake).await else {
-                return;
-            };
-            let named = name.as_ref().map(|(n, s)| (n.as_str(), *s));
-            if let Err(denied) = self.check.decide(self.dst, named).await {
-                super::check::audit(&self.metrics, self.dst, named, denied);
-                let _ = tx.send(FromHost::Reset).await;
-                host.wake.wake();
-                return;
-            }
-            self.metrics.inc(crate::metrics::Counter::policy_allowed);
-            let dialled =
-                tokio::time::timeout(self.connect_timeout, host.upstream.connect(self.upstream))
-                    .await;
-            let Ok(Ok(stream)) = dialled else {
-                let _ = tx.send(FromHost::Reset).await;
-                host.wake.wake();
-                return;
-            };
-            let direct = direct(stream);
-            if write_all(&direct.stream, &first).await.is_err() {
-                let _ = tx.send(FromHost::Reset).await;
-                host.wake.wake();
-                return;
-            }
-            relay(direct, rx, tx, &host.wake).await;
-        });
-        channels
-    }
-
-    /// The guest's first bytes and the name in them; None when the guest
-    /// gave up first.
-    async fn peek(
-        &self,
-        rx: &mut mpsc::Receiver<ToHost>,
-        wake: &Wake,
-    ) -> Option<(Vec<u8>, Option<(String, crate::names::NameSource)>)> {
-        use crate::sniff::{FirstName, first_name};
-        let mut first: Vec<u8> = Vec::new();
-        let deadline = tokio::time::Instant::now() + PEEK_TIME;
-        loop {
-            let message = tokio::select! {
-                m = rx.recv() => m,
-                () = tokio::time::sleep_until(deadline) => return Some((first, None)),
-            };
-            wake.wake();
-            let finished = match message {
-                Some(ToHost::Data(bytes)) => {
-                    first.extend_from_slice(&bytes);
-                    false
-                }
-                // The guest sent all it will; an empty flow goes nowhere.
-                Some(ToHost::Fin) if !first.is_empty() => true,
-                _ => return None,
-            };
-            match first_name(&first, finished) {
-                FirstName::Named(n, s) => return Some((first, Some((n, s)))),
-                FirstName::Unnamed => return Some((first, None)),
-                FirstName::Wait => {}
-            }
-        }
-    }
+/// Resets the guest's side of a flow from its task.
+pub async fn reset(tx: &mpsc::Sender<FromHost>, wake: &Wake) {
+    // The engine may have dropped the flow already; then there is nobody
+    // left to reset.
+    let _ = tx.send(FromHost::Reset).await;
+    wake.wake();
 }

@@ -36,8 +36,8 @@ use crate::config::{Fallback, Tls, UpstreamRoots};
 use crate::metrics::{Counter, Metrics};
 use crate::names::NameSet;
 use crate::names::NameSource;
+use crate::policy::{Claim, Denied};
 use crate::proxy::Host;
-use crate::proxy::check;
 use crate::proxy::stream::{GuestStream, spawn_local};
 use crate::proxy::tcp::Channels;
 use crate::sniff::{FIRST_BYTES_LIMIT, FirstName, Peek, first_name, http_host};
@@ -179,7 +179,7 @@ impl Interceptor {
     }
 
     async fn serve(&self, mut guest: GuestStream, flow: Flow, host: &Host) {
-        let metrics = flow.metrics.clone();
+        let metrics = flow.egress.metrics().clone();
         let (first, named) =
             match tokio::time::timeout(self.handshake, read_first(&mut guest.io)).await {
                 Ok(Some(read)) => read,
@@ -202,9 +202,11 @@ impl Interceptor {
                     FirstName::Named(n, NameSource::Host) => Some(n),
                     _ => None,
                 };
-                let named = name.as_deref().map(|n| (n, NameSource::Host));
-                if let Err(denied) = flow.check.decide(flow.dst, named).await {
-                    check::audit(&metrics, flow.dst, named, denied);
+                let claim = match name.as_deref() {
+                    Some(n) => Claim::Named(n, NameSource::Host),
+                    None => Claim::Unnamed,
+                };
+                if flow.decide(claim).await.is_err() {
                     guest.reset().await;
                     return;
                 }
@@ -213,9 +215,7 @@ impl Interceptor {
                 return;
             }
         };
-        let named = Some((sni.as_str(), NameSource::Sni));
-        if let Err(denied) = flow.check.decide(flow.dst, named).await {
-            check::audit(&metrics, flow.dst, named, denied);
+        if let Err(denied) = flow.decide(Claim::Named(&sni, NameSource::Sni)).await {
             self.forbid(guest, first, &sni, denied, &metrics).await;
             return;
         }
@@ -233,7 +233,7 @@ impl Interceptor {
         guest: GuestStream,
         first: Vec<u8>,
         name: &str,
-        (rule, reason): check::Denied,
+        (rule, reason): Denied,
         metrics: &Metrics,
     ) {
         let Some(start) = self.hello(guest, first).await else {
@@ -306,7 +306,7 @@ impl Interceptor {
         flow: Flow,
         host: &Host,
     ) {
-        let metrics = flow.metrics.clone();
+        let metrics = flow.egress.metrics().clone();
         let Some(start) = self.hello(guest, first).await else {
             return;
         };
@@ -340,9 +340,8 @@ impl Interceptor {
             // HTTP/1: the first request's Host is decided as well.
             let (head, host_name) = read_host(&mut tls, self.handshake).await;
             if let Some(name) = host_name.filter(|h| *h != sni) {
-                let named = Some((name.as_str(), NameSource::Host));
-                if let Err(denied) = flow.check.decide(flow.dst, named).await {
-                    check::audit(&metrics, flow.dst, named, denied);
+                let claim = Claim::Named(&name, NameSource::Host);
+                if let Err(denied) = flow.decide(claim).await {
                     metrics.inc(Counter::tls_denied_403);
                     let _ = tls.write_all(&forbidden(&name, denied.1.as_str())).await;
                     let _ = tls.shutdown().await;
@@ -416,7 +415,7 @@ impl Interceptor {
 
 /// One intercepted flow: the same parts as a flow decided on its first
 /// bytes.
-pub use crate::proxy::tcp::Deciding as Flow;
+pub use crate::egress::Target as Flow;
 
 /// Reads the flow's beginning until it names itself or shows it will not;
 /// None when the guest left without a byte.

@@ -29,10 +29,7 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::config::Config;
-use crate::engine::Engine;
-use crate::metrics::Metrics;
-use crate::ports::Publisher;
+use crate::engine::{Engine, Shared};
 use crate::proxy::{Direct, Host, Wake};
 
 /// Queue index of the receive queue (device to guest), virtio 1.2 5.1.2.
@@ -73,42 +70,29 @@ struct State {
 
 /// The virtio-net device for one VMM connection.
 pub struct NetBackend {
-    config: Arc<Config>,
+    shared: Arc<Shared>,
     state: Mutex<State>,
-    icmp_available: bool,
-    publisher: Option<Arc<Publisher>>,
 }
 
 impl NetBackend {
-    /// A backend with a fresh engine whose host side runs on `runtime`;
-    /// `icmp_available` says whether ping sockets work on this host.
-    pub fn new(
-        config: Arc<Config>,
-        metrics: Arc<Metrics>,
-        runtime: tokio::runtime::Handle,
-        icmp_available: bool,
-        publisher: Option<Arc<Publisher>>,
-        tls: Option<Arc<crate::tls::intercept::Interceptor>>,
-    ) -> Result<Self, Error> {
+    /// A backend with a fresh engine over the daemon's `shared` parts, its
+    /// host side on `runtime`.
+    pub fn new(shared: Arc<Shared>, runtime: tokio::runtime::Handle) -> Result<Self, Error> {
         let timer = nonblocking_timer().map_err(Error::CreateEvents)?;
         let host = Host {
             runtime,
             wake: Arc::new(Wake::new().map_err(Error::CreateEvents)?),
             upstream: Arc::new(Direct),
-            tls,
         };
-        let attachment = publisher.as_ref().map(|p| p.attach(host.wake.clone()));
-        let engine = Engine::new(&config, metrics, host, icmp_available, attachment);
+        let engine = Engine::new(&shared, host);
         Ok(Self {
-            config,
+            shared,
             state: Mutex::new(State {
                 engine,
                 mem: None,
                 event_idx: false,
                 timer,
             }),
-            icmp_available,
-            publisher,
         })
     }
 
@@ -133,7 +117,7 @@ impl NetBackend {
     }
 
     fn config_space(&self) -> [u8; CONFIG_SPACE_LEN] {
-        let n = &self.config.network;
+        let n = &self.shared.config.network;
         let mut c = [0u8; CONFIG_SPACE_LEN];
         let link_up = u16::try_from(VIRTIO_NET_S_LINK_UP).unwrap_or(1);
         let fields: [(&mut [u8], &[u8]); 4] = {
@@ -200,9 +184,9 @@ impl VhostUserBackend for NetBackend {
 
     fn reset_device(&self) {
         let mut state = self.lock();
-        let (metrics, host) = (state.engine.metrics(), state.engine.host());
-        let attachment = self.publisher.as_ref().map(|p| p.attach(host.wake.clone()));
-        state.engine = Engine::new(&self.config, metrics, host, self.icmp_available, attachment);
+        // The same host side: its wake eventfd is in the worker's epoll set.
+        let host = state.engine.host();
+        state.engine = Engine::new(&self.shared, host);
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -361,20 +345,23 @@ mod tests {
             .unwrap()
     }
 
+    fn shared(config: crate::config::Config) -> Arc<Shared> {
+        Arc::new(Shared {
+            policy: Arc::new(config.policy()),
+            config: Arc::new(config),
+            metrics: Arc::default(),
+            tls: None,
+            publisher: None,
+            icmp_available: false,
+        })
+    }
+
     #[test]
     fn config_space_layout() {
-        let mut config = Config::embedded();
+        let mut config = crate::config::Config::embedded();
         config.network.mtu = 9000;
         let rt = test_runtime();
-        let b = NetBackend::new(
-            Arc::new(config),
-            Arc::default(),
-            rt.handle().clone(),
-            false,
-            None,
-            None,
-        )
-        .unwrap();
+        let b = NetBackend::new(shared(config), rt.handle().clone()).unwrap();
         let space = b.get_config(0, 12);
         assert_eq!(&space[..6], &[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
         assert_eq!(&space[6..8], &[1, 0]);
@@ -387,15 +374,8 @@ mod tests {
     #[test]
     fn features_offer_what_the_foundation_needs() {
         let rt = test_runtime();
-        let b = NetBackend::new(
-            Arc::new(Config::embedded()),
-            Arc::default(),
-            rt.handle().clone(),
-            false,
-            None,
-            None,
-        )
-        .unwrap();
+        let config = crate::config::Config::embedded();
+        let b = NetBackend::new(shared(config), rt.handle().clone()).unwrap();
         let f = b.features();
         for bit in [
             VIRTIO_F_VERSION_1,

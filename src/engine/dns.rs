@@ -12,10 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 
-use super::forward::{Forwarder, Transport};
-use crate::engine::Ctx;
-use crate::metrics::Counter;
-use crate::wellknown::DNS_PORT;
+use crate::dns::forward::{Forwarder, Transport};
+use crate::metrics::{Counter, Metrics};
+use crate::proxy::Host;
 
 /// Answers waiting for the engine.
 const ANSWER_DEPTH: usize = 256;
@@ -49,24 +48,25 @@ impl Interceptor {
     /// query cannot be taken (REFUSED at the in-flight bound).
     pub fn query(
         &mut self,
-        ctx: &Ctx<'_>,
+        host: &Host,
+        metrics: &Arc<Metrics>,
         src: SocketAddr,
         dst: SocketAddr,
         payload: &[u8],
     ) -> Option<Vec<u8>> {
-        ctx.metrics.inc(Counter::dns_queries);
+        metrics.inc(Counter::dns_queries);
         if self.inflight.load(Ordering::Acquire) >= self.max_inflight {
-            ctx.metrics.inc(Counter::dns_over_limit);
-            return super::forward::refused(payload);
+            metrics.inc(Counter::dns_over_limit);
+            return crate::dns::forward::refused(payload);
         }
         self.inflight.fetch_add(1, Ordering::AcqRel);
         let forwarder = self.forwarder.clone();
         let inflight = self.inflight.clone();
         let answers = self.answers_tx.clone();
-        let wake = ctx.host.wake.clone();
-        let metrics = ctx.metrics.clone();
+        let wake = host.wake.clone();
+        let metrics = metrics.clone();
         let query = payload.to_vec();
-        ctx.host.runtime.spawn(async move {
+        host.runtime.spawn(async move {
             let (answer, outcome) = forwarder.answer(&query, Transport::Udp).await;
             inflight.fetch_sub(1, Ordering::AcqRel);
             metrics.inc(outcome.counter());
@@ -87,43 +87,5 @@ impl Interceptor {
     /// The next answer for the guest.
     pub fn next_answer(&mut self) -> Option<Answer> {
         self.answers.try_recv().ok()
-    }
-}
-
-/// The host's resolvers from /etc/resolv.conf, port 53.
-pub fn host_resolvers() -> Vec<SocketAddr> {
-    std::fs::read_to_string("/etc/resolv.conf")
-        .map(|text| parse_resolv_conf(&text))
-        .unwrap_or_default()
-}
-
-fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
-    text.lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            (words.next() == Some("nameserver"))
-                .then(|| words.next())
-                .flatten()
-                .and_then(|ip| ip.parse().ok())
-                .map(|ip| SocketAddr::new(ip, DNS_PORT))
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resolv_conf_nameservers() {
-        let text = "# comment\nsearch example\nnameserver 192.0.2.53\nnameserver 2001:db8::53\nnameserver fe80::1%eth0\noptions ndots:2\n";
-        let got = parse_resolv_conf(text);
-        assert_eq!(
-            got,
-            vec![
-                "192.0.2.53:53".parse().unwrap(),
-                "[2001:db8::53]:53".parse().unwrap()
-            ]
-        );
     }
 }

@@ -1,0 +1,319 @@
+//! The engine's dispatch of guest frames before smoltcp: classify → police
+//! → route (pure steps, table-tested in their modules), then the route is
+//! carried out here: held SYNs, relays, DHCP, router advertisements, DNS
+//! interception, published-port replies. Also what goes back to the guest
+//! outside smoltcp: RSTs for refused SYNs, relayed replies, queued frames.
+//!
+//! Engine thread only; never awaits.
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use smoltcp::wire::EthernetAddress;
+
+use super::police::{self, Facts, Subject, Verdict};
+use super::route::{self, Open, Route, Setup};
+use super::{Ctx, classify, device, dhcp, dns, frames, gate, icmp, ndp, publish, tcp, udp};
+use crate::metrics::{Counter, Metrics};
+use crate::names::NameSource;
+use crate::policy::Proto;
+use crate::proxy::Host;
+use crate::services::Services;
+
+/// How often a denied UDP or ICMP destination is audited at most.
+const AUDIT_REPEAT: Duration = Duration::from_secs(1);
+/// Destinations remembered for that; the memory is cleared when full.
+const AUDIT_MEMORY: usize = 4096;
+
+/// Everything that sees guest frames before smoltcp, and what it queues.
+pub struct Gateway {
+    pub(super) setup: Setup,
+    pub(super) gateway_mac: EthernetAddress,
+    pub(super) guest_mac: EthernetAddress,
+    pub(super) dhcp: dhcp::Server,
+    pub(super) ra: Option<ndp::Advertiser>,
+    pub(super) tcp: tcp::Flows,
+    pub(super) udp: udp::Sessions,
+    pub(super) icmp: icmp::Sessions,
+    /// Frames for the guest waiting for RX buffers.
+    pub(super) pending: device::ToGuest,
+    /// Frames for smoltcp (SYNs released once their upstream connected).
+    pub(super) inject: VecDeque<Vec<u8>>,
+    pub(super) host: Host,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) published: Option<publish::Published>,
+    pub(super) dns: dns::Interceptor,
+    /// The local services and, through them, the egress boundary.
+    pub(super) services: Services,
+    /// When each denied destination was last audited (UDP and ICMP repeat).
+    pub(super) audit_logged: HashMap<Subject, Instant>,
+    pub(super) gateway_v4: std::net::Ipv4Addr,
+    pub(super) guest_v4: std::net::Ipv4Addr,
+}
+
+impl Gateway {
+    /// Offers a guest frame to the services; true when one of them took it.
+    pub fn intercept(&mut self, frame: &[u8], now: Instant) -> bool {
+        if let Some(src) = frame.get(6..12).and_then(|b| <[u8; 6]>::try_from(b).ok()) {
+            let mac = EthernetAddress(src);
+            if mac.is_unicast() {
+                self.guest_mac = mac;
+            }
+        }
+        let kind = classify::classify(frame, &self.setup.own);
+        let facts = Facts {
+            flow_exists: self.tcp.has_socket_for(&kind),
+            published_session: match &kind {
+                classify::Kind::Udp { dst, .. } => {
+                    self.setup.own.is_own(dst.ip())
+                        && self
+                            .published
+                            .as_ref()
+                            .is_some_and(|p| p.is_session_port(dst.port()))
+                }
+                _ => false,
+            },
+        };
+        let egress = self.services.egress().clone();
+        let verdict = police::police(&kind, facts, egress.policy(), |dst| egress.pinned(dst, now));
+        self.count(&verdict, now);
+        let route = route::route(&kind, &verdict, facts, &self.setup);
+        self.apply(&kind, route, verdict, frame, now)
+    }
+
+    /// Counts a verdict and audits a deny (repeats of a UDP/ICMP
+    /// destination at most once per [`AUDIT_REPEAT`]).
+    fn count(&mut self, verdict: &Verdict, now: Instant) {
+        let (subject, denied, name) = match verdict {
+            Verdict::Allow((Proto::Tcp, ..)) => {
+                self.metrics.inc(Counter::policy_allowed);
+                return;
+            }
+            Verdict::Deny {
+                subject,
+                denied,
+                name,
+            } => (*subject, *denied, name.as_deref()),
+            _ => return,
+        };
+        let quiet = subject.0 != Proto::Tcp
+            && self
+                .audit_logged
+                .get(&subject)
+                .is_some_and(|t| now.saturating_duration_since(*t) < AUDIT_REPEAT);
+        if quiet {
+            self.metrics.inc(Counter::policy_denied);
+            return;
+        }
+        if self.audit_logged.len() >= AUDIT_MEMORY {
+            self.audit_logged.clear();
+        }
+        self.audit_logged.insert(subject, now);
+        let (proto, dst, port) = subject;
+        let name = name.map(|n| (n, NameSource::Dns));
+        self.services.egress().deny(proto, dst, port, name, denied);
+    }
+
+    /// Carries out a route; true when the frame was taken (not smoltcp's).
+    fn apply(
+        &mut self,
+        kind: &classify::Kind<'_>,
+        route: Route,
+        verdict: Verdict,
+        frame: &[u8],
+        now: Instant,
+    ) -> bool {
+        use classify::Kind;
+        match (route, kind) {
+            (Route::Stack, _) => false,
+            (Route::Existing, Kind::TcpSyn { src, dst, seq }) => {
+                self.syn(now, frame, (*src, *dst, *seq), None, None)
+            }
+            (Route::Refuse(counter), Kind::TcpSyn { src, dst, seq }) => {
+                if let Some(c) = counter {
+                    self.metrics.inc(c);
+                }
+                self.refuse(*src, *dst, *seq);
+                true
+            }
+            (Route::Open(open), Kind::TcpSyn { src, dst, seq }) => {
+                let (opener, gate) = match open {
+                    Open::Dial(up) => (tcp::Opener::Dial(up), None),
+                    Open::Gate(up) => {
+                        let names = match verdict {
+                            Verdict::Peek(names) => names,
+                            _ => Vec::new(),
+                        };
+                        let gate = gate::Gate::new(names, self.services.egress().clone());
+                        (tcp::Opener::Dial(up), Some(gate))
+                    }
+                    Open::FirstBytes(up) => (
+                        tcp::Opener::Local(self.services.first_bytes(*dst, up)),
+                        None,
+                    ),
+                    Open::Tls(up) => match self.services.tls(*dst, up) {
+                        Some(local) => (tcp::Opener::Local(local), None),
+                        None => {
+                            self.refuse(*src, *dst, *seq);
+                            return true;
+                        }
+                    },
+                    Open::DnsTcp => (tcp::Opener::Local(self.services.dns_over_tcp()), None),
+                    Open::DnsTls => match self.services.dns_over_tls(*dst) {
+                        Some(local) => (tcp::Opener::Local(local), None),
+                        None => {
+                            self.refuse(*src, *dst, *seq);
+                            return true;
+                        }
+                    },
+                };
+                if matches!(open, Open::Dial(_)) && tracing::enabled!(tracing::Level::DEBUG) {
+                    let names = self.services.egress().pinned(dst.ip(), now);
+                    let name = names.first().map_or("-", String::as_str);
+                    tracing::debug!(%src, %dst, name, "new TCP flow");
+                }
+                self.syn(now, frame, (*src, *dst, *seq), Some(opener), gate)
+            }
+            (Route::Drop(counter), _) => {
+                if let Some(c) = counter {
+                    self.metrics.inc(c);
+                }
+                true
+            }
+            (Route::Dhcp, Kind::Dhcp { payload }) => {
+                match self.dhcp.handle(payload, now) {
+                    dhcp::Outcome::Reply(reply) => {
+                        self.metrics.inc(Counter::dhcp_replies);
+                        self.queue(reply);
+                    }
+                    dhcp::Outcome::Quiet => {}
+                    dhcp::Outcome::Malformed => self.metrics.inc(Counter::dhcp_malformed),
+                    dhcp::Outcome::Refused => self.metrics.inc(Counter::dhcp_refused),
+                }
+                true
+            }
+            (Route::RouterSolicit, _) => {
+                if let Some(reply) = self.ra.as_mut().and_then(|ra| ra.solicited(now)) {
+                    self.metrics.inc(Counter::router_adverts);
+                    self.queue(reply);
+                }
+                true
+            }
+            (Route::PublishedReply, Kind::Udp { dst, payload, .. }) => {
+                if let Some(p) = self.published.as_mut() {
+                    p.datagram_from_guest(dst.port(), payload, now, &self.metrics);
+                }
+                true
+            }
+            (Route::DnsQuery, Kind::Udp { src, dst, payload }) => {
+                let refusal = self
+                    .dns
+                    .query(&self.host, &self.metrics, *src, *dst, payload);
+                if let Some(refusal) = refusal {
+                    let ends = self.to_guest(dst.ip(), src.ip());
+                    self.queue(frames::udp(&ends, dst.port(), src.port(), &refusal));
+                }
+                true
+            }
+            (Route::Udp, Kind::Udp { src, dst, payload }) => {
+                let ctx = Ctx::new(&self.host, &self.metrics, &self.setup, now);
+                self.udp.send(&ctx, *src, *dst, payload);
+                true
+            }
+            (Route::Echo, Kind::Echo(echo)) => {
+                let ctx = Ctx::new(&self.host, &self.metrics, &self.setup, now);
+                self.icmp.send(&ctx, echo);
+                true
+            }
+            // A route for another kind of frame: route() never makes one.
+            _ => true,
+        }
+    }
+
+    /// Hands a SYN to the flow table; true when taken.
+    fn syn(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        (src, dst, seq): (SocketAddr, SocketAddr, u32),
+        opener: Option<tcp::Opener>,
+        gate: Option<gate::Gate>,
+    ) -> bool {
+        let ctx = Ctx::new(&self.host, &self.metrics, &self.setup, now);
+        match self.tcp.on_syn(&ctx, frame, (src, dst), seq, opener, gate) {
+            tcp::Syn::Held => true,
+            tcp::Syn::Pass => false,
+            tcp::Syn::Refuse => {
+                self.refuse(src, dst, seq);
+                true
+            }
+        }
+    }
+
+    pub(super) fn to_guest(&self, from: IpAddr, to: IpAddr) -> frames::Ends {
+        frames::Ends {
+            src_mac: self.gateway_mac,
+            dst_mac: self.guest_mac,
+            src: from,
+            dst: to,
+            hop_limit: 64,
+        }
+    }
+
+    pub(super) fn refuse(&mut self, guest: SocketAddr, remote: SocketAddr, seq: u32) {
+        let ends = self.to_guest(remote.ip(), guest.ip());
+        let rst = frames::tcp_reset_for_syn(&ends, remote.port(), guest.port(), seq);
+        self.metrics.inc(Counter::tcp_resets_sent);
+        self.queue(rst);
+    }
+
+    pub(super) fn queue(&mut self, frame: Vec<u8>) {
+        self.pending.push(frame, Instant::now(), &self.metrics);
+    }
+
+    pub(super) fn has_room(&self) -> bool {
+        self.pending.has_room()
+    }
+
+    pub(super) fn timers(&mut self, now: Instant) {
+        if let Some(frame) = self.ra.as_mut().and_then(|ra| ra.periodic(now)) {
+            self.metrics.inc(Counter::router_adverts);
+            self.queue(frame);
+        }
+    }
+
+    /// Replies from the UDP, DNS and ICMP relays, as far as there is room.
+    pub(super) fn relay_replies(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        while self.has_room() {
+            let Some((guest, remote, payload)) = self.udp.next_reply(now) else {
+                break;
+            };
+            let ends = self.to_guest(remote.ip(), guest.ip());
+            let frame = frames::udp(&ends, remote.port(), guest.port(), &payload);
+            self.queue(frame);
+            any = true;
+        }
+        while self.has_room() {
+            let Some((guest, asked, answer)) = self.dns.next_answer() else {
+                break;
+            };
+            let ends = self.to_guest(asked.ip(), guest.ip());
+            let frame = frames::udp(&ends, asked.port(), guest.port(), &answer);
+            self.queue(frame);
+            any = true;
+        }
+        while self.has_room() {
+            let Some((guest, remote, ident, seq, data)) = self.icmp.next_reply(now) else {
+                break;
+            };
+            let ends = self.to_guest(remote, guest);
+            self.queue(frames::echo_reply(&ends, ident, seq, &data));
+            any = true;
+        }
+        any
+    }
+}

@@ -1,0 +1,282 @@
+//! The police step of the engine's dispatch (classify → police → route):
+//! the egress policy's word on a frame that would open or use a flow.
+//!
+//! Pure: the frame's classification, facts the dispatcher looked up, and
+//! the policy in; a verdict out. The dispatcher counts and audits it. A
+//! TCP flow whose decision a hostname could change is decided on its first
+//! bytes (`Peek`): with no DNS pin for its address, entirely; with pins
+//! that allow it, its SNI/Host must be one of them and allowed.
+#![forbid(unsafe_code)]
+
+use std::net::IpAddr;
+
+use super::classify::Kind;
+use crate::policy::{Claim, Denied, Policy, Proto, Query, Verdict as Judged};
+use crate::wellknown::{DNS_PORT, ENCRYPTED_DNS_PORT};
+
+/// What the dispatcher knows about a frame beyond its bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// A SYN for a flow that already exists (a retransmission): it keeps
+    /// the flow's first decision.
+    pub flow_exists: bool,
+    /// A datagram to a gateway port of a published UDP session: a reply to
+    /// inbound traffic, not egress.
+    pub published_session: bool,
+}
+
+/// What is decided: protocol, destination, port.
+pub type Subject = (Proto, IpAddr, Option<u16>);
+
+/// The policy's word on one frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not egress (gateway services, intercepted DNS, inbound replies, a
+    /// flow that was decided already): nothing to decide.
+    Exempt,
+    /// Allowed.
+    Allow(Subject),
+    /// Denied, with the pinned name the decision saw.
+    Deny {
+        /// What was denied.
+        subject: Subject,
+        /// The rule and reason.
+        denied: Denied,
+        /// The destination's newest DNS name, when it had one.
+        name: Option<String>,
+    },
+    /// Accept the TCP flow and decide on its first bytes; the names the
+    /// destination was given (empty: none).
+    Peek(Vec<String>),
+}
+
+impl Verdict {
+    /// Whether the frame may go on.
+    pub fn allows(&self) -> bool {
+        !matches!(self, Verdict::Deny { .. })
+    }
+}
+
+/// Decides one classified frame; `pinned` looks up the names the guest's
+/// DNS answers gave an address, newest first.
+pub fn police(
+    kind: &Kind<'_>,
+    facts: Facts,
+    policy: &Policy,
+    pinned: impl FnOnce(IpAddr) -> Vec<String>,
+) -> Verdict {
+    let intercepted = |port: u16| port == DNS_PORT || port == ENCRYPTED_DNS_PORT;
+    let subject: Subject = match kind {
+        Kind::TcpSyn { .. } if facts.flow_exists => return Verdict::Exempt,
+        Kind::TcpSyn { dst, .. } if !intercepted(dst.port()) => {
+            (Proto::Tcp, dst.ip(), Some(dst.port()))
+        }
+        Kind::Udp { dst, .. } if !intercepted(dst.port()) => {
+            if facts.published_session {
+                return Verdict::Exempt;
+            }
+            (Proto::Udp, dst.ip(), Some(dst.port()))
+        }
+        Kind::Echo(e) => (Proto::Icmp, e.dst, None),
+        _ => return Verdict::Exempt,
+    };
+    let (proto, dst, port) = subject;
+    let names = pinned(dst);
+    let judged = policy.judge(&Query {
+        dst,
+        proto,
+        port,
+        pinned: &names,
+        claim: Claim::Unread,
+    });
+    match judged {
+        Judged::NeedsName => Verdict::Peek(names),
+        Judged::Allow(_) | Judged::Resolve(_) => Verdict::Allow(subject),
+        Judged::Deny(denied) => Verdict::Deny {
+            subject,
+            denied,
+            name: names.into_iter().next(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Reason;
+    use crate::config::Config;
+    use crate::engine::classify::Echo;
+    use std::net::SocketAddr;
+
+    fn syn(dst: &str) -> Kind<'static> {
+        Kind::TcpSyn {
+            src: "198.19.0.2:40000".parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            seq: 1,
+        }
+    }
+
+    fn udp(dst: &str) -> Kind<'static> {
+        Kind::Udp {
+            src: "198.19.0.2:40000".parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            payload: b"x",
+        }
+    }
+
+    fn echo(dst: &str) -> Kind<'static> {
+        Kind::Echo(Echo {
+            src: "198.19.0.2".parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            ident: 1,
+            seq: 1,
+            data: b"",
+        })
+    }
+
+    fn subject(proto: Proto, dst: &str) -> Subject {
+        let addr: SocketAddr = dst
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::new(dst.parse().unwrap(), 0));
+        let port = (proto != Proto::Icmp).then_some(addr.port());
+        (proto, addr.ip(), port)
+    }
+
+    /// Today's behaviour under the default preset and under a name
+    /// allow-list, frame by frame.
+    #[test]
+    fn table() {
+        let public_only = Config::embedded().policy();
+        let names = Config::from_toml(
+            "[policy]\npreset = \"none\"\n[[policy.rule]]\naction = \"allow\"\ndestination = \"*.ok.test\"\n",
+        )
+        .unwrap()
+        .policy();
+        let none = Facts::default();
+        let exists = Facts {
+            flow_exists: true,
+            ..Facts::default()
+        };
+        let session = Facts {
+            published_session: true,
+            ..Facts::default()
+        };
+        let deny = |proto, dst: &str, rule, name: Option<&str>| Verdict::Deny {
+            subject: subject(proto, dst),
+            denied: (rule, Reason::Policy),
+            name: name.map(str::to_owned),
+        };
+        let www = vec!["www.ok.test".to_owned()];
+        let cases: Vec<(&Policy, Kind<'_>, Facts, Vec<String>, Verdict)> = vec![
+            // Public addresses pass, the rest is denied by its preset rule.
+            (
+                &public_only,
+                syn("192.0.2.1:80"),
+                none,
+                vec![],
+                Verdict::Allow(subject(Proto::Tcp, "192.0.2.1:80")),
+            ),
+            (
+                &public_only,
+                syn("10.0.0.1:80"),
+                none,
+                vec![],
+                deny(Proto::Tcp, "10.0.0.1:80", Some(4), None),
+            ),
+            (
+                &public_only,
+                udp("169.254.169.254:80"),
+                none,
+                vec![],
+                deny(Proto::Udp, "169.254.169.254:80", Some(1), None),
+            ),
+            (
+                &public_only,
+                echo("127.0.0.1"),
+                none,
+                vec![],
+                deny(Proto::Icmp, "127.0.0.1", Some(3), None),
+            ),
+            // DNS and DoT are intercepted, not egress; so are retransmitted
+            // SYNs and replies to published sessions.
+            (
+                &public_only,
+                syn("10.0.0.1:53"),
+                none,
+                vec![],
+                Verdict::Exempt,
+            ),
+            (
+                &public_only,
+                udp("10.0.0.1:853"),
+                none,
+                vec![],
+                Verdict::Exempt,
+            ),
+            (
+                &public_only,
+                syn("10.0.0.1:80"),
+                exists,
+                vec![],
+                Verdict::Exempt,
+            ),
+            (
+                &public_only,
+                udp("198.19.0.1:50000"),
+                session,
+                vec![],
+                Verdict::Exempt,
+            ),
+            (
+                &public_only,
+                Kind::Dhcp { payload: b"" },
+                none,
+                vec![],
+                Verdict::Exempt,
+            ),
+            (&public_only, Kind::Stack, none, vec![], Verdict::Exempt),
+            // Names: a flow a name could decide is peeked at, with its pins.
+            (
+                &names,
+                syn("192.0.2.1:443"),
+                none,
+                vec![],
+                Verdict::Peek(vec![]),
+            ),
+            (
+                &names,
+                syn("192.0.2.1:443"),
+                none,
+                www.clone(),
+                Verdict::Peek(www.clone()),
+            ),
+            (
+                &names,
+                syn("192.0.2.1:443"),
+                none,
+                vec!["evil.test".into()],
+                deny(Proto::Tcp, "192.0.2.1:443", None, Some("evil.test")),
+            ),
+            // UDP to a pinned allowed name passes; without a pin it is
+            // denied (no first bytes to read).
+            (
+                &names,
+                udp("192.0.2.1:443"),
+                none,
+                www.clone(),
+                Verdict::Allow(subject(Proto::Udp, "192.0.2.1:443")),
+            ),
+            (
+                &names,
+                udp("192.0.2.1:443"),
+                none,
+                vec![],
+                deny(Proto::Udp, "192.0.2.1:443", None, None),
+            ),
+        ];
+        for (policy, kind, facts, pins, want) in cases {
+            let got = police(&kind, facts, policy, |_| pins.clone());
+            assert_eq!(got, want, "{kind:?} {facts:?} {pins:?}");
+        }
+    }
+}

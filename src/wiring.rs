@@ -1,0 +1,104 @@
+//! The composition root: builds the daemon's shared parts once — the host
+//! runtime, the counters, the compiled policy, TLS interception, the
+//! published ports — and, per VMM connection, a backend whose engine gets
+//! them. Nothing else constructs these; parts receive what they need and
+//! reach for no globals.
+//!
+//! Runs on the main thread at start-up and at each VMM connection.
+#![forbid(unsafe_code)]
+
+use std::io;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::engine::Shared;
+use crate::metrics::Metrics;
+use crate::proxy::publish::Publisher;
+use crate::tls::intercept::{Interceptor, SetupError};
+use crate::vhost::NetBackend;
+
+/// tokio worker threads for host sockets; the engine has its own thread.
+const HOST_THREADS: usize = 1;
+
+/// Why the daemon's parts could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The host-side runtime could not start.
+    #[error("cannot start the host-side runtime")]
+    Runtime(#[source] io::Error),
+    /// A published port could not be bound.
+    #[error(transparent)]
+    Publish(#[from] crate::proxy::publish::Error),
+    /// TLS interception is on but cannot work (CA, roots).
+    #[error("TLS interception")]
+    Tls(#[source] SetupError),
+}
+
+/// The daemon's parts.
+pub struct Wiring {
+    runtime: tokio::runtime::Runtime,
+    shared: Arc<Shared>,
+}
+
+impl Wiring {
+    /// Builds everything that outlives a VMM connection. Published ports
+    /// are bound and the TLS CA checked here, before the vhost socket
+    /// exists: a daemon that cannot serve as configured does not start.
+    pub fn build(config: Config) -> Result<Self, Error> {
+        let metrics = Arc::new(Metrics::default());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(HOST_THREADS)
+            .thread_name("vg-host")
+            .enable_all()
+            .build()
+            .map_err(Error::Runtime)?;
+        let publisher = if config.publish.is_empty() {
+            None
+        } else {
+            let publisher = Publisher::start(runtime.handle(), &config.publish, &metrics)?;
+            Some(Arc::new(publisher))
+        };
+        let tls = if config.tls.enabled {
+            crate::tls::install_provider();
+            let interceptor = Interceptor::new(&config.tls).map_err(Error::Tls)?;
+            tracing::info!(ports = ?config.tls.ports, "TLS interception on");
+            Some(Arc::new(interceptor))
+        } else {
+            None
+        };
+        let icmp_available = crate::proxy::icmp::available();
+        if !icmp_available {
+            tracing::warn!(
+                "ping sockets are not permitted for this group (net.ipv4.ping_group_range): \
+                 guest pings to outside hosts will be dropped and counted"
+            );
+        }
+        let shared = Shared {
+            policy: Arc::new(config.policy()),
+            config: Arc::new(config),
+            metrics,
+            tls,
+            publisher,
+            icmp_available,
+        };
+        Ok(Self {
+            runtime,
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// The configuration the daemon runs with.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// The process-wide counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// A fresh device for one VMM connection.
+    pub fn backend(&self) -> Result<NetBackend, crate::vhost::Error> {
+        NetBackend::new(self.shared.clone(), self.runtime.handle().clone())
+    }
+}
