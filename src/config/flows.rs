@@ -1,0 +1,158 @@
+//! The flow tables: `[outbound]`, `[tcp]`, `[udp]`, `[icmp]` and
+//! `[[publish]]`: limits, timeouts and buffers of guest flows, and the host
+//! ports published to the guest.
+#![forbid(unsafe_code)]
+
+use serde::Deserialize;
+
+use super::Checks;
+
+/// The `[outbound]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Outbound {
+    /// Whether the gateway's addresses reach the host's loopback (same port).
+    pub allow_host_loopback: bool,
+}
+
+/// The `[tcp]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Tcp {
+    /// Most concurrent flows; further SYNs are answered with RST.
+    pub max_connections: usize,
+    /// Upstream connect timeout.
+    pub connect_timeout_ms: u64,
+    /// A flow with no data either way for this long is reset.
+    pub idle_timeout_seconds: u64,
+    /// Receive and send buffer of each flow's socket on the guest side.
+    pub buffer_bytes: usize,
+}
+
+impl Default for Tcp {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            connect_timeout_ms: 10_000,
+            idle_timeout_seconds: 3600,
+            buffer_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// The `[udp]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Udp {
+    /// Most concurrent sessions (guest source, destination).
+    pub max_sessions: usize,
+    /// A session with no datagram either way for this long is closed.
+    pub idle_timeout_seconds: u64,
+}
+
+impl Default for Udp {
+    fn default() -> Self {
+        Self {
+            max_sessions: 512,
+            idle_timeout_seconds: 60,
+        }
+    }
+}
+
+/// The `[icmp]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Icmp {
+    /// Most concurrent echo sessions (guest, destination, identifier).
+    pub max_sessions: usize,
+    /// A session with no echo for this long is closed.
+    pub idle_timeout_seconds: u64,
+}
+
+impl Default for Icmp {
+    fn default() -> Self {
+        Self {
+            max_sessions: 64,
+            idle_timeout_seconds: 10,
+        }
+    }
+}
+
+/// Transport of a published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// One `[[publish]]` entry: a host address forwarded to a guest port.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Publish {
+    /// tcp or udp.
+    pub protocol: Protocol,
+    /// Host address and port to listen on.
+    pub host: std::net::SocketAddr,
+    /// Guest port connections are forwarded to.
+    pub guest_port: u16,
+}
+
+impl Tcp {
+    pub(super) fn validate(&self, out: &mut Checks) {
+        out.range("tcp.max-connections", self.max_connections, 1..=65_536);
+        out.range(
+            "tcp.connect-timeout-ms",
+            self.connect_timeout_ms,
+            100..=300_000,
+        );
+        out.range(
+            "tcp.idle-timeout-seconds",
+            self.idle_timeout_seconds,
+            1..=604_800,
+        );
+        out.range("tcp.buffer-bytes", self.buffer_bytes, 4096..=16 << 20);
+    }
+}
+
+impl Udp {
+    pub(super) fn validate(&self, out: &mut Checks) {
+        out.range("udp.max-sessions", self.max_sessions, 1..=65_536);
+        out.range(
+            "udp.idle-timeout-seconds",
+            self.idle_timeout_seconds,
+            1..=86_400,
+        );
+    }
+}
+
+impl Icmp {
+    pub(super) fn validate(&self, out: &mut Checks) {
+        out.range("icmp.max-sessions", self.max_sessions, 1..=4096);
+        out.range(
+            "icmp.idle-timeout-seconds",
+            self.idle_timeout_seconds,
+            1..=3600,
+        );
+    }
+}
+
+impl Publish {
+    /// Checks the `[[publish]]` entries together (no host address twice).
+    pub(super) fn validate_all(entries: &[Publish], out: &mut Checks) {
+        let mut seen = std::collections::HashSet::new();
+        for p in entries {
+            out.check("publish.guest-port", p.guest_port != 0, || {
+                "guest-port must be 1..=65535".into()
+            });
+            out.check("publish.host", p.host.port() != 0, || {
+                format!("{}: host port must not be 0", p.host)
+            });
+            out.check("publish.host", seen.insert((p.protocol, p.host)), || {
+                format!("{} is published twice", p.host)
+            });
+        }
+    }
+}
