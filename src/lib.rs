@@ -48,6 +48,7 @@ pub mod daemon;
 pub mod dns;
 pub mod egress;
 pub mod engine;
+pub mod fuzzing;
 pub mod metrics;
 pub mod names;
 pub mod policy;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 /// Top to bottom. A module may import from layers below its own only;
 /// modules of one layer are independent of each other.
 const LAYERS: &[&[&str]] = &[
-    &["commands"],
+    &["commands", "fuzzing"],
     &["daemon"],
     &["wiring"],
     &["vhost"],

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, docs, unit, integration and
-# real-guest VM tests. Run as root from the repository (network namespaces).
+# real-guest VM tests, and a short run of every fuzz target. Run as root
+# from the repository (network namespaces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/setup.sh
@@ -12,3 +13,5 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --no-fail-fast
 fi
+# A short libFuzzer run of every fuzz target (fuzz/, cargo-fuzz).
+bash tests/fuzz-smoke.sh

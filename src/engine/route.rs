@@ -78,10 +78,14 @@ pub enum Route {
 
 /// Where traffic the guest sends to `dst` really goes, or None when
 /// nowhere: the gateway's addresses map to the host's loopback (same port)
-/// only when allowed; unspecified, multicast, broadcast and port 0 go
-/// nowhere.
+/// only when allowed, and that mapping is the only way there — a loopback
+/// or unspecified destination (IPv4-mapped too) goes nowhere, whatever the
+/// policy says; so do multicast, broadcast and port 0.
 pub fn upstream(dst: SocketAddr, own: &Own, allow_host_loopback: bool) -> Option<SocketAddr> {
-    let ip = dst.ip();
+    let ip = match dst.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(dst.ip(), IpAddr::V4),
+        v4 => v4,
+    };
     if own.is_own(ip) {
         let loopback = if ip.is_ipv4() {
             IpAddr::V4(Ipv4Addr::LOCALHOST)
@@ -91,7 +95,8 @@ pub fn upstream(dst: SocketAddr, own: &Own, allow_host_loopback: bool) -> Option
         return allow_host_loopback.then_some(SocketAddr::new(loopback, dst.port()));
     }
     let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
-    if ip.is_unspecified() || ip.is_multicast() || broadcast || dst.port() == 0 {
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || broadcast || dst.port() == 0
+    {
         return None;
     }
     Some(dst)
@@ -210,6 +215,13 @@ mod tests {
             ("224.0.0.1:80", true, None),
             ("[ff02::1]:80", true, None),
             ("192.0.2.1:0", true, None),
+            // Loopback only through the gateway mapping (fuzz regression:
+            // frame/syn-to-127.255.255.255).
+            ("127.255.255.255:48", true, None),
+            ("127.0.0.1:22", true, None),
+            ("[::1]:22", true, None),
+            ("[::ffff:127.0.0.1]:22", true, None),
+            ("[::ffff:0.0.0.0]:22", true, None),
         ];
         for (dst, allow, want) in cases {
             assert_eq!(

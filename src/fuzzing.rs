@@ -1,0 +1,264 @@
+//! Fuzz harnesses: plain functions over arbitrary bytes, one per target of
+//! `fuzz/` (cargo-fuzz, libFuzzer). `tests/fuzz_corpus.rs` replays every
+//! committed corpus entry and fixed crasher through the same functions on
+//! the stable toolchain, so a regression fails the ordinary test run.
+//!
+//! Each harness feeds hostile input to one boundary and checks what must
+//! hold whatever the input: nothing panics, hangs or grows without bound,
+//! and where a property is stated it holds. They run on the calling thread
+//! and touch no socket.
+#![forbid(unsafe_code)]
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::config::Config;
+use crate::engine::classify::{self, Kind, Own};
+use crate::engine::{dhcp, police, route};
+use crate::policy::Policy;
+use crate::virtio::{self, Layout};
+
+/// A harness: arbitrary bytes in, a panic when a property breaks.
+pub type Harness = fn(&[u8]);
+
+/// The targets, by name: what `fuzz/` builds and the corpus test replays.
+pub const TARGETS: &[(&str, Harness)] = &[
+    ("virtio_chains", virtio_chains),
+    ("frame", frame),
+    ("first_bytes", first_bytes),
+    ("dns_message", dns_message),
+    ("config_policy", config_policy),
+];
+
+/// Guest memory of the virtqueue harness.
+const MEM_BYTES: usize = 64 * 1024;
+/// Ring size of the virtqueue harness.
+const QUEUE_SIZE: u16 = 16;
+const DESC_TABLE: u64 = 0;
+const AVAIL_RING: u64 = 0x100;
+const USED_RING: u64 = 0x140;
+/// Chains popped per harness run; the avail index may claim any number.
+const MAX_CHAINS: usize = 64;
+
+/// TX and RX descriptor chains on hostile guest memory: the input is the
+/// memory itself (descriptor table, rings and buffers, from address 0),
+/// after a byte choosing the negotiated layout and two bytes of avail
+/// index. Every TX chain is read the way the engine reads it and its frame
+/// classified; then a frame is written into RX chains the same memory
+/// describes, mergeable or not.
+pub fn virtio_chains(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let (idx, memory) = rest.split_at(rest.len().min(2));
+    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_BYTES)]) else {
+        return;
+    };
+    let image = memory.get(..MEM_BYTES).unwrap_or(memory);
+    if mem.write_slice(image, GuestAddress(0)).is_err() {
+        return;
+    }
+    let layout = Layout {
+        hdr_len: if mode & 1 == 0 {
+            virtio::NET_HDR_LEN
+        } else {
+            virtio::LEGACY_NET_HDR_LEN
+        },
+        mergeable: mode & 2 != 0,
+        guest_csum: mode & 4 != 0,
+    };
+    let avail_idx = match idx {
+        [a, b] => u16::from_le_bytes([*a, *b]),
+        _ => 0,
+    };
+    // The avail index the guest claims, written where the device reads it.
+    if mem
+        .write_obj(avail_idx.to_le(), GuestAddress(AVAIL_RING + 2))
+        .is_err()
+    {
+        return;
+    }
+    let Some(mut tx) = queue(mode & 8 != 0) else {
+        return;
+    };
+    let mut buf = Vec::new();
+    let max_frame = usize::from(crate::config::MAX_MTU) + virtio::ETH_HDR_LEN;
+    let own = own();
+    for _ in 0..MAX_CHAINS {
+        let Some(chain) = tx.pop_descriptor_chain(&mem) else {
+            break;
+        };
+        let head = chain.head_index();
+        if let Ok(len) = virtio::read_tx_chain(&mem, chain, layout, max_frame, &mut buf) {
+            assert!(buf.len() == layout.hdr_len + len, "frame length");
+            let frame = buf.get(layout.hdr_len..).unwrap_or_default();
+            let _ = classify::classify(frame, &own);
+        }
+        // The used ring is inside the input too: whatever it says.
+        let _ = tx.add_used(&mem, head, 0);
+    }
+    let _ = virtio::needs_notification(&tx, &mem, 0);
+    let Some(mut rx) = queue(mode & 8 != 0) else {
+        return;
+    };
+    let frame_len = usize::from(mode >> 4) * 600 + 60;
+    let mut packet = vec![0u8; layout.hdr_len + frame_len];
+    virtio::rx_header(layout, packet.get_mut(..layout.hdr_len).unwrap_or_default());
+    for _ in 0..MAX_CHAINS {
+        if !virtio::rx_available(&rx, &mem) {
+            break;
+        }
+        if virtio::write_rx_frame(&mut rx, &mem, layout, &mut packet).is_err() {
+            break;
+        }
+    }
+}
+
+/// A split queue of [`QUEUE_SIZE`] over the harness's fixed ring layout.
+fn queue(event_idx: bool) -> Option<Queue> {
+    let mut q = Queue::new(QUEUE_SIZE).ok()?;
+    q.set_size(QUEUE_SIZE);
+    let split = |a: u64| {
+        let low = u32::try_from(a & 0xffff_ffff).ok();
+        let high = u32::try_from(a >> 32).ok();
+        (low, high)
+    };
+    let (lo, hi) = split(DESC_TABLE);
+    q.set_desc_table_address(lo, hi);
+    let (lo, hi) = split(AVAIL_RING);
+    q.set_avail_ring_address(lo, hi);
+    let (lo, hi) = split(USED_RING);
+    q.set_used_ring_address(lo, hi);
+    q.set_event_idx(event_idx);
+    q.set_ready(true);
+    Some(q)
+}
+
+fn own() -> Own {
+    Own {
+        v4: Ipv4Addr::new(198, 19, 0, 1),
+        v6: Some((
+            Ipv6Addr::new(0xfd76, 0x6761, 0x7465, 0, 0, 0, 0, 1),
+            crate::wellknown::GATEWAY_LINK_LOCAL,
+        )),
+    }
+}
+
+fn default_policy() -> &'static Policy {
+    static POLICY: OnceLock<Policy> = OnceLock::new();
+    POLICY.get_or_init(|| Config::embedded().policy())
+}
+
+/// One guest frame through the engine's pure dispatch steps — classify,
+/// police (default policy), route — and, for DHCP, the server. The route
+/// must fit the frame: a SYN route for a SYN, a datagram route for a
+/// datagram.
+pub fn frame(data: &[u8]) {
+    let own = own();
+    let kind = classify::classify(data, &own);
+    let facts = police::Facts::default();
+    let verdict = police::police(&kind, facts, default_policy(), |_| Vec::new());
+    let setup = route::Setup {
+        own,
+        allow_host_loopback: false,
+        tls_ports: vec![443],
+        terminates_dot: true,
+    };
+    let routed = route::route(&kind, &verdict, facts, &setup);
+    let fits = match (&kind, routed) {
+        (Kind::TcpSyn { .. }, route::Route::Open(_) | route::Route::Refuse(_)) => true,
+        (Kind::TcpSyn { .. }, _) => false,
+        (_, route::Route::Open(_) | route::Route::Refuse(_) | route::Route::Existing) => false,
+        _ => true,
+    };
+    assert!(fits, "{kind:?} routed to {routed:?}");
+    if let Kind::TcpSyn { dst, .. } = &kind {
+        // The gateway mapping never leads to loopback unless allowed.
+        let up = route::upstream(*dst, &own, false);
+        assert!(up.is_none_or(|u| !u.ip().is_loopback()), "{dst} -> {up:?}");
+    }
+    if let Kind::Dhcp { payload } = kind {
+        let config = Config::embedded();
+        let mut server = dhcp::Server::new(&config.network);
+        let _ = server.handle(payload, Instant::now());
+    }
+}
+
+/// A flow's first bytes through the name sniffers, as the gate and the
+/// first-bytes service read them (finished or not). A name found is never
+/// an address literal.
+pub fn first_bytes(data: &[u8]) {
+    use crate::sniff::{FirstName, client_hello_sni, first_name, http_host};
+    let _ = client_hello_sni(data);
+    let _ = http_host(data);
+    for finished in [false, true] {
+        if let FirstName::Named(name, _) = first_name(data, finished) {
+            assert!(name.parse::<IpAddr>().is_err(), "{name:?}");
+        }
+    }
+}
+
+/// A DNS message as a query from the guest and as an answer from an
+/// upstream: parse → build → parse agrees on the sections; the rebind
+/// filter, the pins and the error reply builder take it without panicking.
+pub fn dns_message(data: &[u8]) {
+    use hickory_proto::op::Message;
+    if let Ok(message) = Message::from_vec(data)
+        && let Ok(bytes) = message.to_vec()
+    {
+        let again = Message::from_vec(&bytes);
+        assert!(again.is_ok(), "a message we built does not parse");
+        if let Ok(again) = again {
+            assert_eq!(again.queries.len(), message.queries.len());
+            assert_eq!(again.answers.len(), message.answers.len());
+        }
+    }
+    let own = vec![(IpAddr::V4(Ipv4Addr::new(198, 19, 0, 0)), 24)];
+    let rebind = crate::dns::rebind::Rebind::new(["intranet.test"], own);
+    if let crate::dns::rebind::Filtered::Stripped(bytes, _) = rebind.filter(data) {
+        // What we hand the guest after stripping must itself pass.
+        assert_eq!(
+            rebind.filter(&bytes),
+            crate::dns::rebind::Filtered::Unchanged
+        );
+    }
+    let pins = crate::dns::pins::Pins::new(16);
+    pins.record_answer(data, Instant::now());
+    if let Some(reply) = crate::dns::forward::refused(data) {
+        assert_eq!(reply.get(..2), data.get(..2), "id kept");
+    }
+}
+
+/// A configuration file through parsing, validation and policy
+/// compilation; a valid one's policy decides a few flows and reports its
+/// shadowed rules without panicking.
+pub fn config_policy(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(config) = Config::from_toml(text) else {
+        return;
+    };
+    let policy = config.policy();
+    let _ = policy.shadowed();
+    for dst in ["192.0.2.1:443", "[2001:db8::1]:80", "10.0.0.1:22"] {
+        let dst: SocketAddr = dst.parse().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+        for proto in [
+            crate::policy::Proto::Tcp,
+            crate::policy::Proto::Udp,
+            crate::policy::Proto::Icmp,
+        ] {
+            let _ = policy.judge(&crate::policy::Query {
+                dst: dst.ip(),
+                proto,
+                port: Some(dst.port()),
+                pinned: &["www.example.test".to_owned()],
+                claim: crate::policy::Claim::Unread,
+            });
+        }
+    }
+}
