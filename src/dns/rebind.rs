@@ -15,6 +15,7 @@ use hickory_proto::rr::RData;
 
 use crate::names::NameSet;
 use crate::policy::Group;
+use crate::policy::rule::in_prefix;
 
 /// What filtering did to an answer.
 #[derive(Debug, PartialEq, Eq)]
@@ -68,29 +69,7 @@ impl Rebind {
     }
 
     fn is_internal(&self, ip: IpAddr) -> bool {
-        internal(ip)
-            || self
-                .own
-                .iter()
-                .any(|(net, len)| same_network(ip, *net, *len))
-    }
-}
-
-fn same_network(a: IpAddr, b: IpAddr, len: u8) -> bool {
-    match (a, b) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => {
-            let mask = u32::MAX
-                .checked_shl(32 - u32::from(len.min(32)))
-                .unwrap_or(0);
-            u32::from(a) & mask == u32::from(b) & mask
-        }
-        (IpAddr::V6(a), IpAddr::V6(b)) => {
-            let mask = u128::MAX
-                .checked_shl(128 - u32::from(len.min(128)))
-                .unwrap_or(0);
-            u128::from(a) & mask == u128::from(b) & mask
-        }
-        _ => false,
+        internal(ip) || self.own.iter().any(|(net, len)| in_prefix(ip, *net, *len))
     }
 }
 
@@ -106,16 +85,7 @@ pub fn internal(ip: IpAddr) -> bool {
         IpAddr::V4(v4) => v4.is_unspecified() || v4.is_broadcast() || v4.octets()[0] == 0,
         IpAddr::V6(v6) => v6.is_unspecified(),
     };
-    special
-        || [
-            Group::Loopback,
-            Group::Private,
-            Group::LinkLocal,
-            Group::Metadata,
-            Group::Multicast,
-        ]
-        .iter()
-        .any(|g| g.contains(ip, &[]))
+    special || Group::INTERNAL.iter().any(|g| g.contains(ip, &[]))
 }
 
 #[cfg(test)]

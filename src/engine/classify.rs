@@ -256,5 +256,42 @@ fn tcp(body: &[u8], src: IpAddr, dst: IpAddr) -> Kind<'_> {
     }
 }
 
+/// Classified frames for the dispatch steps' table tests.
+#[cfg(test)]
+pub mod sample {
+    use super::{Echo, Kind};
+
+    const GUEST: &str = "198.19.0.2:40000";
+
+    /// A SYN from the guest to `dst`.
+    pub fn syn(dst: &str) -> Kind<'static> {
+        Kind::TcpSyn {
+            src: GUEST.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            seq: 1,
+        }
+    }
+
+    /// A datagram from the guest to `dst`.
+    pub fn udp(dst: &str) -> Kind<'static> {
+        Kind::Udp {
+            src: GUEST.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            payload: b"x",
+        }
+    }
+
+    /// An echo request from the guest to `dst`.
+    pub fn echo(dst: &str) -> Kind<'static> {
+        Kind::Echo(Echo {
+            src: "198.19.0.2".parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            ident: 1,
+            seq: 1,
+            data: b"",
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests;

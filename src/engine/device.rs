@@ -268,40 +268,33 @@ fn counter_for(drop: virtio::Drop) -> Counter {
     }
 }
 
-impl<M: GuestMemory> phy::Device for Device<'_, M> {
-    type RxToken<'a>
-        = RxToken<'a>
-    where
-        Self: 'a;
-    type TxToken<'a>
-        = TxToken<'a, M>
-    where
-        Self: 'a;
+/// The transmit token over a [`Device`]'s fields, borrowed one by one so a
+/// receive token can borrow `from_guest` beside it.
+macro_rules! tx_token {
+    ($device:ident) => {
+        TxToken {
+            rx: $device.rx,
+            mem: $device.mem,
+            layout: $device.layout,
+            buf: $device.to_guest,
+            metrics: $device.metrics,
+            waiting: &mut $device.gateway.pending,
+            rx_used: &mut $device.rx_used,
+            now: $device.now,
+        }
+    };
+}
 
-    fn receive(
-        &mut self,
-        _timestamp: smoltcp::time::Instant,
-    ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+impl<M: GuestMemory> Device<'_, M> {
+    /// The next frame smoltcp should see, as a range of `from_guest`: a
+    /// held SYN released once its upstream connected (counted when the
+    /// guest sent it), else the next guest frame no gateway service takes.
+    /// None when the TX queue is drained or this poll's budget is spent.
+    fn next_for_stack(&mut self) -> Option<std::ops::Range<usize>> {
         if let Some(frame) = self.gateway.inject.pop_front() {
-            // A held SYN released into smoltcp: it was counted when the guest
-            // sent it.
             self.from_guest.clear();
             self.from_guest.extend_from_slice(&frame);
-            return Some((
-                RxToken {
-                    frame: self.from_guest.as_slice(),
-                },
-                TxToken {
-                    rx: self.rx,
-                    mem: self.mem,
-                    layout: self.layout,
-                    buf: self.to_guest,
-                    metrics: self.metrics,
-                    waiting: &mut self.gateway.pending,
-                    rx_used: &mut self.rx_used,
-                    now: self.now,
-                },
-            ));
+            return Some(0..frame.len());
         }
         loop {
             if self.budget == 0 {
@@ -335,25 +328,33 @@ impl<M: GuestMemory> phy::Device for Device<'_, M> {
                 Some(bytes) => self.gateway.intercept(bytes, self.now),
                 None => true,
             };
-            if taken {
-                continue;
+            if !taken {
+                return Some(frame);
             }
-            return Some((
-                RxToken {
-                    frame: self.from_guest.get(frame).unwrap_or_default(),
-                },
-                TxToken {
-                    rx: self.rx,
-                    mem: self.mem,
-                    layout: self.layout,
-                    buf: self.to_guest,
-                    metrics: self.metrics,
-                    waiting: &mut self.gateway.pending,
-                    rx_used: &mut self.rx_used,
-                    now: self.now,
-                },
-            ));
         }
+    }
+}
+
+impl<M: GuestMemory> phy::Device for Device<'_, M> {
+    type RxToken<'a>
+        = RxToken<'a>
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = TxToken<'a, M>
+    where
+        Self: 'a;
+
+    fn receive(
+        &mut self,
+        _timestamp: smoltcp::time::Instant,
+    ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let frame = self.next_for_stack()?;
+        let tx = tx_token!(self);
+        let rx = RxToken {
+            frame: self.from_guest.get(frame).unwrap_or_default(),
+        };
+        Some((rx, tx))
     }
 
     fn transmit(&mut self, _timestamp: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
@@ -377,16 +378,7 @@ impl<M: GuestMemory> phy::Device for Device<'_, M> {
             self.rx_starved = true;
             return None;
         }
-        Some(TxToken {
-            rx: self.rx,
-            mem: self.mem,
-            layout: self.layout,
-            buf: self.to_guest,
-            metrics: self.metrics,
-            waiting: &mut self.gateway.pending,
-            rx_used: &mut self.rx_used,
-            now: self.now,
-        })
+        Some(tx_token!(self))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {

@@ -287,31 +287,32 @@ impl Gateway {
 
     /// Replies from the UDP, DNS and ICMP relays, as far as there is room.
     pub(super) fn relay_replies(&mut self, now: Instant) -> bool {
+        let udp = self.drain(|gw| {
+            let (guest, remote, payload) = gw.udp.next_reply(now)?;
+            let ends = gw.to_guest(remote.ip(), guest.ip());
+            Some(frames::udp(&ends, remote.port(), guest.port(), &payload))
+        });
+        let dns = self.drain(|gw| {
+            let (guest, asked, answer) = gw.dns.next_answer()?;
+            let ends = gw.to_guest(asked.ip(), guest.ip());
+            Some(frames::udp(&ends, asked.port(), guest.port(), &answer))
+        });
+        let icmp = self.drain(|gw| {
+            let (guest, remote, ident, seq, data) = gw.icmp.next_reply(now)?;
+            let ends = gw.to_guest(remote, guest);
+            Some(frames::echo_reply(&ends, ident, seq, &data))
+        });
+        udp || dns || icmp
+    }
+
+    /// Queues the frames `next` builds while there is room; true when any.
+    fn drain(&mut self, mut next: impl FnMut(&mut Self) -> Option<Vec<u8>>) -> bool {
         let mut any = false;
         while self.has_room() {
-            let Some((guest, remote, payload)) = self.udp.next_reply(now) else {
+            let Some(frame) = next(self) else {
                 break;
             };
-            let ends = self.to_guest(remote.ip(), guest.ip());
-            let frame = frames::udp(&ends, remote.port(), guest.port(), &payload);
             self.queue(frame);
-            any = true;
-        }
-        while self.has_room() {
-            let Some((guest, asked, answer)) = self.dns.next_answer() else {
-                break;
-            };
-            let ends = self.to_guest(asked.ip(), guest.ip());
-            let frame = frames::udp(&ends, asked.port(), guest.port(), &answer);
-            self.queue(frame);
-            any = true;
-        }
-        while self.has_room() {
-            let Some((guest, remote, ident, seq, data)) = self.icmp.next_reply(now) else {
-                break;
-            };
-            let ends = self.to_guest(remote, guest);
-            self.queue(frames::echo_reply(&ends, ident, seq, &data));
             any = true;
         }
         any

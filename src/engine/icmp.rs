@@ -59,8 +59,10 @@ impl Sessions {
         }
         let key = (echo.src, dst, echo.ident);
         if !self.table.contains(&key) {
-            if self.table.len() >= self.config.max_sessions {
-                metrics.inc(Counter::icmp_over_limit);
+            if !self
+                .table
+                .admits(self.config.max_sessions, metrics, Counter::icmp_over_limit)
+            {
                 return;
             }
             let socket = match open(dst) {

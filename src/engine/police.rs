@@ -105,34 +105,8 @@ mod tests {
     use super::*;
     use crate::audit::Reason;
     use crate::config::Config;
-    use crate::engine::classify::Echo;
+    use crate::engine::classify::sample::*;
     use std::net::SocketAddr;
-
-    fn syn(dst: &str) -> Kind<'static> {
-        Kind::TcpSyn {
-            src: "198.19.0.2:40000".parse().unwrap(),
-            dst: dst.parse().unwrap(),
-            seq: 1,
-        }
-    }
-
-    fn udp(dst: &str) -> Kind<'static> {
-        Kind::Udp {
-            src: "198.19.0.2:40000".parse().unwrap(),
-            dst: dst.parse().unwrap(),
-            payload: b"x",
-        }
-    }
-
-    fn echo(dst: &str) -> Kind<'static> {
-        Kind::Echo(Echo {
-            src: "198.19.0.2".parse().unwrap(),
-            dst: dst.parse().unwrap(),
-            ident: 1,
-            seq: 1,
-            data: b"",
-        })
-    }
 
     fn subject(proto: Proto, dst: &str) -> Subject {
         let addr: SocketAddr = dst

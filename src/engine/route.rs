@@ -161,6 +161,7 @@ pub fn route(kind: &Kind<'_>, verdict: &Verdict, facts: Facts, setup: &Setup) ->
 mod tests {
     use super::*;
     use crate::audit::Reason;
+    use crate::engine::classify::sample::*;
     use crate::policy::Proto;
 
     fn own() -> Own {
@@ -179,22 +180,6 @@ mod tests {
             allow_host_loopback: loopback,
             tls_ports: if tls { vec![443] } else { Vec::new() },
             terminates_dot: tls,
-        }
-    }
-
-    fn syn(dst: &str) -> Kind<'static> {
-        Kind::TcpSyn {
-            src: "198.19.0.2:40000".parse().unwrap(),
-            dst: dst.parse().unwrap(),
-            seq: 1,
-        }
-    }
-
-    fn udp(dst: &str) -> Kind<'static> {
-        Kind::Udp {
-            src: "198.19.0.2:40000".parse().unwrap(),
-            dst: dst.parse().unwrap(),
-            payload: b"x",
         }
     }
 

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use crate::metrics::Counter;
+
 struct Session<T> {
     id: u64,
     to_host: mpsc::Sender<T>,
@@ -43,6 +45,15 @@ impl<K: Copy + Eq + Hash, T> Table<K, T> {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.sessions.is_empty()
+    }
+
+    /// Whether one more session fits under `max`; counts `full` when not.
+    pub fn admits(&self, max: usize, metrics: &crate::metrics::Metrics, full: Counter) -> bool {
+        let room = self.sessions.len() < max;
+        if !room {
+            metrics.inc(full);
+        }
+        room
     }
 
     /// Whether `key` has a session.

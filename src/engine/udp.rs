@@ -52,8 +52,10 @@ impl Sessions {
                 metrics.inc(Counter::udp_denied);
                 return;
             };
-            if self.table.len() >= self.config.max_sessions {
-                metrics.inc(Counter::udp_over_limit);
+            if !self
+                .table
+                .admits(self.config.max_sessions, metrics, Counter::udp_over_limit)
+            {
                 return;
             }
             let idle = Duration::from_secs(self.config.idle_timeout_seconds);

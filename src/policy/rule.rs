@@ -86,6 +86,16 @@ pub struct Rule {
 use crate::wellknown::{METADATA_V4, METADATA_V6};
 
 impl Group {
+    /// The groups no public name should resolve into and no public flow
+    /// reaches: what "public" excludes besides the host.
+    pub const INTERNAL: [Group; 5] = [
+        Group::Loopback,
+        Group::Private,
+        Group::LinkLocal,
+        Group::Metadata,
+        Group::Multicast,
+    ];
+
     fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "host" => Group::Host,
@@ -119,16 +129,8 @@ impl Group {
             Group::Metadata => ip == IpAddr::V4(METADATA_V4) || ip == IpAddr::V6(METADATA_V6),
             Group::Multicast => ip.is_multicast(),
             Group::Public => {
-                [
-                    Group::Host,
-                    Group::Loopback,
-                    Group::Private,
-                    Group::LinkLocal,
-                    Group::Metadata,
-                    Group::Multicast,
-                ]
-                .iter()
-                .all(|g| !g.contains(ip, own))
+                !Group::Host.contains(ip, own)
+                    && !Group::INTERNAL.iter().any(|g| g.contains(ip, own))
                     && !ip.is_unspecified()
             }
             Group::Any => true,
@@ -136,14 +138,20 @@ impl Group {
     }
 }
 
-fn in_prefix(ip: IpAddr, net: IpAddr, len: u8) -> bool {
+/// Whether `ip` lies in `net`/`len` (families must match; a length past
+/// the family's width counts as the whole width).
+pub fn in_prefix(ip: IpAddr, net: IpAddr, len: u8) -> bool {
     match (ip, net) {
         (IpAddr::V4(a), IpAddr::V4(b)) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(len.min(32)))
+                .unwrap_or(0);
             u32::from(a) & mask == u32::from(b) & mask
         }
         (IpAddr::V6(a), IpAddr::V6(b)) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(len.min(128)))
+                .unwrap_or(0);
             u128::from(a) & mask == u128::from(b) & mask
         }
         _ => false,
