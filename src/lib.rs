@@ -13,16 +13,20 @@
 //!
 //! | layer | owns |
 //! |---|---|
-//! | [`cli`], [`commands`] | command-line types; subcommands that do not run the daemon |
+//! | [`commands`], [`fuzzing`] | subcommands that do not run the daemon; fuzz harnesses |
 //! | [`daemon`] | start-up order, accept loop, signals |
+//! | [`wiring`] | the composition root: shared parts once, a backend per VMM |
 //! | [`vhost`] | vhost-user types only: features, config space, events, the message relay |
 //! | [`engine`] | the guest's link partner: classify → police → route, smoltcp device, flows |
-//! | [`tls`] | the operator CA, minted leaves, interception over egress |
-//! | [`proxy`] | host sockets: dial with timeout, relay, UDP/ICMP sessions, published ports |
+//! | [`services`] | the engine's door to local services: first-bytes flows, TLS, DNS over TCP/TLS |
+//! | [`tls`] | the operator CA, minted leaves, interception |
+//! | [`egress`] | the egress decision's async side: pins, own resolution, audit |
 //! | [`dns`] | forwarder, name pins, rebind filter, TCP framing |
-//! | [`config`] | schema per table, validation, TOML line locator; compiles the policy |
-//! | [`policy`] | pure egress decisions |
-//! | [`virtio`], [`metrics`], [`audit`] | leaves: descriptor chains, counters, the audit writer |
+//! | [`proxy`] | host sockets: dial, relay, UDP/ICMP sessions, published ports |
+//! | [`config`] | schema per table, validation, line locator; compiles the policy |
+//! | [`policy`] | pure egress decisions ([`policy::Policy::judge`]) |
+//! | [`sniff`] | names from a flow's first bytes |
+//! | [`names`], [`wellknown`], [`virtio`], [`metrics`], [`audit`], [`cli`] | leaves |
 //!
 //! # Threads
 //!
