@@ -10,7 +10,7 @@ use kit::guest::{Daemon, GuestOpts, Netns, boot};
 pub fn dnsmasq_with(ns: &Netns, records: &[&str]) -> Server {
     ns.add_addr("192.0.2.53/32");
     let server = Server(
-        ns.command("dnsmasq")
+        ns.net_command("dnsmasq")
             .args([
                 "--keep-in-foreground",
                 "--conf-file=/dev/null",
@@ -62,7 +62,7 @@ fn queries_to_any_resolver_are_answered_and_blocked_names_refused() {
     );
     let daemon = Daemon::start(&ns, Some(&config));
     // Something really listens on 853: the refusal must be the daemon's.
-    let _dot = ns.enter(|| std::net::TcpListener::bind("192.0.2.53:853").unwrap());
+    let _dot = ns.net_enter(|| std::net::TcpListener::bind("192.0.2.53:853").unwrap());
     let script = r#"
 dhcp
 echo VG-Q1; nslookup example.test 198.19.0.1

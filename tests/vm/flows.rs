@@ -37,8 +37,15 @@ impl World {
         ]
         .iter()
         .map(|addr| {
-            Server(
+            // Loopback servers stand on the daemon's host; the rest on the
+            // internet side.
+            let mut command = if addr.starts_with("127.") || addr.starts_with("[::1]") {
                 ns.command("busybox")
+            } else {
+                ns.net_command("busybox")
+            };
+            Server(
+                command
                     .args(["httpd", "-f", "-p", addr, "-h"])
                     .arg(&www.0)
                     .stdout(Stdio::null())
@@ -50,7 +57,7 @@ impl World {
         .collect();
         for addr in ["192.0.2.10:7", "[2001:db8::10]:7"] {
             let addr = addr.to_owned();
-            let (tcp, udp) = ns.enter(move || {
+            let (tcp, udp) = ns.net_enter(move || {
                 (
                     TcpListener::bind(&addr).unwrap(),
                     UdpSocket::bind(&addr).unwrap(),
@@ -59,7 +66,7 @@ impl World {
             serve_tcp_echo(tcp);
             serve_udp_echo(udp);
         }
-        let sink = ns.enter(|| TcpListener::bind("192.0.2.10:5001").unwrap());
+        let sink = ns.net_enter(|| TcpListener::bind("192.0.2.10:5001").unwrap());
         let uploads = serve_sink(sink, www.0.clone());
         // busybox httpd binds in the background; give it a moment.
         std::thread::sleep(Duration::from_millis(200));
@@ -405,7 +412,7 @@ fn a_stalled_reader_throttles_the_sender_without_memory_growth() {
     let ns = Netns::new("backpressure");
     ns.add_addr("192.0.2.10/32");
     // Upload sink that reads nothing for 8 s, then everything.
-    let sink = ns.enter(|| TcpListener::bind("192.0.2.10:5002").unwrap());
+    let sink = ns.net_enter(|| TcpListener::bind("192.0.2.10:5002").unwrap());
     let upload = std::thread::spawn(move || {
         use std::io::Read;
         let (mut s, _) = sink.accept().unwrap();
@@ -422,7 +429,7 @@ fn a_stalled_reader_throttles_the_sender_without_memory_growth() {
     });
     // Download source that pushes 100 MiB at a guest that reads nothing
     // for 8 s.
-    let source = ns.enter(|| TcpListener::bind("192.0.2.10:5003").unwrap());
+    let source = ns.net_enter(|| TcpListener::bind("192.0.2.10:5003").unwrap());
     let download = std::thread::spawn(move || {
         use std::io::Write;
         let (mut s, _) = source.accept().unwrap();

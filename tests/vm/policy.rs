@@ -20,7 +20,7 @@ fn public_only_with_operator_rules_denies_fast_and_audits() {
     ] {
         ns.add_addr(&format!("{addr}/32"));
         let bind = format!("{addr}:7");
-        let (tcp, udp) = ns.enter(move || {
+        let (tcp, udp) = ns.net_enter(move || {
             (
                 TcpListener::bind(&bind).unwrap(),
                 UdpSocket::bind(&bind).unwrap(),
@@ -167,9 +167,9 @@ fn domain_allow_list_by_name_sni_and_host_v4_v6_no_fronting() {
         };
         ns.add_addr(&format!("{addr}/{prefix}"));
         let bind = std::net::SocketAddr::new(addr.parse().unwrap(), 7);
-        serve_tcp_echo(ns.enter(move || TcpListener::bind(bind).unwrap()));
+        serve_tcp_echo(ns.net_enter(move || TcpListener::bind(bind).unwrap()));
         servers.push(kit::Server(
-            ns.command("busybox")
+            ns.net_command("busybox")
                 .args(["httpd", "-f", "-p", &listen, "-h"])
                 .arg(&www.0)
                 .spawn()

@@ -29,7 +29,7 @@ fn interception_bypass_bad_upstream_403_quic_and_dot() {
     }
     serve_https(&ns, "192.0.2.30:443".parse().unwrap(), bad);
     // Something that would answer QUIC-port datagrams, so silence is ours.
-    serve_udp_echo(ns.enter(|| UdpSocket::bind("192.0.2.10:443").unwrap()));
+    serve_udp_echo(ns.net_enter(|| UdpSocket::bind("192.0.2.10:443").unwrap()));
     let _dnsmasq = crate::dns::dnsmasq_with(
         &ns,
         &[

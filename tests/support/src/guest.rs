@@ -2,9 +2,9 @@
 //! against the daemon's socket, the daemon running inside a network namespace
 //! the test creates. The test's script is appended to the initramfs as a
 //! second cpio archive and run by the guest's /init; its serial console is the
-//! test's evidence. Nothing here sends traffic off the machine: the namespace
-//! has only its loopback unless a test adds veth hosts on documentation
-//! addresses.
+//! test's evidence. Nothing here sends traffic off the machine: the daemon's
+//! namespace reaches only the test's own "internet" namespace behind a veth
+//! (see [`crate::Netns`]), whose hosts hold documentation addresses.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -81,64 +81,141 @@ impl Drop for TempDir {
     }
 }
 
-/// A network namespace the test owns; deleted on drop.
+/// The daemon's network namespace and its "internet": a second namespace
+/// joined to it by a veth pair, which holds the test hosts (documentation
+/// addresses on its loopback, [`Netns::add_addr`]) and the servers tests
+/// start there ([`Netns::net_enter`], [`Netns::net_command`]). The daemon's
+/// namespace holds only its uplink address ([`UPLINK_V4`], [`UPLINK_V6`]),
+/// its loopback and default routes to the internet side, as a host does.
+/// Both are deleted on drop. Nothing here routes off the machine.
 pub struct Netns {
+    /// The daemon's namespace.
     pub name: String,
+    /// The internet side's namespace.
+    pub net: String,
 }
+
+/// The daemon namespace's own address on its uplink.
+pub const UPLINK_V4: &str = "198.51.100.2";
+/// The daemon namespace's own IPv6 address on its uplink.
+pub const UPLINK_V6: &str = "2001:db8:ff::2";
+/// The internet side's end of the uplink (the daemon's default router).
+pub const ROUTER_V4: &str = "198.51.100.1";
+/// The internet side's IPv6 end of the uplink.
+pub const ROUTER_V6: &str = "2001:db8:ff::1";
 
 impl Netns {
     pub fn new(tag: &str) -> Self {
         let name = unique(tag);
-        run(Command::new("ip").args(["netns", "add", &name]));
-        run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
-        Self { name }
+        let net = format!("{name}-i");
+        for ns in [&name, &net] {
+            run(Command::new("ip").args(["netns", "add", ns]));
+            run(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]));
+        }
+        let this = Self { name, net };
+        let (d, i) = (this.name.as_str(), this.net.as_str());
+        let steps: &[&[&str]] = &[
+            &[
+                "-n", d, "link", "add", "uplink", "type", "veth", "peer", "name", "downlink",
+                "netns", i,
+            ],
+            &["-n", d, "addr", "add", "198.51.100.2/24", "dev", "uplink"],
+            &[
+                "-n",
+                d,
+                "addr",
+                "add",
+                "2001:db8:ff::2/64",
+                "dev",
+                "uplink",
+                "nodad",
+            ],
+            &["-n", d, "link", "set", "uplink", "up"],
+            &["-n", d, "route", "add", "default", "via", ROUTER_V4],
+            &["-n", d, "-6", "route", "add", "default", "via", ROUTER_V6],
+            &["-n", i, "addr", "add", "198.51.100.1/24", "dev", "downlink"],
+            &[
+                "-n",
+                i,
+                "addr",
+                "add",
+                "2001:db8:ff::1/64",
+                "dev",
+                "downlink",
+                "nodad",
+            ],
+            &["-n", i, "link", "set", "downlink", "up"],
+        ];
+        for args in steps {
+            run(Command::new("ip").args(*args));
+        }
+        this
     }
 
-    /// A command run inside the namespace.
+    /// A command run inside the daemon's namespace.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name]).arg(program);
         c
     }
-}
 
-impl Netns {
-    /// Adds an address (CIDR) to the namespace's loopback: a test host.
-    pub fn add_addr(&self, cidr: &str) {
-        run(Command::new("ip").args(["-n", &self.name, "addr", "add", cidr, "dev", "lo"]));
+    /// A command run on the internet side (test servers).
+    pub fn net_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.net]).arg(program);
+        c
     }
 
-    /// Lets unprivileged ping sockets be used in the namespace (the
-    /// daemon's ICMP relay needs them; the default range allows no group).
+    /// Adds a test host's address (CIDR) on the internet side.
+    pub fn add_addr(&self, cidr: &str) {
+        let mut args = vec!["-n", &self.net, "addr", "add", cidr, "dev", "lo"];
+        if cidr.contains(':') {
+            args.push("nodad");
+        }
+        run(Command::new("ip").args(args));
+    }
+
+    /// Lets unprivileged ping sockets be used in the daemon's namespace
+    /// (its ICMP relay needs them; the default range allows no group).
     pub fn allow_ping_sockets(&self) {
         run(self
             .command("sysctl")
             .args(["-qw", "net.ipv4.ping_group_range=0 2147483647"]));
     }
 
-    /// Runs `f` on a thread inside the namespace and returns its result:
-    /// sockets it creates belong to the namespace and can be used anywhere.
+    /// Runs `f` on a thread inside the daemon's namespace and returns its
+    /// result: sockets it creates belong to the namespace and can be used
+    /// anywhere.
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            let ns = std::fs::File::open(&path).unwrap();
-            // SAFETY: setns on a namespace fd we just opened; it only changes
-            // this thread's network namespace.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}");
-            f()
-        })
-        .join()
-        .unwrap()
+        enter_ns(&self.name, f)
     }
+
+    /// Runs `f` on a thread on the internet side (test servers' sockets).
+    pub fn net_enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        enter_ns(&self.net, f)
+    }
+}
+
+fn enter_ns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{name}");
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let ns = std::fs::File::open(&path).unwrap();
+        // SAFETY: setns on a namespace fd we just opened; it only changes
+        // this thread's network namespace.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}");
+        f()
+    })
+    .join()
+    .unwrap()
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        for ns in [&self.name, &self.net] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
     }
 }
 

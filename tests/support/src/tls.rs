@@ -38,7 +38,7 @@ pub fn upstream_identity(names: &[&str]) -> (String, Arc<rustls::ServerConfig>) 
 
 /// An HTTPS server answering every request with its SNI in the body.
 pub fn serve_https(ns: &Netns, addr: SocketAddr, config: Arc<rustls::ServerConfig>) {
-    let listener = ns.enter(move || TcpListener::bind(addr).unwrap());
+    let listener = ns.net_enter(move || TcpListener::bind(addr).unwrap());
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
