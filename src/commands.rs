@@ -124,6 +124,11 @@ fn explain(
         }
     };
     let policy = config.policy();
+    // The same host group the daemon would use: this host's addresses now.
+    match crate::proxy::hostaddrs::snapshot() {
+        Ok(now) => policy.host_set().replace(now),
+        Err(e) => eprintln!("vhost-gateway: warning: cannot read this host's addresses: {e}"),
+    }
     let decision = policy.decide(&Flow {
         dst: dest,
         proto,
@@ -135,17 +140,12 @@ fn explain(
         Action::Deny => "deny",
     };
     let user_rules = config.policy.rule.len();
-    let why = match decision.rule {
-        Some(n) if n <= user_rules => format!(
-            "rule {n}: {} {}",
-            action,
-            config
-                .policy
-                .rule
-                .get(n - 1)
-                .map_or("", |r| r.destination.as_str())
+    let why = match decision.rule.and_then(|n| policy.rule(n).map(|r| (n, r))) {
+        Some((n, rule)) if n <= user_rules => format!("rule {n}: {rule}"),
+        Some((n, rule)) => format!(
+            "rule {n}: {rule} (from preset {})",
+            config.policy.preset.as_str()
         ),
-        Some(n) => format!("rule {n} (from preset {:?})", config.policy.preset),
         None => "the default".to_owned(),
     };
     println!(
@@ -153,5 +153,25 @@ fn explain(
         dest,
         port.map_or(String::new(), |p| format!(" port {p}"))
     );
+    let forms = crate::policy::addr::forms(dest);
+    for &form in forms.as_slice() {
+        let group = policy.group_of(form);
+        let what = if group == crate::policy::Group::Host {
+            "this host's own address".to_owned()
+        } else {
+            crate::policy::addr::special_group(form).1.to_owned()
+        };
+        let carries = if forms.is_embedding(dest) {
+            "carries "
+        } else {
+            ""
+        };
+        println!("  {carries}{form}: group {} ({what})", group.as_str());
+    }
+    if crate::policy::addr::reaches_local_host(dest) {
+        println!(
+            "  never dialled: the host's loopback is reachable only through the gateway's address (outbound.allow-host-loopback)"
+        );
+    }
     ExitCode::SUCCESS
 }

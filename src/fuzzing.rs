@@ -218,7 +218,8 @@ pub fn dns_message(data: &[u8]) {
         }
     }
     let own = vec![(IpAddr::V4(Ipv4Addr::new(198, 19, 0, 0)), 24)];
-    let rebind = crate::dns::rebind::Rebind::new(["intranet.test"], own);
+    let host = std::sync::Arc::new(crate::policy::HostSet::new(Vec::new()));
+    let rebind = crate::dns::rebind::Rebind::new(["intranet.test"], own, host);
     if let crate::dns::rebind::Filtered::Stripped(bytes, _) = rebind.filter(data) {
         // What we hand the guest after stripping must itself pass.
         assert_eq!(

@@ -32,6 +32,9 @@ pub enum Error {
     /// TLS interception is on but cannot work (CA, roots).
     #[error("TLS interception")]
     Tls(#[source] SetupError),
+    /// The host's own addresses (the policy's host group) cannot be known.
+    #[error("cannot watch the host's addresses")]
+    HostAddrs(#[source] io::Error),
 }
 
 /// The daemon's parts.
@@ -73,8 +76,14 @@ impl Wiring {
                  guest pings to outside hosts will be dropped and counted"
             );
         }
+        let policy = Arc::new(config.policy());
+        crate::proxy::hostaddrs::watch(policy.host_set().clone()).map_err(Error::HostAddrs)?;
+        tracing::info!(
+            addresses = policy.host_set().live().len(),
+            "the host's own addresses are the policy's host group"
+        );
         let shared = Shared {
-            policy: Arc::new(config.policy()),
+            policy,
             config: Arc::new(config),
             metrics,
             tls,

@@ -113,7 +113,9 @@ fn explain_names_the_deciding_rule() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
-        text.starts_with("deny 10.1.2.3 port 443 by rule 4 (from preset PublicOnly)"),
+        text.starts_with(
+            "deny 10.1.2.3 port 443 by rule 4: deny group:private (from preset public-only)\n  10.1.2.3: group private (private (RFC 1918))"
+        ),
         "{text}"
     );
     let out = vg(&["explain", "192.0.2.10", "--proto", "udp", "--port", "53"]);
@@ -134,14 +136,16 @@ fn explain_names_the_deciding_rule() {
         "--name",
         "www.example.com",
     ]);
-    assert_eq!(
-        String::from_utf8(out.stdout).unwrap().trim(),
-        "allow 203.0.113.5 by rule 1: allow *.example.com"
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .starts_with("allow 203.0.113.5 by rule 1: allow *.example.com\n")
     );
     let out = vg(&["explain", "--config", cfg.to_str().unwrap(), "203.0.113.5"]);
-    assert_eq!(
-        String::from_utf8(out.stdout).unwrap().trim(),
-        "deny 203.0.113.5 by the default"
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .starts_with("deny 203.0.113.5 by the default\n")
     );
     let out = vg(&["check-config", cfg.to_str().unwrap()]);
     let _ = std::fs::remove_file(&cfg);
@@ -152,4 +156,28 @@ fn explain_names_the_deciding_rule() {
     );
     let out = vg(&["explain", "192.0.2.10", "--proto", "sctp"]);
     assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn explain_shows_groups_embedded_addresses_and_the_host() {
+    let text = |args: &[&str]| String::from_utf8(vg(args).stdout).unwrap();
+    let nat64 = text(&["explain", "64:ff9b::a9fe:a9fe", "--port", "80"]);
+    assert!(
+        nat64.starts_with("deny 64:ff9b::a9fe:a9fe port 80 by rule 1: deny group:metadata"),
+        "{nat64}"
+    );
+    assert!(
+        nat64.contains("carries 169.254.169.254: group metadata"),
+        "{nat64}"
+    );
+    // Loopback is this host's own address here, and never dialled.
+    let lo = text(&["explain", "::ffff:127.0.0.1", "--port", "22"]);
+    assert!(
+        lo.starts_with("deny ::ffff:127.0.0.1 port 22 by rule 2: deny group:host"),
+        "{lo}"
+    );
+    assert!(lo.contains("never dialled"), "{lo}");
+    let doc = text(&["explain", "2002:c633:6401::1", "--port", "443"]);
+    assert!(doc.starts_with("allow"), "{doc}");
+    assert!(doc.contains("carries 198.51.100.1"), "{doc}");
 }

@@ -24,6 +24,17 @@ pub enum Preset {
     None,
 }
 
+impl Preset {
+    /// The name as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Preset::PublicOnly => "public-only",
+            Preset::AllowAll => "allow-all",
+            Preset::None => "none",
+        }
+    }
+}
+
 /// A port or an inclusive range, as written in a rule.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]

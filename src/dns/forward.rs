@@ -104,9 +104,10 @@ impl Forwarder {
             attempts: config.attempts,
             block: NameSet::new(config.block.iter().map(String::as_str)),
             blocked_answer: config.blocked_answer,
-            rebind: config
-                .rebind_protection
-                .then(|| Rebind::new(config.rebind_allow.iter().map(String::as_str), own)),
+            rebind: config.rebind_protection.then(|| {
+                let allow = config.rebind_allow.iter().map(String::as_str);
+                Rebind::new(allow, own, policy.host_set().clone())
+            }),
             pins,
             policy,
         })
@@ -142,15 +143,17 @@ impl Forwarder {
         if self.block.contains(&name) {
             return (self.refusal(&parsed), Outcome::Blocked);
         }
-        // A name the egress policy denies is answered like a blocked one.
-        if let Some(rule) = self.policy.name_denied(&name) {
+        // A name the egress policy could never allow a flow for is answered
+        // like a blocked one, whatever the query type (no DNS tunnel out).
+        let decision = self.policy.query(&name);
+        if decision.action == crate::policy::Action::Deny {
             crate::audit::deny(&crate::audit::Deny {
                 proto: "dns",
                 dst: None,
                 port: 0,
                 name: Some(name.trim_end_matches('.')),
                 name_source: Some("query"),
-                rule: Some(rule),
+                rule: decision.rule,
                 reason: crate::audit::Reason::Policy,
             });
             return (self.refusal(&parsed), Outcome::Blocked);

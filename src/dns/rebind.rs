@@ -14,8 +14,11 @@ use hickory_proto::op::Message;
 use hickory_proto::rr::RData;
 
 use crate::names::NameSet;
-use crate::policy::Group;
+use std::sync::Arc;
+
+use crate::policy::addr::forms;
 use crate::policy::rule::in_prefix;
+use crate::policy::{Group, HostSet};
 
 /// What filtering did to an answer.
 #[derive(Debug, PartialEq, Eq)]
@@ -32,23 +35,42 @@ pub enum Filtered {
 pub struct Rebind {
     allow: NameSet,
     own: Vec<(IpAddr, u8)>,
+    host: Arc<HostSet>,
 }
 
 impl Rebind {
     /// `allow`: exempt names; `own`: the sandbox's own networks (address,
-    /// prefix length).
-    pub fn new<'a>(allow: impl IntoIterator<Item = &'a str>, own: Vec<(IpAddr, u8)>) -> Self {
+    /// prefix length); `host`: the host's own addresses (the policy's host
+    /// group), internal too.
+    pub fn new<'a>(
+        allow: impl IntoIterator<Item = &'a str>,
+        own: Vec<(IpAddr, u8)>,
+        host: Arc<HostSet>,
+    ) -> Self {
         Self {
             allow: NameSet::new(allow.into_iter().chain(["localhost", "*.localhost"])),
             own,
+            host,
         }
     }
 
-    /// Removes internal addresses from the answer section.
+    /// Removes internal addresses from the answer section. An exemption
+    /// holds only for the name the guest asked for and only when every
+    /// name of the answer's CNAME chain is exempt too: a public name that
+    /// CNAMEs to an exempt one gets nothing internal.
     pub fn filter(&self, answer: &[u8]) -> Filtered {
         let Ok(mut message) = Message::from_vec(answer) else {
             return Filtered::Unparseable;
         };
+        let asked = message.queries.first().map(|q| q.name().to_ascii());
+        let chain_exempt = asked.is_some_and(|n| self.allow.contains(&n))
+            && message.answers.iter().all(|record| match &record.data {
+                RData::CNAME(target) => {
+                    self.allow.contains(&record.name.to_ascii())
+                        && self.allow.contains(&target.0.to_ascii())
+                }
+                _ => true,
+            });
         let before = message.answers.len();
         message.answers.retain(|record| {
             let ip = match &record.data {
@@ -56,7 +78,8 @@ impl Rebind {
                 RData::AAAA(a) => IpAddr::V6(a.0),
                 _ => return true,
             };
-            !self.is_internal(ip) || self.allow.contains(&record.name.to_ascii())
+            let exempt = chain_exempt && self.allow.contains(&record.name.to_ascii());
+            exempt || !self.is_internal(ip)
         });
         let removed = before - message.answers.len();
         if removed == 0 {
@@ -68,24 +91,20 @@ impl Rebind {
         }
     }
 
-    fn is_internal(&self, ip: IpAddr) -> bool {
-        internal(ip) || self.own.iter().any(|(net, len)| in_prefix(ip, *net, *len))
+    /// Whether any form of `ip` is internal: the host's, loopback, private,
+    /// link-local, metadata, multicast or broadcast, unspecified, or in the
+    /// sandbox's own networks.
+    pub fn is_internal(&self, ip: IpAddr) -> bool {
+        forms(ip).as_slice().iter().any(|&form| {
+            let group = Group::of(form, &self.host);
+            group == Group::Host
+                || Group::INTERNAL.contains(&group)
+                || self
+                    .own
+                    .iter()
+                    .any(|(net, len)| in_prefix(form, *net, *len))
+        })
     }
-}
-
-/// Addresses no public name should point at: the policy's loopback,
-/// private, link-local, metadata and multicast groups (one definition of
-/// "internal" for both), plus unspecified, broadcast and 0.0.0.0/8.
-pub fn internal(ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    };
-    let special = match ip {
-        IpAddr::V4(v4) => v4.is_unspecified() || v4.is_broadcast() || v4.octets()[0] == 0,
-        IpAddr::V6(v6) => v6.is_unspecified(),
-    };
-    special || Group::INTERNAL.iter().any(|g| g.contains(ip, &[]))
 }
 
 #[cfg(test)]
@@ -95,8 +114,22 @@ mod tests {
     use hickory_proto::rr::rdata::{A, AAAA};
     use hickory_proto::rr::{Name, Record, RecordType};
 
+    fn rebind(allow: &[&str]) -> Rebind {
+        let host = HostSet::new(vec!["198.19.0.1".parse().unwrap()]);
+        host.replace(
+            [
+                "203.0.113.7".parse().unwrap(),
+                "2001:db8:ff::2".parse().unwrap(),
+            ]
+            .into(),
+        );
+        let own = vec![("198.19.0.0".parse().unwrap(), 24)];
+        Rebind::new(allow.iter().copied(), own, Arc::new(host))
+    }
+
     #[test]
     fn internal_table() {
+        let r = rebind(&[]);
         let cases: &[(&str, bool)] = &[
             ("127.0.0.1", true),
             ("10.1.2.3", true),
@@ -115,9 +148,27 @@ mod tests {
             ("::ffff:127.0.0.1", true),
             ("::ffff:192.0.2.1", false),
             ("2001:db8::1", false),
+            // The host's own addresses, in any form.
+            ("203.0.113.7", true),
+            ("::ffff:203.0.113.7", true),
+            ("2001:db8:ff::2", true),
+            ("198.19.0.1", true),
+            // Ranges and embeddings not classified before.
+            ("192.0.0.9", true),
+            ("198.18.5.5", true),
+            ("240.1.2.3", true),
+            ("255.255.255.255", true),
+            ("::ffff:0.0.0.0", true),
+            ("64:ff9b::a9fe:a9fe", true),
+            ("64:ff9b:1::a00:1", true),
+            ("::a9fe:a9fe", true),
+            ("2002:7f00:1::", true),
+            ("2001:0:c000:201::f5ff:fffe", true),
+            ("64:ff9b::c000:20a", false),
+            ("2002:c000:20a::1", false),
         ];
         for (ip, want) in cases {
-            assert_eq!(internal(ip.parse().unwrap()), *want, "{ip}");
+            assert_eq!(r.is_internal(ip.parse().unwrap()), *want, "{ip}");
         }
     }
 
@@ -137,8 +188,7 @@ mod tests {
 
     #[test]
     fn strips_internal_keeps_public_and_allowed() {
-        let own = vec![("198.19.0.0".parse().unwrap(), 24)];
-        let r = Rebind::new(["intranet.test", "*.corp.test"], own);
+        let r = rebind(&["intranet.test", "*.corp.test"]);
         assert_eq!(
             r.filter(&answer("www.test.", &["192.0.2.1"])),
             Filtered::Unchanged
@@ -165,5 +215,69 @@ mod tests {
             Filtered::Unchanged
         );
         assert_eq!(r.filter(&[1, 2, 3]), Filtered::Unparseable);
+    }
+
+    /// An answer for `asked` whose chain is `cnames` (owner, target) and
+    /// ends in `last` -> `ip`.
+    fn chained(asked: &str, cnames: &[(&str, &str)], last: &str, ip: &str) -> Vec<u8> {
+        use hickory_proto::rr::rdata::CNAME;
+        let mut m = Message::new(9, MessageType::Response, OpCode::Query);
+        m.add_query(Query::query(
+            Name::from_ascii(asked).unwrap(),
+            RecordType::A,
+        ));
+        for (owner, target) in cnames {
+            let data = RData::CNAME(CNAME(Name::from_ascii(target).unwrap()));
+            m.answers.push(Record::from_rdata(
+                Name::from_ascii(owner).unwrap(),
+                60,
+                data,
+            ));
+        }
+        let data = RData::A(A(ip.parse().unwrap()));
+        m.answers.push(Record::from_rdata(
+            Name::from_ascii(last).unwrap(),
+            60,
+            data,
+        ));
+        m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn exemptions_need_the_asked_name_and_the_whole_chain() {
+        let r = rebind(&["intranet.test", "*.corp.test"]);
+        // Asked for the exempt name itself: kept.
+        let direct = chained("intranet.test.", &[], "intranet.test.", "10.0.0.1");
+        assert_eq!(r.filter(&direct), Filtered::Unchanged);
+        // Exempt to exempt through a chain: kept.
+        let inside = chained(
+            "a.corp.test.",
+            &[("a.corp.test.", "intranet.test.")],
+            "intranet.test.",
+            "10.0.0.1",
+        );
+        assert_eq!(r.filter(&inside), Filtered::Unchanged);
+        // A public name that CNAMEs to the exempt one: stripped.
+        for chain in [
+            vec![("evil.test.", "intranet.test.")],
+            vec![
+                ("evil.test.", "b.evil.test."),
+                ("b.evil.test.", "intranet.test."),
+            ],
+        ] {
+            let bytes = chained("evil.test.", &chain, "intranet.test.", "10.0.0.1");
+            assert!(
+                matches!(r.filter(&bytes), Filtered::Stripped(_, 1)),
+                "{chain:?}"
+            );
+        }
+        // An exempt name asked, but the chain leaves the exempt names.
+        let out = chained(
+            "intranet.test.",
+            &[("intranet.test.", "evil.test.")],
+            "evil.test.",
+            "10.0.0.1",
+        );
+        assert!(matches!(r.filter(&out), Filtered::Stripped(_, 1)));
     }
 }

@@ -53,7 +53,11 @@ impl Sessions {
             return;
         }
         let dst = echo.dst;
-        if dst.is_multicast() || dst.is_unspecified() || dst.is_loopback() {
+        let nowhere = crate::policy::addr::forms(dst)
+            .as_slice()
+            .iter()
+            .any(|f| f.is_multicast() || matches!(f, IpAddr::V4(v4) if v4.is_broadcast()));
+        if nowhere || crate::policy::addr::reaches_local_host(dst) {
             metrics.inc(Counter::icmp_denied);
             return;
         }

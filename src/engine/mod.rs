@@ -126,6 +126,14 @@ pub struct PassResult {
     pub rx_starved: bool,
 }
 
+/// Why an engine could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The smoltcp interface refused one of the gateway's addresses.
+    #[error("the gateway's interface cannot hold {0}")]
+    InterfaceAddress(String),
+}
+
 /// What every engine of the daemon shares, built once by the composition
 /// root (`wiring`): the configuration, the compiled policy, the counters,
 /// TLS interception and the published ports.
@@ -146,7 +154,7 @@ pub struct Shared {
 
 impl Engine {
     /// A fresh engine for one guest, its host side on `host`.
-    pub fn new(shared: &Shared, host: Host) -> Self {
+    pub fn new(shared: &Shared, host: Host) -> Result<Self, Error> {
         let config = &*shared.config;
         let metrics = shared.metrics.clone();
         let net = &config.network;
@@ -159,16 +167,27 @@ impl Engine {
         // Terminate guest TCP for any destination; classify keeps ARP, NDP
         // and pings for other addresses away from smoltcp.
         iface.set_any_ip(true);
+        let mut wanted = vec![IpCidr::new(
+            IpAddress::Ipv4(net.ipv4_gateway),
+            net.ipv4_prefix_len,
+        )];
+        if net.ipv6_enabled {
+            wanted.push(IpCidr::new(IpAddress::Ipv6(net.ipv6_gateway), 64));
+            wanted.push(IpCidr::new(IpAddress::Ipv6(GATEWAY_LINK_LOCAL), 64));
+        }
+        let mut refused = None;
         iface.update_ip_addrs(|addrs| {
-            let _ = addrs.push(IpCidr::new(
-                IpAddress::Ipv4(net.ipv4_gateway),
-                net.ipv4_prefix_len,
-            ));
-            if net.ipv6_enabled {
-                let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(net.ipv6_gateway), 64));
-                let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(GATEWAY_LINK_LOCAL), 64));
+            for cidr in &wanted {
+                // A full list would leave the gateway deaf on that address
+                // (fe80::1 is the guest's IPv6 router): never ignore it.
+                if addrs.push(*cidr).is_err() {
+                    refused.get_or_insert(*cidr);
+                }
             }
         });
+        if let Some(cidr) = refused {
+            return Err(Error::InterfaceAddress(cidr.to_string()));
+        }
         // The guest's own DNS state: its pins and the forwarder that makes
         // them; the egress boundary and local services over them.
         let pins = Arc::new(Pins::new(config.dns.max_pins));
@@ -208,7 +227,7 @@ impl Engine {
                 Duration::from_secs(config.udp.idle_timeout_seconds),
             )
         });
-        Self {
+        Ok(Self {
             iface,
             sockets: SocketSet::new(Vec::new()),
             gateway: Gateway {
@@ -237,7 +256,16 @@ impl Engine {
             to_guest: Vec::with_capacity(max_frame + virtio::NET_HDR_LEN),
             metrics,
             next_expiry: Instant::now() + EXPIRY_TICK,
-        }
+        })
+    }
+
+    /// The addresses the gateway answers on (its smoltcp interface's).
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        self.iface
+            .ip_addrs()
+            .iter()
+            .map(|cidr| IpAddr::from(cidr.address()))
+            .collect()
     }
 
     /// Applies the feature bits the driver acked.
@@ -433,4 +461,40 @@ fn own_networks(config: &Config) -> Vec<(IpAddr, u8)> {
 fn seed() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_holds_every_gateway_address() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let config = Config::embedded();
+        let shared = Shared {
+            policy: Arc::new(config.policy()),
+            config: Arc::new(config.clone()),
+            metrics: Arc::default(),
+            tls: None,
+            publisher: None,
+            icmp_available: false,
+        };
+        let host = Host {
+            runtime: runtime.handle().clone(),
+            wake: Arc::new(crate::proxy::Wake::new().unwrap()),
+            upstream: Arc::new(crate::proxy::Direct),
+        };
+        let engine = Engine::new(&shared, host).unwrap();
+        let held = engine.addresses();
+        let net = &config.network;
+        for want in [
+            IpAddr::V4(net.ipv4_gateway),
+            IpAddr::V6(net.ipv6_gateway),
+            IpAddr::V6(GATEWAY_LINK_LOCAL),
+        ] {
+            assert!(held.contains(&want), "{want} missing from {held:?}");
+        }
+    }
 }

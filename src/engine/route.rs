@@ -14,6 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use super::classify::{Kind, Own};
 use super::police::{Facts, Verdict};
 use crate::metrics::Counter;
+use crate::policy::addr::{forms, reaches_local_host};
 use crate::wellknown::{DNS_PORT, ENCRYPTED_DNS_PORT};
 
 /// What does not change between frames.
@@ -79,13 +80,11 @@ pub enum Route {
 /// Where traffic the guest sends to `dst` really goes, or None when
 /// nowhere: the gateway's addresses map to the host's loopback (same port)
 /// only when allowed, and that mapping is the only way there — a loopback
-/// or unspecified destination (IPv4-mapped too) goes nowhere, whatever the
-/// policy says; so do multicast, broadcast and port 0.
+/// or "this host" destination in any form (IPv4-mapped, NAT64, 6to4, ...)
+/// goes nowhere, whatever the policy says; so do multicast, broadcast and
+/// port 0.
 pub fn upstream(dst: SocketAddr, own: &Own, allow_host_loopback: bool) -> Option<SocketAddr> {
-    let ip = match dst.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(dst.ip(), IpAddr::V4),
-        v4 => v4,
-    };
+    let ip = dst.ip();
     if own.is_own(ip) {
         let loopback = if ip.is_ipv4() {
             IpAddr::V4(Ipv4Addr::LOCALHOST)
@@ -94,9 +93,11 @@ pub fn upstream(dst: SocketAddr, own: &Own, allow_host_loopback: bool) -> Option
         };
         return allow_host_loopback.then_some(SocketAddr::new(loopback, dst.port()));
     }
-    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
-    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || broadcast || dst.port() == 0
-    {
+    let nowhere = forms(ip).as_slice().iter().any(|form| {
+        let broadcast = matches!(form, IpAddr::V4(v4) if v4.is_broadcast());
+        form.is_multicast() || broadcast
+    });
+    if nowhere || reaches_local_host(ip) || dst.port() == 0 {
         return None;
     }
     Some(dst)
@@ -214,6 +215,34 @@ mod tests {
                 want.map(addr),
                 "{dst} {allow}"
             );
+        }
+    }
+
+    proptest::proptest! {
+        /// The gateway mapping is the only way to the host's loopback: any
+        /// destination that is not the gateway's and would reach the local
+        /// host, in any encoding, goes nowhere.
+        #[test]
+        fn only_the_gateway_reaches_loopback(bits in proptest::prelude::any::<u128>(), v4 in proptest::prelude::any::<u32>(), pick in 0u8..6, port in 1u16..) {
+            let local = [Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::from(0x7f00_0000 | (v4 & 0xff_ffff)), Ipv4Addr::from(v4 & 0xff_ffff)];
+            let a = local[usize::from(pick) % local.len()];
+            let a32 = u128::from(u32::from(a));
+            let encoded = [
+                IpAddr::V4(a),
+                IpAddr::V6(a.to_ipv6_mapped()),
+                IpAddr::V6(Ipv6Addr::from(a32)),
+                IpAddr::V6(Ipv6Addr::from((0x0064_ff9b_u128 << 96) | a32)),
+                IpAddr::V6(Ipv6Addr::from((0x2002_u128 << 112) | (a32 << 80) | (bits & 0xffff_ffff_ffff_ffff_ffff))),
+                IpAddr::V6(Ipv6Addr::from((0x2001_0000_u128 << 96) | ((bits >> 64) & (0xffff_ffff_u128 << 64)) | u128::from(!u32::from(a)))),
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            ];
+            for allow in [false, true] {
+                for ip in encoded {
+                    let dst = SocketAddr::new(ip, port);
+                    proptest::prop_assert_eq!(upstream(dst, &own(), allow), None, "{}", dst);
+                }
+            }
         }
     }
 

@@ -6,10 +6,13 @@
 //! and pass them in. Parsing of the TOML model is in `rule`.
 #![forbid(unsafe_code)]
 
+pub mod addr;
 pub mod judge;
 pub mod rule;
 
+use std::collections::HashSet;
 use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
 
 pub use crate::names::NameSource;
 pub use judge::{Claim, Denied, Query, Verdict};
@@ -42,37 +45,120 @@ pub struct Decision {
 pub struct Policy {
     rules: Vec<Rule>,
     default: Action,
-    /// The gateway's own addresses: the `host` group.
-    own: Vec<IpAddr>,
+    /// The `host` group: the gateway's addresses and the host's own.
+    host: Arc<HostSet>,
 }
 
-impl Policy {
-    /// A policy over `rules`, then `default`; `own` are the gateway's
-    /// addresses (group `host`).
-    pub fn new(rules: Vec<Rule>, default: Action, own: Vec<IpAddr>) -> Self {
+/// The addresses that are the daemon's host, the policy's `host` group:
+/// the gateway's own (fixed) and every address of the host's (the
+/// daemon's namespace's) interfaces, replaced whenever they change
+/// (`proxy::hostaddrs` watches them), plus the unspecified "this host"
+/// addresses of the special-purpose table.
+#[derive(Debug, Default)]
+pub struct HostSet {
+    gateway: Vec<IpAddr>,
+    live: RwLock<Arc<HashSet<IpAddr>>>,
+}
+
+impl HostSet {
+    /// A set holding the gateway's addresses and, so far, nothing else.
+    pub fn new(gateway: Vec<IpAddr>) -> Self {
         Self {
-            rules,
-            default,
-            own,
+            gateway,
+            live: RwLock::default(),
         }
     }
 
-    /// Decides one flow.
+    /// Replaces the host's interface addresses.
+    pub fn replace(&self, addresses: HashSet<IpAddr>) {
+        let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
+        *live = Arc::new(addresses);
+    }
+
+    /// Whether `ip` (one form, see [`addr::forms`]) is the host's.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.gateway.contains(&ip)
+            || self
+                .live
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&ip)
+    }
+
+    /// The host's interface addresses now.
+    pub fn live(&self) -> Arc<HashSet<IpAddr>> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Policy {
+    /// A policy over `rules`, then `default`; `gateway` are the gateway's
+    /// addresses (the fixed part of group `host`).
+    pub fn new(rules: Vec<Rule>, default: Action, gateway: Vec<IpAddr>) -> Self {
+        Self {
+            rules,
+            default,
+            host: Arc::new(HostSet::new(gateway)),
+        }
+    }
+
+    /// The rule numbered `n` (1-based).
+    pub fn rule(&self, n: usize) -> Option<&Rule> {
+        self.rules.get(n.checked_sub(1)?)
+    }
+
+    /// The action when no rule matches.
+    pub fn default_action(&self) -> Action {
+        self.default
+    }
+
+    /// The `host` group, for the watcher that keeps it current.
+    pub fn host_set(&self) -> &Arc<HostSet> {
+        &self.host
+    }
+
+    /// The group `form` (one form of an address) is in.
+    pub fn group_of(&self, form: IpAddr) -> Group {
+        Group::of(form, &self.host)
+    }
+
+    /// Decides one flow. Every form of the destination (an IPv6 address
+    /// may carry IPv4 ones, [`addr::forms`]) is decided on its own and the
+    /// flow is allowed only when all are: the first deny, else the first
+    /// form's allow.
     pub fn decide(&self, flow: &Flow<'_>) -> Decision {
-        let dst = canonical(flow.dst);
-        for (i, rule) in self.rules.iter().enumerate() {
-            if rule.matches(
-                dst,
-                flow.proto,
-                flow.port,
-                flow.name.map(|(n, _)| n),
-                &self.own,
-            ) {
-                return Decision {
-                    action: rule.action,
-                    rule: Some(i + 1),
-                };
+        let forms = addr::forms(flow.dst);
+        let mut first = None;
+        for &form in forms.as_slice() {
+            let decision = self.decide_form(flow, form);
+            if decision.action == Action::Deny {
+                return decision;
             }
+            first.get_or_insert(decision);
+        }
+        first.unwrap_or(Decision {
+            action: self.default,
+            rule: None,
+        })
+    }
+
+    /// First match for one form. A form that is the host's is opened only
+    /// by `group:host`, `group:any` or the default: a prefix or another
+    /// group that happens to hold it does not allow it.
+    fn decide_form(&self, flow: &Flow<'_>, form: IpAddr) -> Decision {
+        let is_host = self.host.contains(form) || self.group_of(form) == Group::Host;
+        let name = flow.name.map(|(n, _)| n);
+        for (i, rule) in self.rules.iter().enumerate() {
+            if !rule.matches((flow.dst, form), flow.proto, flow.port, name, &self.host) {
+                continue;
+            }
+            if is_host && rule.action == Action::Allow && !rule.destination.opens_host() {
+                continue;
+            }
+            return Decision {
+                action: rule.action,
+                rule: Some(i + 1),
+            };
         }
         Decision {
             action: self.default,
@@ -96,17 +182,42 @@ impl Policy {
         })
     }
 
-    /// For a DNS query for `name`: the first rule naming a domain that
-    /// covers it decides; a deny is answered like a blocked name.
-    pub fn name_denied(&self, name: &str) -> Option<usize> {
+    /// Whether a DNS query for `name` may be forwarded. The first name
+    /// rule covering `name` decides (a deny is answered like a blocked
+    /// name). With no name rule for it, the query goes on only when some
+    /// flow could still be allowed without one: an address or group allow
+    /// rule, or an allowing default; a deny of every destination
+    /// (`group:any`, all protocols and ports) or a denying default blocks
+    /// it. So under a default-deny allow-list of names, a name no allow rule
+    /// covers is answered locally as blocked, for every query type — never
+    /// a DNS tunnel out of a sandbox that can reach nothing else.
+    pub fn query(&self, name: &str) -> Decision {
+        let decision = |i: usize, rule: &Rule| Decision {
+            action: rule.action,
+            rule: Some(i + 1),
+        };
         for (i, rule) in self.rules.iter().enumerate() {
             if let Destination::Name(pattern) = &rule.destination
                 && pattern.matches(name)
             {
-                return (rule.action == Action::Deny).then_some(i + 1);
+                return decision(i, rule);
             }
         }
-        None
+        for (i, rule) in self.rules.iter().enumerate() {
+            let total_deny = rule.destination == Destination::Group(Group::Any)
+                && rule.protos.is_empty()
+                && rule.ports.is_empty();
+            match &rule.destination {
+                Destination::Name(_) => {}
+                _ if rule.action == Action::Allow => return decision(i, rule),
+                _ if total_deny => return decision(i, rule),
+                _ => {}
+            }
+        }
+        Decision {
+            action: self.default,
+            rule: None,
+        }
     }
 
     /// Rules that can never decide because an earlier rule always matches
@@ -119,14 +230,6 @@ impl Policy {
             }
         }
         out
-    }
-}
-
-/// IPv4-mapped IPv6 addresses are decided as the IPv4 address they carry.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
     }
 }
 

@@ -83,7 +83,8 @@ pub struct Rule {
     pub ports: Vec<(u16, u16)>,
 }
 
-use crate::wellknown::{METADATA_V4, METADATA_V6};
+use super::HostSet;
+use super::addr::special_group;
 
 impl Group {
     /// The groups no public name should resolve into and no public flow
@@ -110,31 +111,32 @@ impl Group {
         })
     }
 
-    /// Whether `ip` is in the group (`own`: the gateway's addresses).
-    pub fn contains(self, ip: IpAddr, own: &[IpAddr]) -> bool {
+    /// The group's name in rules (`group:NAME`).
+    pub fn as_str(self) -> &'static str {
         match self {
-            Group::Host => own.contains(&ip),
-            Group::Loopback => ip.is_loopback(),
-            Group::Private => match ip {
-                IpAddr::V4(v4) => {
-                    let [a, b, ..] = v4.octets();
-                    v4.is_private() || (a == 100 && (64..128).contains(&b))
-                }
-                IpAddr::V6(v6) => v6.segments()[0] & 0xfe00 == 0xfc00 && v6 != METADATA_V6,
-            },
-            Group::LinkLocal => match ip {
-                IpAddr::V4(v4) => v4.is_link_local() && v4 != METADATA_V4,
-                IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
-            },
-            Group::Metadata => ip == IpAddr::V4(METADATA_V4) || ip == IpAddr::V6(METADATA_V6),
-            Group::Multicast => ip.is_multicast(),
-            Group::Public => {
-                !Group::Host.contains(ip, own)
-                    && !Group::INTERNAL.iter().any(|g| g.contains(ip, own))
-                    && !ip.is_unspecified()
-            }
-            Group::Any => true,
+            Group::Host => "host",
+            Group::Loopback => "loopback",
+            Group::Private => "private",
+            Group::LinkLocal => "link-local",
+            Group::Metadata => "metadata",
+            Group::Multicast => "multicast",
+            Group::Public => "public",
+            Group::Any => "any",
         }
+    }
+
+    /// The group of one address form (see [`super::addr::forms`]): the
+    /// host's when `host` holds it, else its special-purpose range's.
+    pub fn of(form: IpAddr, host: &HostSet) -> Group {
+        if host.contains(form) {
+            return Group::Host;
+        }
+        special_group(form).0
+    }
+
+    /// Whether one address form is in the group.
+    pub fn contains(self, form: IpAddr, host: &HostSet) -> bool {
+        self == Group::Any || Group::of(form, host) == self
     }
 }
 
@@ -187,12 +189,24 @@ impl Destination {
             .map_err(|e| format!("{s:?}: {e}"))
     }
 
-    fn matches(&self, ip: IpAddr, name: Option<&str>, own: &[IpAddr]) -> bool {
+    /// Whether the destination covers `form` of the address `dst` the
+    /// guest used: a prefix covers either, a group the form (what traffic
+    /// reaches), a name the flow's name.
+    fn matches(&self, dst: IpAddr, form: IpAddr, name: Option<&str>, host: &HostSet) -> bool {
         match self {
-            Destination::Cidr(net, len) => in_prefix(ip, *net, *len),
-            Destination::Group(g) => g.contains(ip, own),
+            Destination::Cidr(net, len) => {
+                in_prefix(dst, *net, *len) || in_prefix(form, *net, *len)
+            }
+            Destination::Group(g) => g.contains(form, host),
             Destination::Name(pattern) => name.is_some_and(|n| pattern.matches(n)),
         }
+    }
+
+    /// Whether this destination may open the host's own addresses: only
+    /// `group:host` and `group:any` do; a prefix, a name or another group
+    /// that happens to hold a host address never allows it.
+    pub fn opens_host(&self) -> bool {
+        matches!(self, Destination::Group(Group::Host | Group::Any))
     }
 }
 
@@ -214,19 +228,17 @@ pub fn parse_ports(spec: &str) -> Result<(u16, u16), String> {
 }
 
 impl Rule {
-    /// Whether the rule applies.
+    /// Whether the rule applies to `form` of destination `dst` (see
+    /// `Destination::matches`).
     pub fn matches(
         &self,
-        ip: IpAddr,
+        (dst, form): (IpAddr, IpAddr),
         proto: Proto,
         port: Option<u16>,
         name: Option<&str>,
-        own: &[IpAddr],
+        host: &HostSet,
     ) -> bool {
-        (self.protos.is_empty() || self.protos.contains(&proto))
-            && (self.ports.is_empty()
-                || port.is_some_and(|p| self.ports.iter().any(|(lo, hi)| (*lo..=*hi).contains(&p))))
-            && self.destination.matches(ip, name, own)
+        self.matches_transport(proto, port) && self.destination.matches(dst, form, name, host)
     }
 
     /// Whether the rule's protocols and ports admit this flow.
@@ -257,5 +269,44 @@ impl Rule {
                     .iter()
                     .all(|(l, h)| self.ports.iter().any(|(sl, sh)| sl <= l && h <= sh)));
         dest && protos && ports
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Cidr(net, len) => write!(f, "{net}/{len}"),
+            Destination::Name(pattern) => write!(f, "{pattern}"),
+            Destination::Group(g) => write!(f, "group:{}", g.as_str()),
+        }
+    }
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let action = match self.action {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        };
+        write!(f, "{action} {}", self.destination)?;
+        if !self.protos.is_empty() {
+            let protos: Vec<&str> = self.protos.iter().map(|p| p.as_str()).collect();
+            write!(f, " {}", protos.join(","))?;
+        }
+        if !self.ports.is_empty() {
+            let ports: Vec<String> = self
+                .ports
+                .iter()
+                .map(|(lo, hi)| {
+                    if lo == hi {
+                        lo.to_string()
+                    } else {
+                        format!("{lo}-{hi}")
+                    }
+                })
+                .collect();
+            write!(f, " port {}", ports.join(","))?;
+        }
+        Ok(())
     }
 }

@@ -45,7 +45,20 @@ fn default_preset_public_only() {
         // IPv4-mapped IPv6 is decided as the IPv4 address.
         ("::ffff:10.0.0.1", DENY, Some(4)),
         ("::ffff:192.0.2.10", ALLOW, Some(7)),
-        ("0.0.0.0", DENY, None),
+        ("0.0.0.0", DENY, Some(2)),
+        ("::ffff:0.0.0.0", DENY, Some(2)),
+        ("::", DENY, Some(2)),
+        ("192.0.0.9", DENY, Some(4)),
+        ("198.18.0.1", DENY, Some(4)),
+        ("240.0.0.1", DENY, Some(4)),
+        ("255.255.255.255", DENY, Some(6)),
+        ("64:ff9b::a9fe:a9fe", DENY, Some(1)),
+        ("64:ff9b:1::a00:1", DENY, Some(4)),
+        ("::169.254.169.254", DENY, Some(1)),
+        ("2002:7f00:1::", DENY, Some(3)),
+        ("2001:0:c000:201::f5ff:fffe", DENY, Some(4)),
+        ("64:ff9b::c000:20a", ALLOW, Some(7)),
+        ("2002:c000:20a::", ALLOW, Some(7)),
     ];
     for (dst, action, rule) in cases {
         let d = decide(&p, dst, Proto::Tcp, Some(443), None);
@@ -140,7 +153,8 @@ protocols = ["icmp"]
             "{dst} {proto:?} {port:?} {name:?}"
         );
     }
-    assert_eq!(p.name_denied("www.example.com"), None);
+    // A CIDR allow comes first: the name may resolve into it.
+    assert_eq!(p.query("www.example.com").action, ALLOW);
 }
 
 #[test]
@@ -156,14 +170,44 @@ action = "allow"
 destination = "ok.tracker.test"
 "#,
     );
-    assert_eq!(p.name_denied("a.tracker.test"), Some(1));
-    assert_eq!(
-        p.name_denied("ok.tracker.test"),
-        Some(1),
-        "first match wins"
+    let q = |name| {
+        let d = p.query(name);
+        (d.action, d.rule)
+    };
+    assert_eq!(q("a.tracker.test"), (DENY, Some(1)));
+    assert_eq!(q("ok.tracker.test"), (DENY, Some(1)), "first match wins");
+    // Not covered by a name rule: the preset's allow of public addresses
+    // (rule 9) means some flow could go; forwarded.
+    assert_eq!(q("tracker.test"), (ALLOW, Some(9)));
+    assert_eq!(q("other.test"), (ALLOW, Some(9)));
+}
+
+#[test]
+fn dns_names_under_a_default_deny_allow_list_are_never_forwarded() {
+    let names = policy(
+        "[policy]\npreset = \"none\"\n[[policy.rule]]\naction = \"allow\"\ndestination = \"*.ok.test\"\n",
     );
-    assert_eq!(p.name_denied("tracker.test"), None);
-    assert_eq!(p.name_denied("other.test"), None);
+    let q = |p: &Policy, name| {
+        let d = p.query(name);
+        (d.action, d.rule)
+    };
+    assert_eq!(q(&names, "www.ok.test"), (ALLOW, Some(1)));
+    for name in [
+        "evil.test",
+        "ok.test",
+        "a.b.evil.test",
+        "1.0.0.10.in-addr.arpa",
+    ] {
+        assert_eq!(q(&names, name), (DENY, None), "{name}");
+    }
+    // Everything denied up front: nothing is forwarded either.
+    let closed = policy(
+        "[policy]\npreset = \"allow-all\"\n[[policy.rule]]\naction = \"deny\"\ndestination = \"group:any\"\n",
+    );
+    assert_eq!(q(&closed, "www.ok.test"), (DENY, Some(1)));
+    // allow-all forwards everything.
+    let open = policy("[policy]\npreset = \"allow-all\"\n");
+    assert_eq!(q(&open, "anything.test"), (ALLOW, None));
 }
 
 #[test]
@@ -265,4 +309,168 @@ ports = [443]
         !policy("").needs_name(&flow("192.0.2.1", 443)),
         "no domain rules"
     );
+}
+
+mod encodings {
+    //! Every encoding of an IPv4 address inside IPv6 is decided as the
+    //! address it carries, under several policies, with the host's own
+    //! addresses in the host group.
+    use super::*;
+    use crate::policy::addr::SPECIAL;
+    use proptest::prelude::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn policies() -> Vec<(&'static str, Policy)> {
+        let list = vec![
+            ("public-only", policy("")),
+            (
+                "operator rules",
+                policy(
+                    "[[policy.rule]]\naction = \"allow\"\ndestination = \"10.1.2.3\"\n\
+                     [[policy.rule]]\naction = \"deny\"\ndestination = \"192.0.2.0/25\"\n",
+                ),
+            ),
+            ("allow-all", policy("[policy]\npreset = \"allow-all\"\n")),
+            (
+                "host allowed",
+                policy("[[policy.rule]]\naction = \"allow\"\ndestination = \"group:host\"\n"),
+            ),
+        ];
+        for (_, p) in &list {
+            p.host_set().replace(
+                [
+                    "198.51.100.2".parse().unwrap(),
+                    "203.0.113.7".parse().unwrap(),
+                    "2001:db8:ff::2".parse().unwrap(),
+                ]
+                .into(),
+            );
+        }
+        list
+    }
+
+    /// Addresses from every special-purpose IPv4 range, the host's own,
+    /// and anything at all.
+    fn address() -> impl Strategy<Value = Ipv4Addr> {
+        let ranges: Vec<(u32, u8)> = SPECIAL
+            .iter()
+            .filter_map(|(net, len, _, _)| match net {
+                IpAddr::V4(v4) => Some((u32::from(*v4), *len)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let n = ranges.len();
+        prop_oneof![
+            any::<u32>().prop_map(Ipv4Addr::from),
+            (0..n, any::<u32>()).prop_map(move |(i, bits)| {
+                let (net, len) = ranges[i];
+                let host = bits.checked_shr(u32::from(len)).unwrap_or(0);
+                Ipv4Addr::from(net | host)
+            }),
+            prop_oneof![
+                Just(Ipv4Addr::new(203, 0, 113, 7)),
+                Just(Ipv4Addr::new(198, 51, 100, 2)),
+                Just(Ipv4Addr::new(198, 19, 0, 1)),
+                Just(Ipv4Addr::new(10, 1, 2, 3)),
+                Just(Ipv4Addr::new(169, 254, 169, 254)),
+            ],
+        ]
+    }
+
+    fn v6(bits: u128) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::from(bits))
+    }
+
+    /// Encodings that carry exactly `a`.
+    fn exact_encodings(a: Ipv4Addr, noise: u64) -> Vec<IpAddr> {
+        let a32 = u128::from(u32::from(a));
+        let noise = u128::from(noise);
+        vec![
+            IpAddr::V6(a.to_ipv6_mapped()),
+            v6((0xffff_u128 << 48) | a32),
+            v6(a32),
+            v6((0x0064_ff9b_u128 << 96) | a32),
+            // Local-use NAT64 in the /96 layout, u octet set so no shorter
+            // layout applies.
+            v6((0x0064_ff9b_0001_u128 << 80)
+                | (0xff_u128 << 56)
+                | ((noise & 0xff_ffff) << 32)
+                | a32),
+            // 6to4, any subnet and interface id.
+            v6((0x2002_u128 << 112) | (a32 << 80) | (noise & 0xffff_ffff_ffff_ffff_ffff)),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_encoding_is_decided_as_what_it_carries(
+            a in address(),
+            noise in any::<u64>(),
+            server in any::<u32>(),
+        ) {
+            for (label, p) in policies() {
+                let decide = |ip: IpAddr| decide(&p, &ip.to_string(), Proto::Tcp, Some(443), None).action;
+                let want = decide(IpAddr::V4(a));
+                for e in exact_encodings(a, noise) {
+                    prop_assert_eq!(decide(e), want, "{} {} as {}", label, a, e);
+                }
+                // Teredo: the client's address inverted; a server the policy
+                // allows leaves the client to decide.
+                let server = Ipv4Addr::from(server);
+                let teredo = v6((0x2001_0000_u128 << 96)
+                    | (u128::from(u32::from(server)) << 64)
+                    | u128::from(!u32::from(a)));
+                let server_allowed = decide(IpAddr::V4(server)) == Action::Allow;
+                if server_allowed {
+                    prop_assert_eq!(decide(teredo), want, "{} {} as {}", label, a, teredo);
+                } else {
+                    prop_assert_eq!(decide(teredo), Action::Deny);
+                }
+                // Local-use NAT64 in its shorter layouts: never cheaper.
+                let [b0, b1, b2, b3] = a.octets();
+                let layout48 = v6((0x0064_ff9b_0001_u128 << 80)
+                    | (u128::from(b0) << 72) | (u128::from(b1) << 64)
+                    | (u128::from(b2) << 48) | (u128::from(b3) << 40));
+                if want == Action::Deny {
+                    prop_assert_eq!(decide(layout48), Action::Deny, "{} {} as {}", label, a, layout48);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn host_addresses_only_through_the_host_group() {
+        let ps = policies();
+        let decide_in = |name: &str, dst: &str| {
+            let (_, p) = ps.iter().find(|(n, _)| *n == name).unwrap();
+            decide(p, dst, Proto::Tcp, Some(22), None).action
+        };
+        for dst in [
+            "203.0.113.7",
+            "::ffff:203.0.113.7",
+            "2001:db8:ff::2",
+            "198.51.100.2",
+        ] {
+            assert_eq!(decide_in("public-only", dst), DENY, "{dst}");
+            assert_eq!(decide_in("host allowed", dst), ALLOW, "{dst}");
+        }
+        // An operator prefix that holds a host address does not open it.
+        let p = policy("[[policy.rule]]\naction = \"allow\"\ndestination = \"203.0.113.0/24\"\n");
+        p.host_set()
+            .replace(["203.0.113.7".parse().unwrap()].into());
+        assert_eq!(
+            decide(&p, "203.0.113.8", Proto::Tcp, Some(22), None).action,
+            ALLOW
+        );
+        assert_eq!(
+            decide(&p, "203.0.113.7", Proto::Tcp, Some(22), None).action,
+            DENY
+        );
+        // Addresses come and go.
+        p.host_set().replace(Default::default());
+        assert_eq!(
+            decide(&p, "203.0.113.7", Proto::Tcp, Some(22), None).action,
+            ALLOW
+        );
+    }
 }

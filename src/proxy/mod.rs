@@ -9,6 +9,7 @@
 //! backpressure reaches the guest's TCP window or the host socket. Tasks never
 //! touch smoltcp.
 
+pub mod hostaddrs;
 pub mod icmp;
 pub mod publish;
 pub mod stream;

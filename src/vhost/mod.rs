@@ -56,6 +56,9 @@ pub enum Error {
     /// eventfd or timerfd creation failed.
     #[error("cannot create event descriptors")]
     CreateEvents(#[source] io::Error),
+    /// The engine could not be built.
+    #[error("cannot build the engine")]
+    Engine(#[source] crate::engine::Error),
     /// Adding the timer or wake eventfd to a worker's epoll set failed.
     #[error("cannot register the engine's timer and wake events")]
     RegisterEvents(#[source] io::Error),
@@ -84,7 +87,7 @@ impl NetBackend {
             wake: Arc::new(Wake::new().map_err(Error::CreateEvents)?),
             upstream: Arc::new(Direct),
         };
-        let engine = Engine::new(&shared, host);
+        let engine = Engine::new(&shared, host).map_err(Error::Engine)?;
         Ok(Self {
             shared,
             state: Mutex::new(State {
@@ -186,7 +189,12 @@ impl VhostUserBackend for NetBackend {
         let mut state = self.lock();
         // The same host side: its wake eventfd is in the worker's epoll set.
         let host = state.engine.host();
-        state.engine = Engine::new(&self.shared, host);
+        match Engine::new(&self.shared, host) {
+            Ok(engine) => state.engine = engine,
+            // It was built from the same parts at connection time, so this
+            // does not happen; if it did, the old state is all there is.
+            Err(e) => tracing::error!(error = %e, "device reset failed; guest state kept"),
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {

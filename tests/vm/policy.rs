@@ -197,6 +197,12 @@ preset = "none"
 [[policy.rule]]
 action = "allow"
 destination = "*.allowed.test"
+
+[[policy.rule]]
+action = "allow"
+destination = "www.other.test"
+protocols = ["tcp"]
+ports = [443]
 "#;
     let daemon = Daemon::start_args(&ns, Some(config), &["--log-format", "json"]);
     // First with no DNS answer for the addresses (names from the flows'
@@ -252,7 +258,8 @@ echo VG-END
     assert!(served("by-name-v6"), "{console}");
     assert!(served("bare-ip-pinned-v6"), "{console}");
     assert!(!served("host-other-v6"), "{console}");
-    // A pinned but denied address is refused at the SYN, both families.
+    // A pinned address whose name the policy allows only on another port
+    // is refused at the SYN, both families.
     for addr in ["[2001:db8::20]:7", "192.0.2.20:7"] {
         let line = line_after(&console, &format!("VG-CONNECT {addr} ")).unwrap_or("");
         assert!(line.contains("result=refused"), "{addr}: {console}");
