@@ -37,6 +37,9 @@ pub enum Reason {
     /// The flow's SNI/Host, with no DNS answer behind the address, does not
     /// resolve to it.
     NameNotResolving,
+    /// The flow needed a name and its bytes hide or double it (TLS a
+    /// server would reject, ECH, two Hosts, an unparseable request...).
+    NameUnreadable,
 }
 
 impl Reason {
@@ -46,6 +49,7 @@ impl Reason {
             Reason::Policy => "policy",
             Reason::NameNotPinned => "name-not-pinned",
             Reason::NameNotResolving => "name-not-resolving",
+            Reason::NameUnreadable => "name-unreadable",
         }
     }
 }

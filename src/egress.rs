@@ -150,3 +150,162 @@ impl Target {
         result
     }
 }
+
+/// Follows a flow's guest bytes for a task (the first-bytes service, the
+/// inside of TLS interception): every name they carry — the first bytes',
+/// then each HTTP request head's — is decided through the [`Target`]
+/// before the bytes go on; bytes of an incomplete head are held back.
+pub struct Inspector {
+    target: Target,
+    held: crate::sniff::Held,
+    /// The flow was named already (its TLS SNI): what names nothing inside
+    /// keeps that decision.
+    named: bool,
+}
+
+/// A flow the inspector refused: why, and the name it refused (for a 403
+/// that says so).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The rule and reason.
+    pub denied: Denied,
+    /// The name refused, when there was one.
+    pub name: Option<String>,
+}
+
+impl Inspector {
+    /// An inspector for a flow whose bytes start now.
+    pub fn new(target: Target) -> Self {
+        Self {
+            target,
+            held: crate::sniff::Held::new(),
+            named: false,
+        }
+    }
+
+    /// An inspector for the inside of a flow its TLS SNI already named and
+    /// the policy allowed: each request's host is decided, and what names
+    /// nothing keeps the SNI's decision.
+    pub fn inside_named(target: Target) -> Self {
+        Self {
+            named: true,
+            ..Self::new(target)
+        }
+    }
+
+    /// Whether the first bytes are still awaited.
+    pub fn is_starting(&self) -> bool {
+        self.held.is_starting()
+    }
+
+    /// Bytes held back so far.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Takes the guest's next bytes (`fin`: its FIN follows them); returns
+    /// what may go to the server now (possibly nothing yet), or the refusal
+    /// (counted and audited).
+    pub async fn pass(&mut self, data: &[u8], fin: bool) -> Result<Vec<u8>, Refusal> {
+        use crate::sniff::Step;
+        match self.held.push(data, fin) {
+            Step::Wait => return Ok(Vec::new()),
+            Step::Unreadable(_) => {
+                let denied = (None, Reason::NameUnreadable);
+                let (ip, port) = (self.target.dst.ip(), Some(self.target.dst.port()));
+                self.target.egress.deny(Proto::Tcp, ip, port, None, denied);
+                return Err(Refusal { denied, name: None });
+            }
+            Step::Names(names) => {
+                for (name, source) in names {
+                    let claim = match &name {
+                        Some(n) => Claim::Named(n, source),
+                        None if self.named => continue,
+                        None => Claim::Unnamed,
+                    };
+                    if let Err(denied) = self.target.decide(claim).await {
+                        return Err(Refusal { denied, name });
+                    }
+                    self.target.egress.allowed();
+                }
+            }
+        }
+        Ok(self.held.release())
+    }
+
+    /// Gives up waiting for the first bytes (a timeout with nothing sent):
+    /// the flow is decided as unnamed for now; what the guest sends later is
+    /// still read from its start.
+    pub async fn decide_unnamed(&self) -> Result<(), Denied> {
+        let result = self.target.decide(Claim::Unnamed).await;
+        if result.is_ok() {
+            self.target.egress.allowed();
+        }
+        result
+    }
+
+    /// The flow's target.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+}
+
+impl crate::proxy::tcp::Inspect for Inspector {
+    fn pass<'a>(
+        &'a mut self,
+        data: &'a [u8],
+        fin: bool,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Option<Vec<u8>>> + Send + 'a>> {
+        Box::pin(async move { Inspector::pass(self, data, fin).await.ok() })
+    }
+}
+
+/// Relays a flow between the guest and the server both ways, the guest's
+/// bytes through `inspector` first; ends when both directions have; a
+/// refusal stops both at once and is returned (the caller answers it).
+pub async fn relay_inspected<G, S>(
+    guest: &mut G,
+    server: &mut S,
+    inspector: &mut Inspector,
+) -> Result<(), Refusal>
+where
+    G: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut from_guest, mut to_guest) = tokio::io::split(guest);
+    let (mut from_server, mut to_server) = tokio::io::split(server);
+    let up = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            // A read error ends the guest's side like an EOF would.
+            let n = from_guest.read(&mut buf).await.unwrap_or(0);
+            let fin = n == 0;
+            let cleared = inspector
+                .pass(buf.get(..n).unwrap_or_default(), fin)
+                .await?;
+            if to_server.write_all(&cleared).await.is_err() {
+                return Ok(());
+            }
+            if fin {
+                // The server may already be gone; nothing to tell it then.
+                let _ = to_server.shutdown().await;
+                return Ok(());
+            }
+        }
+    };
+    let down = async {
+        // Errors end the copy; the other direction ends on its own.
+        let _ = tokio::io::copy(&mut from_server, &mut to_guest).await;
+        let _ = to_guest.shutdown().await;
+    };
+    tokio::pin!(up, down);
+    tokio::select! {
+        result = &mut up => {
+            result?;
+            down.await;
+            Ok(())
+        }
+        () = &mut down => up.await,
+    }
+}

@@ -188,16 +188,34 @@ pub fn frame(data: &[u8]) {
     }
 }
 
-/// A flow's first bytes through the name sniffers, as the gate and the
-/// first-bytes service read them (finished or not). A name found is never
-/// an address literal.
+/// A flow's first bytes through the name readers, as the gate and the
+/// first-bytes service read them: whole, finished or not, and as a stream
+/// in two pieces split where the input's first byte says. A name found
+/// passes the host-name grammar and is never an address literal.
 pub fn first_bytes(data: &[u8]) {
-    use crate::sniff::{FirstName, client_hello_sni, first_name, http_host};
-    let _ = client_hello_sni(data);
-    let _ = http_host(data);
+    use crate::sniff::{FirstName, Step, Stream, first_name, http, tls};
+    let check = |name: &str| {
+        assert!(crate::names::check(name).is_ok(), "{name:?}");
+        assert!(name.parse::<IpAddr>().is_err(), "{name:?}");
+    };
+    let _ = tls::client_hello(data);
+    let _ = http::head(data);
     for finished in [false, true] {
         if let FirstName::Named(name, _) = first_name(data, finished) {
-            assert!(name.parse::<IpAddr>().is_err(), "{name:?}");
+            check(&name);
+        }
+    }
+    let split = data.first().map_or(0, |b| usize::from(*b)).min(data.len());
+    let (a, b) = data.split_at(split);
+    let mut stream = Stream::new();
+    let mut steps = vec![stream.feed(a, false)];
+    let next = if stream.is_starting() { data } else { b };
+    steps.push(stream.feed(next, true));
+    for step in steps {
+        if let Step::Names(names) = step {
+            for name in names.into_iter().filter_map(|(n, _)| n) {
+                check(&name);
+            }
         }
     }
 }

@@ -147,7 +147,8 @@ impl Gateway {
                             Verdict::Peek(names) => names,
                             _ => Vec::new(),
                         };
-                        let gate = gate::Gate::new(names, self.services.egress().clone());
+                        let egress = self.services.egress().clone();
+                        let gate = gate::Gate::new(names, egress, *dst);
                         (tcp::Opener::Dial(up), Some(gate))
                     }
                     Open::FirstBytes(up) => (

@@ -1,10 +1,15 @@
 //! The name gate of a TCP flow to an address the guest was given by our
 //! DNS, when the policy has a domain rule that another name could turn:
 //! the flow is dialled and accepted as usual, but the guest's first bytes
-//! stay in the engine until they name the flow (TLS SNI, HTTP Host) or show
+//! stay in the engine until they name the flow (TLS SNI, HTTP host) or show
 //! they will not. A name must be one of the names the address was given for
 //! — no fronting an address with another name — and the policy decides on
-//! it. Without a name the pin's decision (made at the SYN) stands.
+//! it; without a name, any pin that allows the address speaks for it.
+//! Bytes that hide or double the name are refused.
+//!
+//! An HTTP connection stays gated for its whole life: every later request
+//! head (pipelined or keep-alive) is decided the same way before its bytes
+//! go to the server ([`Gate::take`]).
 //!
 //! Runs on the engine thread, synchronously: the pins and the policy are
 //! all it needs. The server may speak first: only the guest's direction
@@ -13,98 +18,156 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use smoltcp::socket::tcp;
 
+use crate::audit::Reason;
 use crate::egress::Egress;
 use crate::policy::{Claim, Proto, Query, Verdict};
-use crate::sniff::{FIRST_BYTES_LIMIT, FirstName, first_name};
+use crate::sniff::{FIRST_BYTES_LIMIT, Held, Step};
 
-/// A flow held until its first bytes are checked.
+/// A flow whose guest bytes are checked before they go on.
 pub struct Gate {
-    /// Names the destination was given for, newest first.
+    /// Names the destination was given for at the SYN, newest first.
     names: Vec<String>,
     egress: Arc<Egress>,
-    first: Vec<u8>,
+    dst: SocketAddr,
+    /// Bytes taken from the socket and not yet cleared.
+    held: Held,
 }
 
 /// What the gate says after taking the guest's latest bytes.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Not decided yet.
+    /// Nothing to pass on now.
     Wait,
-    /// Let the flow through, these bytes first.
-    Open(Vec<u8>),
+    /// These bytes are cleared: pass them on, in order.
+    Pass(Vec<u8>),
     /// Denied (counted and audited): reset the flow.
     Denied,
 }
 
 impl Gate {
-    /// A gate for a destination pinned to `names` (not empty), deciding
+    /// A gate for a flow to `dst`, pinned to `names` (not empty), deciding
     /// through `egress`.
-    pub fn new(names: Vec<String>, egress: Arc<Egress>) -> Self {
+    pub fn new(names: Vec<String>, egress: Arc<Egress>, dst: SocketAddr) -> Self {
         Self {
             names,
             egress,
-            first: Vec::new(),
+            dst,
+            held: Held::new(),
         }
     }
 
-    /// Takes what the guest sent so far (up to the limit) from `socket`.
-    pub fn feed(&mut self, socket: &mut tcp::Socket<'static>, dst: SocketAddr) -> Outcome {
-        let first = &mut self.first;
-        while socket.can_recv() && first.len() < FIRST_BYTES_LIMIT {
-            let room = FIRST_BYTES_LIMIT - first.len();
+    /// Whether the gate has nothing left to do: later bytes cannot name
+    /// anything and nothing is held (the flow may drop it).
+    pub fn is_done(&self) -> bool {
+        self.held.is_done()
+    }
+
+    /// Whether the guest's FIN may follow what was passed on: nothing is
+    /// held back.
+    pub fn may_finish(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Takes up to `budget` new bytes from `socket` and returns what is
+    /// cleared to go to the server.
+    pub fn take(&mut self, socket: &mut tcp::Socket<'static>, budget: usize) -> Outcome {
+        let limit = if self.held.is_starting() {
+            FIRST_BYTES_LIMIT
+        } else {
+            self.held.len() + budget
+        };
+        let mut fresh = Vec::new();
+        while socket.can_recv() && self.held.len() + fresh.len() < limit {
+            let room = limit - self.held.len() - fresh.len();
             let taken = socket.recv(|buf| {
                 let n = buf.len().min(room);
-                first.extend_from_slice(buf.get(..n).unwrap_or_default());
+                fresh.extend_from_slice(buf.get(..n).unwrap_or_default());
                 (n, n)
             });
             if !matches!(taken, Ok(n) if n > 0) {
                 break;
             }
         }
-        // Only the guest's FIN ends its first bytes; a socket still in its
+        // Only the guest's FIN ends its bytes; a socket still in its
         // handshake has not started them.
-        let finished = matches!(
-            socket.state(),
-            tcp::State::CloseWait
-                | tcp::State::LastAck
-                | tcp::State::Closing
-                | tcp::State::TimeWait
-        );
-        self.decide(dst, finished)
+        let finished = !socket.can_recv()
+            && matches!(
+                socket.state(),
+                tcp::State::CloseWait
+                    | tcp::State::LastAck
+                    | tcp::State::Closing
+                    | tcp::State::TimeWait
+            );
+        self.decide(&fresh, finished)
     }
 
-    fn decide(&mut self, dst: SocketAddr, finished: bool) -> Outcome {
-        let (name, source) = match first_name(&self.first, finished) {
-            FirstName::Wait => return Outcome::Wait,
-            FirstName::Unnamed => {
-                self.egress.allowed();
-                return Outcome::Open(std::mem::take(&mut self.first));
+    /// Decides `fresh` bytes (with what is held).
+    fn decide(&mut self, fresh: &[u8], finished: bool) -> Outcome {
+        let step = self.held.push(fresh, finished);
+        if !self.allows(step) {
+            return Outcome::Denied;
+        }
+        let cleared = self.held.release();
+        if cleared.is_empty() {
+            Outcome::Wait
+        } else {
+            Outcome::Pass(cleared)
+        }
+    }
+
+    /// Decides what a step of the stream calls for; audits a deny.
+    fn allows(&mut self, step: Step) -> bool {
+        let names = match step {
+            Step::Wait => return true,
+            Step::Names(names) => names,
+            Step::Unreadable(_) => {
+                let denied = (None, Reason::NameUnreadable);
+                self.egress.deny(
+                    Proto::Tcp,
+                    self.dst.ip(),
+                    Some(self.dst.port()),
+                    None,
+                    denied,
+                );
+                return false;
             }
-            FirstName::Named(name, source) => (name, source),
         };
-        let query = Query {
-            dst: dst.ip(),
-            proto: Proto::Tcp,
-            port: Some(dst.port()),
-            pinned: &self.names,
-            claim: Claim::Named(&name, source),
-        };
-        match self.egress.policy().judge(&query) {
-            // The names are pins, so nothing is left to resolve.
-            Verdict::Allow(_) | Verdict::Resolve(_) | Verdict::NeedsName => {
-                self.egress.allowed();
-                Outcome::Open(std::mem::take(&mut self.first))
-            }
-            Verdict::Deny(denied) => {
-                let (ip, port) = (dst.ip(), Some(dst.port()));
-                let named = Some((name.as_str(), source));
-                self.egress.deny(Proto::Tcp, ip, port, named, denied);
-                Outcome::Denied
+        let mut pinned = self.egress.pinned(self.dst.ip(), Instant::now());
+        for name in &self.names {
+            if !pinned.contains(name) {
+                pinned.push(name.clone());
             }
         }
+        for (name, source) in names {
+            let claim = match &name {
+                Some(n) => Claim::Named(n, source),
+                None => Claim::Unnamed,
+            };
+            let query = Query {
+                dst: self.dst.ip(),
+                proto: Proto::Tcp,
+                port: Some(self.dst.port()),
+                pinned: &pinned,
+                claim,
+            };
+            match self.egress.policy().judge(&query) {
+                // The names are pins, so nothing is left to resolve.
+                Verdict::Allow(_) | Verdict::Resolve(_) | Verdict::NeedsName => {
+                    self.egress.allowed();
+                }
+                Verdict::Deny(denied) => {
+                    let (ip, port) = (self.dst.ip(), Some(self.dst.port()));
+                    let named = name.as_deref().map(|n| (n, source));
+                    self.egress.deny(Proto::Tcp, ip, port, named, denied);
+                    return false;
+                }
+            }
+        }
+        true
     }
 }
 
@@ -112,7 +175,6 @@ impl Gate {
 mod tests {
     use super::*;
     use crate::policy::{Action, Destination, Policy, Rule};
-    use crate::sniff::client_hello;
 
     fn gate() -> Gate {
         // Allow *.ok.test, deny the rest; the address was given for
@@ -138,13 +200,12 @@ mod tests {
         Gate::new(
             vec!["www.ok.test".into(), "evil.test".into()],
             Arc::new(egress),
+            "192.0.2.10:443".parse().unwrap(),
         )
     }
 
     fn run(gate: &mut Gate, bytes: &[u8], finished: bool) -> Outcome {
-        gate.first.extend_from_slice(bytes);
-        let dst: SocketAddr = "192.0.2.10:443".parse().unwrap();
-        gate.decide(dst, finished)
+        gate.decide(bytes, finished)
     }
 
     #[test]
@@ -154,22 +215,21 @@ mod tests {
             tcp::SocketBuffer::new(vec![0; 64]),
         );
         socket.listen(443).unwrap();
-        let dst: SocketAddr = "192.0.2.10:443".parse().unwrap();
-        let outcome = gate().feed(&mut socket, dst);
+        let outcome = gate().take(&mut socket, 1024);
         assert_eq!(outcome, Outcome::Wait);
     }
 
     #[test]
     fn a_pinned_allowed_name_opens_with_its_bytes() {
-        let hello = client_hello("www.ok.test");
+        let hello = crate::sniff::tls::build_hello(Some("www.ok.test"), &[], 16_384);
         let mut g = gate();
         assert_eq!(run(&mut g, &hello[..30], false), Outcome::Wait);
-        assert_eq!(run(&mut g, &hello[30..], false), Outcome::Open(hello));
+        assert_eq!(run(&mut g, &hello[30..], false), Outcome::Pass(hello));
     }
 
     #[test]
     fn an_allowed_name_the_address_was_not_given_for_is_fronting() {
-        let hello = client_hello("api.ok.test");
+        let hello = crate::sniff::tls::build_hello(Some("api.ok.test"), &[], 16_384);
         assert_eq!(run(&mut gate(), &hello, false), Outcome::Denied);
     }
 
@@ -182,14 +242,57 @@ mod tests {
     #[test]
     fn no_name_keeps_the_pins_decision() {
         let ssh = b"SSH-2.0-probe\r\n".to_vec();
-        assert_eq!(run(&mut gate(), &ssh, false), Outcome::Open(ssh));
+        assert_eq!(run(&mut gate(), &ssh, false), Outcome::Pass(ssh));
         let ip = b"GET / HTTP/1.1\r\nHost: 192.0.2.10\r\n\r\n".to_vec();
-        assert_eq!(run(&mut gate(), &ip, false), Outcome::Open(ip));
-        // A half hello then FIN: nothing more will come.
-        let hello = client_hello("www.ok.test");
+        assert_eq!(run(&mut gate(), &ip, false), Outcome::Pass(ip));
+        // A half hello then FIN: no server reads a name from it; refused.
+        let hello = crate::sniff::tls::build_hello(Some("www.ok.test"), &[], 16_384);
+        assert_eq!(run(&mut gate(), &hello[..10], true), Outcome::Denied);
+    }
+
+    #[test]
+    fn a_hello_split_into_records_is_read_whole() {
+        let hello = crate::sniff::tls::build_hello(Some("evil.test"), &[], 7);
+        assert_eq!(run(&mut gate(), &hello, false), Outcome::Denied);
+        let hello = crate::sniff::tls::build_hello(Some("www.ok.test"), &[], 7);
+        assert_eq!(run(&mut gate(), &hello, false), Outcome::Pass(hello));
+    }
+
+    #[test]
+    fn every_request_of_a_kept_alive_connection_is_decided() {
+        let mut g = gate();
+        let first = b"GET / HTTP/1.1\r\nHost: www.ok.test\r\n\r\n".to_vec();
+        assert_eq!(run(&mut g, &first, false), Outcome::Pass(first));
+        // The next request in pieces: nothing of its head passes before it
+        // is complete and decided.
+        let next = b"\r\nget /b HTTP/1.1\nHost: www.ok.test\n\n";
+        assert_eq!(run(&mut g, &next[..10], false), Outcome::Wait);
         assert_eq!(
-            run(&mut gate(), &hello[..10], true),
-            Outcome::Open(hello[..10].to_vec())
+            run(&mut g, &next[10..], false),
+            Outcome::Pass(next.to_vec())
         );
+        let evil = b"GET /c HTTP/1.1\r\nHost: evil.test\r\n\r\n";
+        assert_eq!(run(&mut g, evil, false), Outcome::Denied);
+        // A head left incomplete at the FIN is refused, never passed.
+        let mut g = gate();
+        let first = b"GET / HTTP/1.1\r\nHost: www.ok.test\r\n\r\n".to_vec();
+        assert_eq!(run(&mut g, &first, false), Outcome::Pass(first));
+        assert_eq!(
+            run(&mut g, b"GET / HTTP/1.1\r\nHost: evil.test\r\n", false),
+            Outcome::Wait
+        );
+        assert_eq!(run(&mut g, b"", true), Outcome::Denied);
+        // Something that hides the host is refused too.
+        let mut g = gate();
+        let first = b"GET / HTTP/1.1\r\nHost: www.ok.test\r\n\r\n".to_vec();
+        assert_eq!(run(&mut g, &first, false), Outcome::Pass(first));
+        let two = b"GET / HTTP/1.1\r\nHost: www.ok.test\r\nHost: evil.test\r\n\r\n";
+        assert_eq!(run(&mut g, two, false), Outcome::Denied);
+        // A pipelined pair in one piece: the allowed head passes only with
+        // the decision on the second.
+        let mut g = gate();
+        let pair =
+            b"GET / HTTP/1.1\r\nHost: www.ok.test\r\n\r\nGET / HTTP/1.1\r\nHost: evil.test\r\n\r\n";
+        assert_eq!(run(&mut g, pair, false), Outcome::Denied);
     }
 }

@@ -284,30 +284,6 @@ impl Flows {
                 continue;
             };
             let socket = sockets.get_mut::<tcp::Socket>(handle);
-            if let Some(gate) = &mut flow.gate {
-                match gate.feed(socket, key.1) {
-                    Outcome::Wait => {}
-                    Outcome::Open(first) => {
-                        flow.gate = None;
-                        if !first.is_empty() {
-                            if let Some(direct) = &flow.channels.direct {
-                                direct.queue(first.len());
-                            }
-                            // The channel is empty: nothing went to the host yet.
-                            if flow.channels.to_host.try_send(ToHost::Data(first)).is_err() {
-                                socket.abort();
-                                flow.aborted = true;
-                            }
-                        }
-                        effects.progress = true;
-                    }
-                    Outcome::Denied => {
-                        socket.abort();
-                        flow.aborted = true;
-                        effects.progress = true;
-                    }
-                }
-            }
             if pump(flow, socket, now) {
                 effects.progress = true;
             }
@@ -413,13 +389,47 @@ fn pump(flow: &mut Flow, socket: &mut tcp::Socket<'static>, now: Instant) -> boo
         flow.fin_to_guest = true;
         moved = true;
     }
-    // Until the gate opens, the guest's bytes (and FIN) are its.
-    if flow.gate.is_some() {
-        return moved;
+    // A gated flow's bytes go through its gate first; what it clears goes
+    // through the channel, behind anything the task still writes.
+    if let Some(gate) = &mut flow.gate {
+        loop {
+            let permit = match flow.channels.to_host.try_reserve() {
+                Ok(p) => p,
+                Err(TrySendError::Full(())) => break,
+                Err(TrySendError::Closed(())) => {
+                    socket.abort();
+                    flow.aborted = true;
+                    return true;
+                }
+            };
+            match gate.take(socket, CHUNK_BYTES) {
+                Outcome::Wait => break,
+                Outcome::Denied => {
+                    socket.abort();
+                    flow.aborted = true;
+                    return true;
+                }
+                Outcome::Pass(bytes) => {
+                    if let Some(direct) = &flow.channels.direct {
+                        direct.queue(bytes.len());
+                    }
+                    permit.send(ToHost::Data(bytes));
+                    flow.last_active = now;
+                    moved = true;
+                }
+            }
+        }
+        if gate.is_done() {
+            flow.gate = None;
+        } else if !gate.may_finish() {
+            // Held bytes (and the FIN after them) wait for their decision.
+            return moved;
+        }
     }
     // Guest to host: straight into the host socket when nothing is queued
     // for the task (no copy, no thread hop), else through the channel.
-    if let Some(direct) = &flow.channels.direct {
+    let gated = flow.gate.is_some();
+    if let Some(direct) = flow.channels.direct.as_ref().filter(|_| !gated) {
         while socket.can_recv() {
             let Ok(written) = socket.recv(|buf| {
                 let n = direct.try_write(buf);
@@ -436,7 +446,7 @@ fn pump(flow: &mut Flow, socket: &mut tcp::Socket<'static>, now: Instant) -> boo
     }
     // The rest only while the task has room, so a slow host closes the
     // guest's window instead of growing a queue.
-    while socket.can_recv() {
+    while !gated && socket.can_recv() {
         let permit = match flow.channels.to_host.try_reserve() {
             Ok(p) => p,
             Err(TrySendError::Full(())) => break,

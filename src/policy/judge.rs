@@ -76,11 +76,35 @@ impl Policy {
         {
             return Verdict::Deny((None, Reason::NameNotPinned));
         }
-        let flow = Flow {
+        // With no name from the bytes, the pins speak: the address is
+        // allowed when any live pin allows it (shared hosting: one denied
+        // name on an address must not take an allowed one down), and the
+        // newest pin speaks for a deny.
+        let named_by_pin = |pin: &'a String| Flow {
             dst: query.dst,
             proto: query.proto,
             port: query.port,
-            name: claimed.or_else(|| query.pinned.first().map(|p| (p.as_str(), NameSource::Dns))),
+            name: Some((pin.as_str(), NameSource::Dns)),
+        };
+        let flow = match claimed {
+            Some(name) => Flow {
+                dst: query.dst,
+                proto: query.proto,
+                port: query.port,
+                name: Some(name),
+            },
+            None => query
+                .pinned
+                .iter()
+                .map(named_by_pin)
+                .find(|f| self.decide(f).action == Action::Allow)
+                .or_else(|| query.pinned.first().map(named_by_pin))
+                .unwrap_or(Flow {
+                    dst: query.dst,
+                    proto: query.proto,
+                    port: query.port,
+                    name: None,
+                }),
         };
         let decision = self.decide(&flow);
         if query.claim == Claim::Unread
@@ -141,6 +165,7 @@ mod tests {
         let www = ["www.ok.test".to_owned()];
         let shared = ["www.ok.test".to_owned(), "evil.test".to_owned()];
         let evil = ["evil.test".to_owned()];
+        let newest_denied = ["evil.test".to_owned(), "www.ok.test".to_owned()];
         let none: [String; 0] = [];
         let cases: &[(&str, Proto, &[String], Claim<'_>, Verdict<'_>)] = &[
             // At the SYN: a pin that allows, a domain rule that could turn.
@@ -199,12 +224,50 @@ mod tests {
                 Named("api.ok.test", Sni),
                 Verdict::Deny((None, Reason::NameNotPinned)),
             ),
-            // No name in the bytes: the newest pin decides.
+            // No name in the bytes: any live pin that allows, allows,
+            // whichever is newest.
             (
                 "192.0.2.1",
                 Proto::Tcp,
                 &shared,
                 Unnamed,
+                Verdict::Allow(Some(2)),
+            ),
+            (
+                "192.0.2.1",
+                Proto::Tcp,
+                &newest_denied,
+                Unnamed,
+                Verdict::Allow(Some(2)),
+            ),
+            (
+                "192.0.2.1",
+                Proto::Udp,
+                &newest_denied,
+                Unread,
+                Verdict::Allow(Some(2)),
+            ),
+            // At the SYN the flow is accepted and its first bytes must then
+            // name an allowed pin.
+            (
+                "192.0.2.1",
+                Proto::Tcp,
+                &newest_denied,
+                Unread,
+                Verdict::NeedsName,
+            ),
+            (
+                "192.0.2.1",
+                Proto::Tcp,
+                &newest_denied,
+                Named("evil.test", Sni),
+                Verdict::Deny((None, Reason::Policy)),
+            ),
+            (
+                "192.0.2.1",
+                Proto::Tcp,
+                &newest_denied,
+                Named("www.ok.test", Sni),
                 Verdict::Allow(Some(2)),
             ),
             // No pins: a name that allows must resolve; one that denies,

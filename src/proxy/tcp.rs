@@ -26,6 +26,20 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Host, Wake};
 
+/// Checks a flow's guest bytes before they reach the host (flows whose
+/// every request is decided); implemented above this layer, by the egress
+/// boundary.
+pub trait Inspect: Send {
+    /// Takes the guest's next bytes (`fin`: its FIN follows them) and
+    /// returns what may be written now, holding back the rest; None resets
+    /// the flow.
+    fn pass<'a>(
+        &'a mut self,
+        data: &'a [u8],
+        fin: bool,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Option<Vec<u8>>> + Send + 'a>>;
+}
+
 /// Largest chunk one message carries.
 pub const CHUNK_BYTES: usize = 64 * 1024;
 /// Messages in flight per direction: with CHUNK_BYTES, at most 256 KiB of a
@@ -143,7 +157,7 @@ pub fn spawn_outbound(host: &Host, dst: SocketAddr, connect_timeout: Duration) -
             return;
         }
         host.wake.wake();
-        relay(direct, rx, tx, &host.wake).await;
+        relay(direct, rx, tx, &host.wake, None).await;
     });
     channels
 }
@@ -157,7 +171,7 @@ pub fn spawn_inbound(host: &Host, stream: TcpStream) -> Channels {
     channels.direct = Some(direct.clone());
     let wake = host.wake.clone();
     host.runtime.spawn(async move {
-        relay(direct, rx, tx, &wake).await;
+        relay(direct, rx, tx, &wake, None).await;
     });
     channels
 }
@@ -167,11 +181,12 @@ async fn relay(
     mut from_engine: mpsc::Receiver<ToHost>,
     to_engine: mpsc::Sender<FromHost>,
     wake: &Wake,
+    inspect: Option<Box<dyn Inspect>>,
 ) {
     let stop = CancellationToken::new();
     tokio::join!(
         host_to_engine(&direct.stream, &to_engine, wake, &stop),
-        engine_to_host(&direct, &mut from_engine, wake, &stop),
+        engine_to_host(&direct, &mut from_engine, &to_engine, wake, &stop, inspect),
     );
 }
 
@@ -242,10 +257,18 @@ async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 async fn engine_to_host(
     direct: &Direct,
     rx: &mut mpsc::Receiver<ToHost>,
+    to_engine: &mpsc::Sender<FromHost>,
     wake: &Wake,
     stop: &CancellationToken,
+    mut inspect: Option<Box<dyn Inspect>>,
 ) {
     let stream = &direct.stream;
+    let abort = || {
+        // Both sides see a reset: the host by SO_LINGER 0, the guest by a
+        // Reset the engine turns into a RST.
+        let _ = socket2::SockRef::from(&**stream).set_linger(Some(Duration::ZERO));
+        stop.cancel();
+    };
     loop {
         let message = tokio::select! {
             () = stop.cancelled() => return,
@@ -253,10 +276,44 @@ async fn engine_to_host(
         };
         // A slot was freed: the engine may resume reading the guest.
         wake.wake();
+        // What the engine queued is released only once written, so it does
+        // not write directly ahead of it.
+        let queued = match &message {
+            Some(ToHost::Data(bytes)) => bytes.len(),
+            _ => 0,
+        };
+        let message = match (message, inspect.as_mut()) {
+            (Some(ToHost::Data(bytes)), Some(inspector)) => {
+                match inspector.pass(&bytes, false).await {
+                    Some(cleared) => Some(ToHost::Data(cleared)),
+                    None => {
+                        abort();
+                        reset(to_engine, wake).await;
+                        return;
+                    }
+                }
+            }
+            (Some(ToHost::Fin), Some(inspector)) => match inspector.pass(&[], true).await {
+                Some(cleared) if cleared.is_empty() => Some(ToHost::Fin),
+                Some(cleared) => {
+                    // The last cleared bytes, then the FIN.
+                    if write_all(stream, &cleared).await.is_err() {
+                        return;
+                    }
+                    Some(ToHost::Fin)
+                }
+                None => {
+                    abort();
+                    reset(to_engine, wake).await;
+                    return;
+                }
+            },
+            (other, _) => other,
+        };
         match message {
             Some(ToHost::Data(bytes)) => {
                 let written = write_all(stream, &bytes).await;
-                direct.queued.fetch_sub(bytes.len(), Ordering::AcqRel);
+                direct.queued.fetch_sub(queued, Ordering::AcqRel);
                 if written.is_err() {
                     // The read side sees the same failure and reports it.
                     return;
@@ -280,15 +337,16 @@ async fn engine_to_host(
 }
 
 /// Dials `upstream` (within `timeout`), sends `first` ahead of everything
-/// else, then relays the flow; the guest is reset when either fails. For a
-/// flow whose task read its first bytes before deciding to dial.
+/// else, then relays the flow, every later guest byte through `inspect`
+/// when there is one; the guest is reset when anything fails. For a flow
+/// whose task read its first bytes before deciding to dial.
 pub async fn dial_and_relay(
     host: &Host,
     upstream: SocketAddr,
     timeout: Duration,
     first: &[u8],
-    rx: mpsc::Receiver<ToHost>,
-    tx: mpsc::Sender<FromHost>,
+    (rx, tx): (mpsc::Receiver<ToHost>, mpsc::Sender<FromHost>),
+    inspect: Option<Box<dyn Inspect>>,
 ) {
     let dialled = tokio::time::timeout(timeout, host.upstream.connect(upstream)).await;
     let Ok(Ok(stream)) = dialled else {
@@ -300,7 +358,7 @@ pub async fn dial_and_relay(
         reset(&tx, &host.wake).await;
         return;
     }
-    relay(direct, rx, tx, &host.wake).await;
+    relay(direct, rx, tx, &host.wake, inspect).await;
 }
 
 /// Resets the guest's side of a flow from its task.

@@ -33,6 +33,7 @@ use tokio_rustls::{LazyConfigAcceptor, StartHandshake, TlsConnector};
 
 use super::certs::Authority;
 use crate::config::{Fallback, Tls, UpstreamRoots};
+use crate::egress::{Inspector, relay_inspected};
 use crate::metrics::{Counter, Metrics};
 use crate::names::NameSet;
 use crate::names::NameSource;
@@ -40,7 +41,7 @@ use crate::policy::{Claim, Denied};
 use crate::proxy::Host;
 use crate::proxy::stream::{GuestStream, spawn_local};
 use crate::proxy::tcp::Channels;
-use crate::sniff::{FIRST_BYTES_LIMIT, FirstName, Peek, first_name, http_host};
+use crate::sniff::{FirstName, first_name};
 
 const TLS_HANDSHAKE_RECORD: u8 = 22;
 
@@ -180,38 +181,37 @@ impl Interceptor {
 
     async fn serve(&self, mut guest: GuestStream, flow: Flow, host: &Host) {
         let metrics = flow.egress.metrics().clone();
-        let (first, named) =
-            match tokio::time::timeout(self.handshake, read_first(&mut guest.io)).await {
-                Ok(Some(read)) => read,
-                Ok(None) => return,
-                // Nothing (or too little) in time: a server-speaks-first
-                // protocol, or a stalled guest; not TLS either way.
-                Err(_) => (Vec::new(), FirstName::Unnamed),
-            };
+        let Some((first, named)) = read_first(&mut guest.io, self.handshake).await else {
+            return;
+        };
         let is_tls = first.first() == Some(&TLS_HANDSHAKE_RECORD);
         let sni = match named {
             FirstName::Named(n, NameSource::Sni) if is_tls => n,
-            other => {
+            // A hello that hides or doubles its name, or HTTP a server
+            // could read otherwise: refused, whatever the fallbacks say.
+            FirstName::Unreadable(_) => {
+                let mut inspector = Inspector::new(flow.clone());
+                let _ = inspector.pass(&first, true).await;
+                metrics.inc(Counter::tls_refused);
+                guest.reset().await;
+                return;
+            }
+            _ => {
                 let fallback = if is_tls { self.no_sni } else { self.not_tls };
                 if fallback == Fallback::Refuse {
                     metrics.inc(Counter::tls_refused);
                     guest.reset().await;
                     return;
                 }
-                let name = match other {
-                    FirstName::Named(n, NameSource::Host) => Some(n),
-                    _ => None,
-                };
-                let claim = match name.as_deref() {
-                    Some(n) => Claim::Named(n, NameSource::Host),
-                    None => Claim::Unnamed,
-                };
-                if flow.decide(claim).await.is_err() {
+                // Decided like any first-bytes flow, every later HTTP
+                // request included.
+                let mut inspector = Inspector::new(flow.clone());
+                let Ok(cleared) = inspector.pass(&first, false).await else {
                     guest.reset().await;
                     return;
-                }
+                };
                 metrics.inc(Counter::tls_passed_through);
-                relay_raw(guest, first, &flow, host).await;
+                relay_raw(guest, cleared, &flow, host, Some(inspector)).await;
                 return;
             }
         };
@@ -221,7 +221,7 @@ impl Interceptor {
         }
         if self.bypass.contains(&sni) {
             metrics.inc(Counter::tls_bypassed);
-            relay_raw(guest, first, &flow, host).await;
+            relay_raw(guest, first, &flow, host, None).await;
             return;
         }
         self.intercept(guest, first, sni, flow, host).await;
@@ -310,10 +310,13 @@ impl Interceptor {
         let Some(start) = self.hello(guest, first).await else {
             return;
         };
+        // HTTP/2 is not offered upstream: its requests' :authority would
+        // go undecided, while every HTTP/1 request's host is decided. The
+        // upstream then picks HTTP/1.1 (or nothing), and so does the guest.
         let offers: Vec<Vec<u8>> = start
             .client_hello()
             .alpn()
-            .map(|offers| offers.map(<[u8]>::to_vec).collect())
+            .map(|offers| offers.filter(|p| *p != b"h2").map(<[u8]>::to_vec).collect())
             .unwrap_or_default();
         let upstream = match self.connect_upstream(&sni, offers, &flow, host).await {
             Ok(upstream) => upstream,
@@ -336,23 +339,16 @@ impl Interceptor {
         };
         metrics.inc(Counter::tls_intercepted);
         let mut upstream = upstream;
-        if chosen.as_deref() != Some(b"h2") {
-            // HTTP/1: the first request's Host is decided as well.
-            let (head, host_name) = read_host(&mut tls, self.handshake).await;
-            if let Some(name) = host_name.filter(|h| *h != sni) {
-                let claim = Claim::Named(&name, NameSource::Host);
-                if let Err(denied) = flow.decide(claim).await {
-                    metrics.inc(Counter::tls_denied_403);
-                    let _ = tls.write_all(&forbidden(&name, denied.1.as_str())).await;
-                    let _ = tls.shutdown().await;
-                    return;
-                }
-            }
-            if upstream.write_all(&head).await.is_err() {
-                return;
-            }
+        // Every HTTP/1 request inside is decided by its host.
+        let mut inspector = Inspector::inside_named(flow);
+        if let Err(refusal) = relay_inspected(&mut tls, &mut upstream, &mut inspector).await {
+            metrics.inc(Counter::tls_denied_403);
+            let name = refusal.name.as_deref().unwrap_or(&sni);
+            let _ = tls
+                .write_all(&forbidden(name, refusal.denied.1.as_str()))
+                .await;
+            let _ = tls.shutdown().await;
         }
-        let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
     }
 
     async fn connect_upstream(
@@ -417,13 +413,23 @@ impl Interceptor {
 /// bytes.
 pub use crate::egress::Target as Flow;
 
-/// Reads the flow's beginning until it names itself or shows it will not;
-/// None when the guest left without a byte.
-async fn read_first(io: &mut tokio::io::DuplexStream) -> Option<(Vec<u8>, FirstName)> {
+/// Reads the flow's beginning until it names itself or shows it will not,
+/// within `budget`; None when the guest left without a byte. Nothing in
+/// time is a server-speaks-first protocol (no name); a prefix of a name
+/// that stalls is unreadable.
+async fn read_first(
+    io: &mut tokio::io::DuplexStream,
+    budget: Duration,
+) -> Option<(Vec<u8>, FirstName)> {
+    let deadline = tokio::time::Instant::now() + budget;
     let mut first = Vec::new();
     let mut buf = vec![0u8; 4096];
     loop {
-        let n = io.read(&mut buf).await.ok()?;
+        let n = match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
+            Ok(read) => read.ok()?,
+            Err(_) if first.is_empty() => return Some((first, FirstName::Unnamed)),
+            Err(_) => return Some((first, FirstName::Unreadable("stalled before naming"))),
+        };
         if n == 0 && first.is_empty() {
             return None;
         }
@@ -435,38 +441,15 @@ async fn read_first(io: &mut tokio::io::DuplexStream) -> Option<(Vec<u8>, FirstN
     }
 }
 
-/// Reads the start of the first HTTP/1 request inside the tunnel for its
-/// Host (within `budget` and the first-bytes limit); returns the bytes read
-/// and the host, if any.
-async fn read_host<S: AsyncRead + Unpin>(
-    tls: &mut S,
-    budget: Duration,
-) -> (Vec<u8>, Option<String>) {
-    let mut head = Vec::new();
-    let mut buf = vec![0u8; 4096];
-    let deadline = tokio::time::Instant::now() + budget;
-    while head.len() < FIRST_BYTES_LIMIT {
-        let read = tokio::time::timeout_at(deadline, tls.read(&mut buf)).await;
-        let Ok(Ok(n)) = read else {
-            break;
-        };
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(buf.get(..n).unwrap_or_default());
-        match http_host(&head) {
-            Peek::NeedMore => {}
-            Peek::Name(name) if name.parse::<std::net::IpAddr>().is_err() => {
-                return (head, Some(name));
-            }
-            _ => break,
-        }
-    }
-    (head, None)
-}
-
-/// Relays a flow untouched (its first bytes first) to its destination.
-async fn relay_raw(guest: GuestStream, first: Vec<u8>, flow: &Flow, host: &Host) {
+/// Relays a flow to its destination, its first bytes first; the guest's
+/// later bytes through `inspector` when there is one (a refusal resets).
+async fn relay_raw(
+    guest: GuestStream,
+    first: Vec<u8>,
+    flow: &Flow,
+    host: &Host,
+    inspector: Option<Inspector>,
+) {
     let dialled =
         tokio::time::timeout(flow.connect_timeout, host.upstream.connect(flow.upstream)).await;
     let Ok(Ok(mut upstream)) = dialled else {
@@ -477,8 +460,21 @@ async fn relay_raw(guest: GuestStream, first: Vec<u8>, flow: &Flow, host: &Host)
         guest.reset().await;
         return;
     }
-    let mut io = guest.io;
-    let _ = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+    let mut guest = guest;
+    match inspector {
+        Some(mut inspector) => {
+            if relay_inspected(&mut guest.io, &mut upstream, &mut inspector)
+                .await
+                .is_err()
+            {
+                guest.reset().await;
+            }
+        }
+        None => {
+            // Errors end the relay; both sides see the connection close.
+            let _ = tokio::io::copy_bidirectional(&mut guest.io, &mut upstream).await;
+        }
+    }
 }
 
 /// The 403 answer for a denied name.
