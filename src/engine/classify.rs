@@ -68,6 +68,14 @@ pub enum Kind<'a> {
     },
     /// A valid Router Solicitation: the advertiser.
     RouterSolicit,
+    /// A valid Neighbor Solicitation for one of the gateway's addresses:
+    /// answered as a router (`ndp::neighbor_advert`).
+    NeighborSolicit {
+        /// Who asks (unspecified for duplicate address detection).
+        src: Ipv6Addr,
+        /// The gateway address asked for.
+        target: Ipv6Addr,
+    },
     /// ARP or Neighbor Solicitation for an address that is not the
     /// gateway's: nobody answers (the guest must see no such neighbor).
     NotOurs,
@@ -193,7 +201,18 @@ fn ipv6<'a>(packet: &'a [u8], own: &Own) -> Kind<'a> {
                         .and_then(|b| <[u8; 16]>::try_from(b).ok())
                         .map(Ipv6Addr::from);
                     match target {
-                        Some(t) if own.is_own(IpAddr::V6(t)) => Kind::Stack,
+                        // RFC 4861 7.1.1: hop limit 255, code 0.
+                        Some(t)
+                            if own.is_own(IpAddr::V6(t))
+                                && ip.hop_limit() == NDP_HOP_LIMIT
+                                && body.get(1) == Some(&0) =>
+                        {
+                            Kind::NeighborSolicit {
+                                src: ip.src_addr(),
+                                target: t,
+                            }
+                        }
+                        Some(t) if own.is_own(IpAddr::V6(t)) => Kind::NotOurs,
                         _ => Kind::NotOurs,
                     }
                 }

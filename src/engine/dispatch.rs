@@ -23,6 +23,11 @@ use crate::policy::Proto;
 use crate::proxy::Host;
 use crate::services::Services;
 
+/// How often smoltcp is reminded of a guest IPv6 address (its neighbor
+/// entries age out after a minute).
+const TEACH_EVERY: Duration = Duration::from_secs(20);
+/// Guest IPv6 addresses remembered for that; cleared when full.
+const TAUGHT_MAX: usize = 64;
 /// How often a denied UDP or ICMP destination is audited at most.
 const AUDIT_REPEAT: Duration = Duration::from_secs(1);
 /// Destinations remembered for that; the memory is cleared when full.
@@ -50,6 +55,8 @@ pub struct Gateway {
     pub(super) services: Services,
     /// When each denied destination was last audited (UDP and ICMP repeat).
     pub(super) audit_logged: HashMap<Subject, Instant>,
+    /// Guest IPv6 source addresses smoltcp was told about, and when.
+    pub(super) taught: HashMap<std::net::Ipv6Addr, Instant>,
     pub(super) gateway_v4: std::net::Ipv4Addr,
     pub(super) guest_v4: std::net::Ipv4Addr,
 }
@@ -63,6 +70,7 @@ impl Gateway {
                 self.guest_mac = mac;
             }
         }
+        self.teach(frame, now);
         let kind = classify::classify(frame, &self.setup.own);
         let facts = Facts {
             flow_exists: self.tcp.has_socket_for(&kind),
@@ -82,6 +90,31 @@ impl Gateway {
         self.count(&verdict, now);
         let route = route::route(&kind, &verdict, facts, &self.setup);
         self.apply(&kind, route, verdict, frame, now)
+    }
+
+    /// Keeps smoltcp's neighbor cache knowing each IPv6 address the guest
+    /// sends from. The gateway answers the guest's solicitations itself
+    /// (as a router), and the guest learns the gateway from its RAs, so
+    /// smoltcp would otherwise learn the guest only by asking — dropping
+    /// the reply (a SYN-ACK, an echo reply) that made it ask.
+    fn teach(&mut self, frame: &[u8], now: Instant) {
+        let Some(src) = ndp::ipv6_source(frame) else {
+            return;
+        };
+        let fresh = self
+            .taught
+            .get(&src)
+            .is_some_and(|t| now.saturating_duration_since(*t) < TEACH_EVERY);
+        if fresh {
+            return;
+        }
+        if self.taught.len() >= TAUGHT_MAX {
+            self.taught.clear();
+        }
+        self.taught.insert(src, now);
+        let own = crate::wellknown::GATEWAY_LINK_LOCAL;
+        let learned = ndp::learned(src, self.guest_mac, own, self.gateway_mac);
+        self.inject.push_back(learned);
     }
 
     /// Counts a verdict and audits a deny (repeats of a UDP/ICMP
@@ -201,6 +234,11 @@ impl Gateway {
                     self.metrics.inc(Counter::router_adverts);
                     self.queue(reply);
                 }
+                true
+            }
+            (Route::NeighborSolicit, Kind::NeighborSolicit { src, target }) => {
+                let reply = ndp::neighbor_advert(self.gateway_mac, *src, self.guest_mac, *target);
+                self.queue(reply);
                 true
             }
             (Route::PublishedReply, Kind::Udp { dst, payload, .. }) => {

@@ -35,6 +35,8 @@ pub struct Gate {
     dst: SocketAddr,
     /// Bytes taken from the socket and not yet cleared.
     held: Held,
+    /// Denied once: nothing passes any more.
+    denied: bool,
 }
 
 /// What the gate says after taking the guest's latest bytes.
@@ -57,6 +59,7 @@ impl Gate {
             egress,
             dst,
             held: Held::new(),
+            denied: false,
         }
     }
 
@@ -107,8 +110,14 @@ impl Gate {
 
     /// Decides `fresh` bytes (with what is held).
     fn decide(&mut self, fresh: &[u8], finished: bool) -> Outcome {
+        if self.denied {
+            return Outcome::Denied;
+        }
         let step = self.held.push(fresh, finished);
         if !self.allows(step) {
+            // What was held goes nowhere, now or at any later call.
+            self.denied = true;
+            self.held = Held::new();
             return Outcome::Denied;
         }
         let cleared = self.held.release();
@@ -273,6 +282,9 @@ mod tests {
         );
         let evil = b"GET /c HTTP/1.1\r\nHost: evil.test\r\n\r\n";
         assert_eq!(run(&mut g, evil, false), Outcome::Denied);
+        // Denied stays denied: nothing held is released later.
+        assert_eq!(run(&mut g, b"", false), Outcome::Denied);
+        assert_eq!(run(&mut g, b"", true), Outcome::Denied);
         // A head left incomplete at the FIN is refused, never passed.
         let mut g = gate();
         let first = b"GET / HTTP/1.1\r\nHost: www.ok.test\r\n\r\n".to_vec();

@@ -247,6 +247,7 @@ impl Engine {
                 dns: dns::Interceptor::new(forwarder, config.dns.max_inflight),
                 services,
                 audit_logged: HashMap::new(),
+                taught: HashMap::new(),
                 gateway_v4: net.ipv4_gateway,
                 guest_v4: net.ipv4_guest,
             },

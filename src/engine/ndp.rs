@@ -1,8 +1,11 @@
 //! IPv6 Router Advertisements (RFC 4861 4.2) for SLAAC: prefix, MTU and
-//! RDNSS (RFC 8106) options, sent when the guest solicits and periodically.
+//! RDNSS (RFC 8106) options, sent when the guest solicits and periodically;
+//! and Neighbor Advertisements for the gateway's own addresses (4.4), with
+//! the Router flag set: a router whose advertisement says it is not one is
+//! dropped from the guest's default-router list (7.2.5), which smoltcp's own
+//! answers (a host's) would do.
 //!
-//! Owned by the engine thread; builds frames, does no I/O. Neighbor
-//! Solicitations for the gateway's own addresses are smoltcp's job.
+//! Owned by the engine thread; builds frames, does no I/O.
 #![forbid(unsafe_code)]
 
 use std::net::Ipv6Addr;
@@ -18,7 +21,13 @@ const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
 const ALL_NODES_MAC: EthernetAddress = EthernetAddress([0x33, 0x33, 0, 0, 0, 1]);
 
 const ICMPV6_ROUTER_ADVERT: u8 = 134;
+const ICMPV6_NEIGHBOR_ADVERT: u8 = 136;
 const OPT_SOURCE_LLADDR: u8 = 1;
+const OPT_TARGET_LLADDR: u8 = 2;
+/// Neighbor Advertisement flags: Router, Solicited, Override (4.4).
+const NA_ROUTER: u8 = 0x80;
+const NA_SOLICITED: u8 = 0x40;
+const NA_OVERRIDE: u8 = 0x20;
 const OPT_PREFIX_INFO: u8 = 3;
 const OPT_MTU: u8 = 5;
 const OPT_RDNSS: u8 = 25;
@@ -94,6 +103,76 @@ impl Advertiser {
         };
         frames::icmp_v6(&ends, &self.message)
     }
+}
+
+/// The Neighbor Advertisement answering a solicitation from `asker` (at
+/// `asker_mac`) for `target`, one of the gateway's addresses: Router and
+/// Override set, Solicited unless the asker was unspecified (duplicate
+/// address detection, answered to all nodes, 7.2.4).
+pub fn neighbor_advert(
+    gateway_mac: EthernetAddress,
+    asker: Ipv6Addr,
+    asker_mac: EthernetAddress,
+    target: Ipv6Addr,
+) -> Vec<u8> {
+    let dad = asker.is_unspecified();
+    let mut flags = NA_ROUTER | NA_OVERRIDE;
+    if !dad {
+        flags |= NA_SOLICITED;
+    }
+    let mut m = Vec::with_capacity(32);
+    m.extend_from_slice(&[ICMPV6_NEIGHBOR_ADVERT, 0, 0, 0, flags, 0, 0, 0]);
+    m.extend_from_slice(&target.octets());
+    m.extend_from_slice(&[OPT_TARGET_LLADDR, 1]);
+    m.extend_from_slice(&gateway_mac.0);
+    let (dst, dst_mac) = if dad {
+        (ALL_NODES, ALL_NODES_MAC)
+    } else {
+        (asker, asker_mac)
+    };
+    let ends = frames::Ends {
+        src_mac: gateway_mac,
+        dst_mac,
+        src: target.into(),
+        dst: dst.into(),
+        hop_limit: 255,
+    };
+    frames::icmp_v6(&ends, &m)
+}
+
+/// The IPv6 source address of a guest frame, when it is a unicast one.
+pub fn ipv6_source(frame: &[u8]) -> Option<Ipv6Addr> {
+    const ETHERTYPE_IPV6: [u8; 2] = [0x86, 0xdd];
+    if frame.get(12..14)? != ETHERTYPE_IPV6 {
+        return None;
+    }
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(frame.get(22..38)?).ok()?);
+    (!src.is_unspecified() && !src.is_multicast()).then_some(src)
+}
+
+/// A Neighbor Advertisement as if from the guest (`asker` at
+/// `asker_mac`) to the gateway, for smoltcp's neighbor cache: the gateway
+/// answers the guest's solicitations itself, so smoltcp would otherwise
+/// learn the guest's address only by asking, dropping its first reply.
+pub fn learned(
+    asker: Ipv6Addr,
+    asker_mac: EthernetAddress,
+    gateway: Ipv6Addr,
+    gateway_mac: EthernetAddress,
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(32);
+    m.extend_from_slice(&[ICMPV6_NEIGHBOR_ADVERT, 0, 0, 0, NA_OVERRIDE, 0, 0, 0]);
+    m.extend_from_slice(&asker.octets());
+    m.extend_from_slice(&[OPT_TARGET_LLADDR, 1]);
+    m.extend_from_slice(&asker_mac.0);
+    let ends = frames::Ends {
+        src_mac: asker_mac,
+        dst_mac: gateway_mac,
+        src: asker.into(),
+        dst: gateway.into(),
+        hop_limit: 255,
+    };
+    frames::icmp_v6(&ends, &m)
 }
 
 /// The ICMPv6 RA body (checksum zero, filled by the frame builder).
@@ -210,5 +289,44 @@ mod tests {
             ..Network::default()
         };
         assert!(Advertiser::new(&net).is_none());
+    }
+
+    #[test]
+    fn neighbor_advert_says_router_and_reaches_the_asker() {
+        use smoltcp::wire::NdiscNeighborFlags;
+        let gw = EthernetAddress([2, 0x76, 0x67, 0, 0, 1]);
+        let guest = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        let asker: Ipv6Addr = "fe80::5054:ff:fe12:3456".parse().unwrap();
+        for (from, to, solicited) in [
+            (asker, asker, true),
+            (Ipv6Addr::UNSPECIFIED, ALL_NODES, false),
+        ] {
+            let frame = neighbor_advert(gw, from, guest, GATEWAY_LINK_LOCAL);
+            let eth = EthernetFrame::new_checked(&frame[..]).unwrap();
+            let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+            assert_eq!(ip.hop_limit(), 255);
+            assert_eq!(ip.dst_addr(), to);
+            let icmp = Icmpv6Packet::new_checked(ip.payload()).unwrap();
+            assert!(icmp.verify_checksum(&ip.src_addr(), &ip.dst_addr()));
+            let repr = Icmpv6Repr::parse(
+                &ip.src_addr(),
+                &ip.dst_addr(),
+                &icmp,
+                &smoltcp::phy::ChecksumCapabilities::default(),
+            )
+            .unwrap();
+            let Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+                flags,
+                target_addr,
+                lladdr,
+            }) = repr
+            else {
+                panic!("not an NA: {repr:?}")
+            };
+            assert!(flags.contains(NdiscNeighborFlags::ROUTER));
+            assert_eq!(flags.contains(NdiscNeighborFlags::SOLICITED), solicited);
+            assert_eq!(target_addr, GATEWAY_LINK_LOCAL);
+            assert_eq!(lladdr.map(|l| l.as_bytes().to_vec()), Some(gw.0.to_vec()));
+        }
     }
 }

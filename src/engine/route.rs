@@ -65,6 +65,8 @@ pub enum Route {
     Dhcp,
     /// The router advertiser.
     RouterSolicit,
+    /// A neighbor advertisement as the router.
+    NeighborSolicit,
     /// A guest reply to a published UDP session.
     PublishedReply,
     /// A DNS query for the forwarder.
@@ -140,6 +142,7 @@ pub fn route(kind: &Kind<'_>, verdict: &Verdict, facts: Facts, setup: &Setup) ->
         Kind::Udp { .. } | Kind::Echo(_) if !verdict.allows() => Route::Drop(None),
         Kind::Dhcp { .. } => Route::Dhcp,
         Kind::RouterSolicit => Route::RouterSolicit,
+        Kind::NeighborSolicit { .. } => Route::NeighborSolicit,
         Kind::NotOurs => Route::Drop(Some(Counter::neighbor_not_ours)),
         Kind::Fragment => Route::Drop(Some(Counter::drop_fragment)),
         Kind::Udp { dst, .. } if dst.port() == ENCRYPTED_DNS_PORT => {
@@ -405,6 +408,16 @@ mod tests {
                 none,
                 &plain,
                 Route::Dhcp,
+            ),
+            (
+                Kind::NeighborSolicit {
+                    src: "fe80::2".parse().unwrap(),
+                    target: crate::wellknown::GATEWAY_LINK_LOCAL,
+                },
+                &exempt,
+                none,
+                &plain,
+                Route::NeighborSolicit,
             ),
             (
                 Kind::RouterSolicit,

@@ -346,6 +346,11 @@ fn tcp_socket(buffer_bytes: usize) -> tcp::Socket<'static> {
 
 /// One flow's data both ways; true when anything moved.
 fn pump(flow: &mut Flow, socket: &mut tcp::Socket<'static>, now: Instant) -> bool {
+    // An aborted flow waits only for its RST to go out: whatever its
+    // socket still holds (a denied request, say) goes nowhere.
+    if flow.aborted {
+        return false;
+    }
     let mut moved = false;
     // Host to guest: what the host task sent, as far as the socket takes it.
     loop {

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)] // test harness: a failed set-up step should panic
 
 mod dns;
+mod egress;
 mod flows;
 mod policy;
 mod tls;

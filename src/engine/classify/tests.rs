@@ -71,11 +71,15 @@ fn classification_table() {
         ("arp for gateway", arp_for("198.19.0.1"), "Stack"),
         ("arp for another host", arp_for("198.19.0.9"), "NotOurs"),
         ("arp for the guest itself", arp_for("198.19.0.2"), "NotOurs"),
-        ("ns for gateway", neighbor_solicit("fd00::1"), "Stack"),
+        (
+            "ns for gateway",
+            neighbor_solicit("fd00::1"),
+            "NeighborSolicit",
+        ),
         (
             "ns for link-local gateway",
             neighbor_solicit("fe80::1"),
-            "Stack",
+            "NeighborSolicit",
         ),
         (
             "ns for the guest (DAD)",

@@ -461,3 +461,79 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     ticks as f64 / (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }
+
+/// What a recording server received: the bytes of each connection, in
+/// order of arrival. The ground truth of tests that must show a request
+/// never reached its server.
+#[derive(Clone, Default)]
+pub struct Recorder(pub Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl Recorder {
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    /// Everything received, all connections joined.
+    pub fn all(&self) -> String {
+        let conns = self.0.lock().unwrap();
+        conns
+            .iter()
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    }
+}
+
+/// Serves `listener`, recording every byte; answers each request head
+/// (a blank line) with a small HTTP 200, keeping the connection open.
+pub fn serve_recorder(listener: std::net::TcpListener) -> Recorder {
+    let recorder = Recorder::default();
+    let shared = recorder.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let index = {
+                let mut conns = shared.0.lock().unwrap();
+                conns.push(Vec::new());
+                conns.len() - 1
+            };
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut stream = stream;
+                let mut buf = vec![0u8; 65536];
+                let mut answered = 0;
+                loop {
+                    let n = match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    let heads = {
+                        let mut conns = shared.0.lock().unwrap();
+                        let conn = &mut conns[index];
+                        conn.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(conn);
+                        text.matches("\r\n\r\n").count() + text.matches("\n\n").count()
+                    };
+                    while answered < heads {
+                        answered += 1;
+                        let body = "recorded\n";
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if stream.write_all(reply.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    recorder
+}
+
+/// Lowercase hex of `bytes`, for the guest probe's `tcp-script`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -14,7 +14,8 @@ fn usage() -> ! {
          | tcp-send-file ADDR PATH | tcp-connect ADDR \
          | tcp-hold ADDR SECS | dns ADDR NAME udp|tcp \
          | tls-hello ADDR SNI | https-get ADDR SNI CAFILE PATH [HOST] \
-         | dot ADDR SNI CAFILE NAME | https-crr ADDR SNI CAFILE N"
+         | dot ADDR SNI CAFILE NAME | https-crr ADDR SNI CAFILE N \
+         | tcp-script ADDR HEX[,HEX...] | raw-syn IFACE GWMAC SRCIP DSTIP PORT"
     );
     std::process::exit(2)
 }
@@ -67,8 +68,194 @@ fn main() {
             &arg::<String>(&args, 3),
             &arg::<String>(&args, 4),
         ),
+        Some("tcp-script") => tcp_script(arg(&args, 2), &arg::<String>(&args, 3)),
+        Some("raw-syn") => raw_syn(
+            &arg::<String>(&args, 2),
+            &arg::<String>(&args, 3),
+            arg(&args, 4),
+            arg(&args, 5),
+            arg(&args, 6),
+        ),
         _ => usage(),
     }
+}
+
+fn unhex(hex: &str) -> Vec<u8> {
+    (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or_else(|_| usage()))
+        .collect()
+}
+
+/// Connects, sends each comma-separated hex part as its own write with a
+/// pause between (so they travel as separate segments), then reads until
+/// the peer closes: what the far end made of the bytes.
+fn tcp_script(addr: SocketAddr, parts: &str) {
+    let result = (|| -> std::io::Result<(&'static str, Vec<u8>)> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(4)))?;
+        for (i, part) in parts.split(',').enumerate() {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            if s.write_all(&unhex(part)).is_err() {
+                return Ok(("reset", Vec::new()));
+            }
+        }
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return Ok(("closed", got)),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Ok(("reset", got));
+                }
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return Ok(("open", got));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    })();
+    let (result, got) = result.unwrap_or(("error", Vec::new()));
+    let first = String::from_utf8_lossy(&got);
+    let first = first.lines().next().unwrap_or("");
+    println!(
+        "VG-SCRIPT {addr} result={result} bytes={} first={first:?}",
+        got.len()
+    );
+}
+
+/// Sends one TCP SYN to DSTIP:PORT as a raw Ethernet frame out of IFACE
+/// (to the gateway's MAC), for destinations the guest's own stack would
+/// never put on the wire (127.0.0.1, ::ffff:127.0.0.1, ...), and reports
+/// the gateway's answer: synack, rst or none.
+fn raw_syn(iface: &str, gw_mac: &str, src: std::net::IpAddr, dst: std::net::IpAddr, port: u16) {
+    use std::net::IpAddr;
+    let mac_of = |text: &str| -> [u8; 6] {
+        let mut m = [0u8; 6];
+        for (i, part) in text.split(':').enumerate().take(6) {
+            m[i] = u8::from_str_radix(part, 16).unwrap_or_else(|_| usage());
+        }
+        m
+    };
+    let own_mac = mac_of(
+        std::fs::read_to_string(format!("/sys/class/net/{iface}/address"))
+            .unwrap_or_default()
+            .trim(),
+    );
+    let gw = mac_of(gw_mac);
+    let sport: u16 = 40000 + (std::process::id() % 20000) as u16;
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&port.to_be_bytes());
+    tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    let sum = |data: &[u8], mut acc: u32| {
+        for pair in data.chunks(2) {
+            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+            acc += u32::from(word);
+        }
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        acc
+    };
+    let (ethertype, ip) = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut pseudo = Vec::new();
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, 6, 0, 20]);
+            let c = !(sum(&tcp, sum(&pseudo, 0)) as u16);
+            tcp[16..18].copy_from_slice(&c.to_be_bytes());
+            let mut ip = vec![0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0];
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            let c = !(sum(&ip, 0) as u16);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            ip.extend_from_slice(&tcp);
+            (0x0800u16, ip)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut pseudo = Vec::new();
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, 0, 0, 20, 0, 0, 0, 6]);
+            let c = !(sum(&tcp, sum(&pseudo, 0)) as u16);
+            tcp[16..18].copy_from_slice(&c.to_be_bytes());
+            let mut ip = vec![0x60, 0, 0, 0, 0, 20, 6, 64];
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            ip.extend_from_slice(&tcp);
+            (0x86ddu16, ip)
+        }
+        _ => usage(),
+    };
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&gw);
+    frame.extend_from_slice(&own_mac);
+    frame.extend_from_slice(&ethertype.to_be_bytes());
+    frame.extend_from_slice(&ip);
+    // SAFETY: plain socket syscalls on a fresh AF_PACKET socket; every
+    // buffer passed is live and sized as told.
+    let result = unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from((libc::ETH_P_ALL as u16).to_be()));
+        if fd < 0 {
+            println!("VG-RAW {dst}:{port} result=nosocket");
+            return;
+        }
+        let name = std::ffi::CString::new(iface).unwrap_or_default();
+        let index = libc::if_nametoindex(name.as_ptr());
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = index as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&gw);
+        let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as u32);
+        libc::sendto(fd, frame.as_ptr() as *const libc::c_void, frame.len(), 0, &addr as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut buf = [0u8; 2048];
+        let mut result = "none";
+        while Instant::now() < deadline {
+            let n = libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0);
+            if n <= 0 {
+                continue;
+            }
+            let f = &buf[..n as usize];
+            if f.len() < 14 || f[0..6] != own_mac {
+                continue;
+            }
+            let (proto_at, tcp_at) = match u16::from_be_bytes([f[12], f[13]]) {
+                0x0800 => (14 + 9, 14 + usize::from(f.get(14).map_or(5, |b| b & 0x0f)) * 4),
+                0x86dd => (14 + 6, 14 + 40),
+                _ => continue,
+            };
+            if f.get(proto_at) != Some(&6) || f.len() < tcp_at + 14 {
+                continue;
+            }
+            let t = &f[tcp_at..];
+            if u16::from_be_bytes([t[0], t[1]]) != port || u16::from_be_bytes([t[2], t[3]]) != sport {
+                continue;
+            }
+            result = match t[13] & 0x16 {
+                0x12 => "synack",
+                f if f & 0x04 != 0 => "rst",
+                _ => continue,
+            };
+            break;
+        }
+        libc::close(fd);
+        result
+    };
+    println!("VG-RAW {dst}:{port} result={result}");
 }
 
 /// COUNT datagrams of SIZE bytes, each waiting up to a second for its echo.
