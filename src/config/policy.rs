@@ -18,7 +18,7 @@ pub enum Preset {
     /// metadata and multicast denied; default deny.
     #[default]
     PublicOnly,
-    /// Everything allowed.
+    /// Everything allowed but the host itself (its own addresses).
     AllowAll,
     /// Nothing allowed (DNS still answered).
     None,
@@ -140,7 +140,13 @@ impl Config {
                 rules.push(group(Action::Allow, Group::Public));
                 Action::Deny
             }
-            Preset::AllowAll => Action::Allow,
+            Preset::AllowAll => {
+                // Everything but the host itself, which only an explicit
+                // `allow group:host` opens (its loopback only the gateway
+                // mapping reaches).
+                rules.push(group(Action::Deny, Group::Host));
+                Action::Allow
+            }
             Preset::None => Action::Deny,
         };
         Policy::new(

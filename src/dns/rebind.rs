@@ -73,13 +73,12 @@ impl Rebind {
             });
         let before = message.answers.len();
         message.answers.retain(|record| {
-            let ip = match &record.data {
-                RData::A(a) => IpAddr::V4(a.0),
-                RData::AAAA(a) => IpAddr::V6(a.0),
-                _ => return true,
-            };
+            let ips = addresses(&record.data);
+            if ips.is_empty() {
+                return true;
+            }
             let exempt = chain_exempt && self.allow.contains(&record.name.to_ascii());
-            exempt || !self.is_internal(ip)
+            exempt || !ips.iter().any(|ip| self.is_internal(*ip))
         });
         let removed = before - message.answers.len();
         if removed == 0 {
@@ -105,6 +104,28 @@ impl Rebind {
                     .any(|(net, len)| in_prefix(form, *net, *len))
         })
     }
+}
+
+/// The addresses a record hands the guest: A, AAAA, and the address
+/// hints of SVCB/HTTPS records (RFC 9460 7.3), which clients connect to.
+fn addresses(data: &RData) -> Vec<IpAddr> {
+    use hickory_proto::rr::rdata::svcb::SvcParamValue;
+    let svcb = match data {
+        RData::A(a) => return vec![IpAddr::V4(a.0)],
+        RData::AAAA(a) => return vec![IpAddr::V6(a.0)],
+        RData::SVCB(svcb) => svcb,
+        RData::HTTPS(https) => &https.0,
+        _ => return Vec::new(),
+    };
+    let mut out = Vec::new();
+    for (_, value) in &svcb.svc_params {
+        match value {
+            SvcParamValue::Ipv4Hint(hint) => out.extend(hint.0.iter().map(|a| IpAddr::V4(a.0))),
+            SvcParamValue::Ipv6Hint(hint) => out.extend(hint.0.iter().map(|a| IpAddr::V6(a.0))),
+            _ => {}
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -279,5 +300,31 @@ mod tests {
             "10.0.0.1",
         );
         assert!(matches!(r.filter(&out), Filtered::Stripped(_, 1)));
+    }
+
+    #[test]
+    fn https_records_with_internal_hints_are_stripped() {
+        use hickory_proto::rr::rdata::HTTPS;
+        use hickory_proto::rr::rdata::svcb::{IpHint, SVCB, SvcParamKey, SvcParamValue};
+        let r = rebind(&[]);
+        let name = Name::from_ascii("evil.test.").unwrap();
+        let mut m = Message::new(3, MessageType::Response, OpCode::Query);
+        m.add_query(Query::query(name.clone(), RecordType::HTTPS));
+        for hint in ["127.0.0.1", "192.0.2.1"] {
+            let params = vec![(
+                SvcParamKey::Ipv4Hint,
+                SvcParamValue::Ipv4Hint(IpHint(vec![A(hint.parse().unwrap())])),
+            )];
+            let svcb = SVCB::new(1, Name::root(), params);
+            m.answers.push(Record::from_rdata(
+                name.clone(),
+                60,
+                RData::HTTPS(HTTPS(svcb)),
+            ));
+        }
+        let Filtered::Stripped(bytes, 1) = r.filter(&m.to_vec().unwrap()) else {
+            panic!("internal hint kept")
+        };
+        assert_eq!(Message::from_vec(&bytes).unwrap().answers.len(), 1);
     }
 }

@@ -11,7 +11,9 @@
 use std::net::IpAddr;
 
 use super::classify::Kind;
-use crate::policy::{Claim, Denied, Policy, Proto, Query, Verdict as Judged};
+use crate::audit::Reason;
+use crate::names::NameSource;
+use crate::policy::{Claim, Denied, Flow, Policy, Proto, Query, Verdict as Judged};
 use crate::wellknown::{DNS_PORT, ENCRYPTED_DNS_PORT};
 
 /// What the dispatcher knows about a frame beyond its bytes.
@@ -91,6 +93,16 @@ pub fn police(
     });
     match judged {
         Judged::NeedsName => Verdict::Peek(names),
+        // QUIC carries its name (SNI) in an Initial we do not read: where a
+        // name could change the decision, it is refused, and the client
+        // falls back to TCP, whose ClientHello is read.
+        Judged::Allow(_) if is_quic(kind) && name_matters(policy, subject, &names) => {
+            Verdict::Deny {
+                subject,
+                denied: (None, Reason::NameUnreadable),
+                name: names.into_iter().next(),
+            }
+        }
         Judged::Allow(_) | Judged::Resolve(_) => Verdict::Allow(subject),
         Judged::Deny(denied) => Verdict::Deny {
             subject,
@@ -100,13 +112,51 @@ pub fn police(
     }
 }
 
+/// Whether a datagram is a QUIC long-header packet (RFC 9000 17.2: form
+/// and fixed bits set, a non-zero version), which is how every QUIC
+/// connection starts.
+fn is_quic(kind: &Kind<'_>) -> bool {
+    let Kind::Udp { payload, .. } = kind else {
+        return false;
+    };
+    match payload {
+        [first, v0, v1, v2, v3, ..] => first & 0xc0 == 0xc0 && [*v0, *v1, *v2, *v3] != [0; 4],
+        _ => false,
+    }
+}
+
+/// Whether a name rule could turn this flow's decision, named by any of
+/// the destination's pins or by none.
+fn name_matters(policy: &Policy, (proto, dst, port): Subject, pins: &[String]) -> bool {
+    fn flow((proto, dst, port): Subject, name: Option<&str>) -> Flow<'_> {
+        Flow {
+            dst,
+            proto,
+            port,
+            name: name.map(|n| (n, NameSource::Dns)),
+        }
+    }
+    let subject = (proto, dst, port);
+    policy.needs_name(&flow(subject, None))
+        || pins
+            .iter()
+            .any(|p| policy.needs_name(&flow(subject, Some(p))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::Reason;
     use crate::config::Config;
     use crate::engine::classify::sample::*;
     use std::net::SocketAddr;
+
+    fn quic(dst: &str) -> Kind<'static> {
+        Kind::Udp {
+            src: "198.19.0.2:40000".parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            payload: &[0xc3, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8],
+        }
+    }
 
     fn subject(proto: Proto, dst: &str) -> Subject {
         let addr: SocketAddr = dst
@@ -246,6 +296,27 @@ mod tests {
                 none,
                 vec![],
                 deny(Proto::Udp, "192.0.2.1:443", None, None),
+            ),
+            // QUIC to a pinned address a name could turn: refused (TCP
+            // falls back and its ClientHello is read); other UDP there, and
+            // QUIC where names do not matter, pass.
+            (
+                &names,
+                quic("192.0.2.1:443"),
+                none,
+                www.clone(),
+                Verdict::Deny {
+                    subject: subject(Proto::Udp, "192.0.2.1:443"),
+                    denied: (None, Reason::NameUnreadable),
+                    name: Some("www.ok.test".into()),
+                },
+            ),
+            (
+                &public_only,
+                quic("192.0.2.1:443"),
+                none,
+                vec![],
+                Verdict::Allow(subject(Proto::Udp, "192.0.2.1:443")),
             ),
         ];
         for (policy, kind, facts, pins, want) in cases {

@@ -143,8 +143,8 @@ impl Policy {
     }
 
     /// First match for one form. A form that is the host's is opened only
-    /// by `group:host`, `group:any` or the default: a prefix or another
-    /// group that happens to hold it does not allow it.
+    /// by an allow rule for `group:host`: neither a prefix nor another
+    /// group that happens to hold it, nor an allowing default, does.
     fn decide_form(&self, flow: &Flow<'_>, form: IpAddr) -> Decision {
         let is_host = self.host.contains(form) || self.group_of(form) == Group::Host;
         let name = flow.name.map(|(n, _)| n);
@@ -161,7 +161,7 @@ impl Policy {
             };
         }
         Decision {
-            action: self.default,
+            action: if is_host { Action::Deny } else { self.default },
             rule: None,
         }
     }

@@ -203,10 +203,10 @@ impl Destination {
     }
 
     /// Whether this destination may open the host's own addresses: only
-    /// `group:host` and `group:any` do; a prefix, a name or another group
+    /// `group:host` does; a prefix, a name, `group:any` or another group
     /// that happens to hold a host address never allows it.
     pub fn opens_host(&self) -> bool {
-        matches!(self, Destination::Group(Group::Host | Group::Any))
+        matches!(self, Destination::Group(Group::Host))
     }
 }
 

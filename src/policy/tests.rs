@@ -452,7 +452,25 @@ mod encodings {
             "198.51.100.2",
         ] {
             assert_eq!(decide_in("public-only", dst), DENY, "{dst}");
+            assert_eq!(decide_in("allow-all", dst), DENY, "{dst}");
             assert_eq!(decide_in("host allowed", dst), ALLOW, "{dst}");
+        }
+        // Neither group:any nor an allowing default opens the host.
+        for text in [
+            "[policy]\npreset = \"none\"\n[[policy.rule]]\naction = \"allow\"\ndestination = \"group:any\"\n",
+            "[policy]\npreset = \"none\"\ndefault = \"allow\"\n",
+        ] {
+            let p = policy(text);
+            p.host_set()
+                .replace(["203.0.113.7".parse().unwrap()].into());
+            assert_eq!(
+                decide(&p, "203.0.113.7", Proto::Tcp, Some(22), None).action,
+                DENY
+            );
+            assert_eq!(
+                decide(&p, "203.0.113.8", Proto::Tcp, Some(22), None).action,
+                ALLOW
+            );
         }
         // An operator prefix that holds a host address does not open it.
         let p = policy("[[policy.rule]]\naction = \"allow\"\ndestination = \"203.0.113.0/24\"\n");

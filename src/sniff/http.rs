@@ -229,10 +229,13 @@ impl Fields {
             }
             b"content-length" => {
                 for part in text.split(',') {
-                    let n: u64 = part
-                        .trim()
-                        .parse()
-                        .map_err(|_| "Content-Length is not a number")?;
+                    // 1*DIGIT only: Rust's parser would take "+5", which a
+                    // server might read otherwise.
+                    let part = part.trim();
+                    if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                        return Err("Content-Length is not a number");
+                    }
+                    let n: u64 = part.parse().map_err(|_| "Content-Length is not a number")?;
                     if self.length.is_some_and(|m| m != n) {
                         return Err("Content-Lengths differ");
                     }
@@ -556,6 +559,8 @@ mod tests {
             b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 6\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: \xc3\xa4.test\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: +5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5 5\r\n\r\n",
         ];
         for case in cases {
             assert!(
