@@ -9,11 +9,9 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-
 use super::Ctx;
 use super::classify::Echo;
-use super::sessions::Table;
+use super::sessions::Relay;
 use crate::config::Icmp as IcmpConfig;
 use crate::metrics::Counter;
 use crate::proxy::icmp::{Reply, open, spawn};
@@ -25,9 +23,7 @@ pub type Key = (IpAddr, IpAddr, u16);
 
 /// The echo session table.
 pub struct Sessions {
-    table: Table<Key, (u16, Vec<u8>)>,
-    replies_tx: mpsc::Sender<Reply>,
-    replies: mpsc::Receiver<Reply>,
+    relay: Relay<Key, (u16, Vec<u8>), Reply>,
     config: IcmpConfig,
     available: bool,
 }
@@ -35,11 +31,8 @@ pub struct Sessions {
 impl Sessions {
     /// An empty table; `available` says whether ping sockets work here.
     pub fn new(config: IcmpConfig, available: bool) -> Self {
-        let (replies_tx, replies) = mpsc::channel(REPLY_DEPTH);
         Self {
-            table: Table::default(),
-            replies_tx,
-            replies,
+            relay: Relay::new(REPLY_DEPTH),
             config,
             available,
         }
@@ -62,8 +55,9 @@ impl Sessions {
             return;
         }
         let key = (echo.src, dst, echo.ident);
-        if !self.table.contains(&key) {
+        if !self.relay.table.contains(&key) {
             if !self
+                .relay
                 .table
                 .admits(self.config.max_sessions, metrics, Counter::icmp_over_limit)
             {
@@ -82,14 +76,18 @@ impl Sessions {
                 ctx.host,
                 socket,
                 dst.is_ipv6(),
-                self.table.next_id(),
-                self.replies_tx.clone(),
+                self.relay.table.next_id(),
+                self.relay.replies_tx.clone(),
                 idle,
                 metrics.clone(),
             );
-            self.table.insert(key, to_host, now);
+            self.relay.table.insert(key, to_host, now);
         }
-        if !self.table.send(&key, (echo.seq, echo.data.to_vec()), now) {
+        if !self
+            .relay
+            .table
+            .send(&key, (echo.seq, echo.data.to_vec()), now)
+        {
             metrics.inc(Counter::icmp_queue_full);
         }
     }
@@ -97,8 +95,8 @@ impl Sessions {
     /// The next reply: (guest, remote, guest identifier, seq, data).
     pub fn next_reply(&mut self, now: Instant) -> Option<(IpAddr, IpAddr, u16, u16, Vec<u8>)> {
         loop {
-            let (id, seq, data) = self.replies.try_recv().ok()?;
-            if let Some((guest, remote, ident)) = self.table.key_of(id, now) {
+            let (id, seq, data) = self.relay.replies.try_recv().ok()?;
+            if let Some((guest, remote, ident)) = self.relay.table.key_of(id, now) {
                 return Some((guest, remote, ident, seq, data));
             }
         }
@@ -106,7 +104,8 @@ impl Sessions {
 
     /// Closes idle sessions.
     pub fn expire(&mut self, now: Instant) {
-        self.table
+        self.relay
+            .table
             .expire(now, Duration::from_secs(self.config.idle_timeout_seconds));
     }
 }

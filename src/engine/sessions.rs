@@ -19,6 +19,29 @@ struct Session<T> {
     last_active: Instant,
 }
 
+/// A relay's sessions and the one channel all their tasks send replies
+/// (`R`) on.
+pub struct Relay<K, T, R> {
+    /// The sessions.
+    pub table: Table<K, T>,
+    /// For new sessions' tasks.
+    pub replies_tx: mpsc::Sender<R>,
+    /// Replies waiting for the engine.
+    pub replies: mpsc::Receiver<R>,
+}
+
+impl<K: Copy + Eq + Hash, T, R> Relay<K, T, R> {
+    /// An empty relay whose reply channel holds `depth` replies.
+    pub fn new(depth: usize) -> Self {
+        let (replies_tx, replies) = mpsc::channel(depth);
+        Self {
+            table: Table::default(),
+            replies_tx,
+            replies,
+        }
+    }
+}
+
 /// Sessions keyed by `K`, each with a channel of `T` to its host task.
 pub struct Table<K, T> {
     sessions: HashMap<K, Session<T>>,

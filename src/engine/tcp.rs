@@ -394,47 +394,14 @@ fn pump(flow: &mut Flow, socket: &mut tcp::Socket<'static>, now: Instant) -> boo
         flow.fin_to_guest = true;
         moved = true;
     }
-    // A gated flow's bytes go through its gate first; what it clears goes
-    // through the channel, behind anything the task still writes.
-    if let Some(gate) = &mut flow.gate {
-        loop {
-            let permit = match flow.channels.to_host.try_reserve() {
-                Ok(p) => p,
-                Err(TrySendError::Full(())) => break,
-                Err(TrySendError::Closed(())) => {
-                    socket.abort();
-                    flow.aborted = true;
-                    return true;
-                }
-            };
-            match gate.take(socket, CHUNK_BYTES) {
-                Outcome::Wait => break,
-                Outcome::Denied => {
-                    socket.abort();
-                    flow.aborted = true;
-                    return true;
-                }
-                Outcome::Pass(bytes) => {
-                    if let Some(direct) = &flow.channels.direct {
-                        direct.queue(bytes.len());
-                    }
-                    permit.send(ToHost::Data(bytes));
-                    flow.last_active = now;
-                    moved = true;
-                }
-            }
-        }
-        if gate.is_done() {
-            flow.gate = None;
-        } else if !gate.may_finish() {
-            // Held bytes (and the FIN after them) wait for their decision.
-            return moved;
-        }
-    }
     // Guest to host: straight into the host socket when nothing is queued
-    // for the task (no copy, no thread hop), else through the channel.
-    let gated = flow.gate.is_some();
-    if let Some(direct) = flow.channels.direct.as_ref().filter(|_| !gated) {
+    // for the task and no gate checks the bytes (no copy, no thread hop).
+    if let Some(direct) = flow
+        .channels
+        .direct
+        .as_ref()
+        .filter(|_| flow.gate.is_none())
+    {
         while socket.can_recv() {
             let Ok(written) = socket.recv(|buf| {
                 let n = direct.try_write(buf);
@@ -449,9 +416,10 @@ fn pump(flow: &mut Flow, socket: &mut tcp::Socket<'static>, now: Instant) -> boo
             moved = true;
         }
     }
-    // The rest only while the task has room, so a slow host closes the
-    // guest's window instead of growing a queue.
-    while !gated && socket.can_recv() {
+    // The rest through the channel, only while the task has room, so a
+    // slow host closes the guest's window instead of growing a queue; a
+    // gated flow's bytes go through its gate first.
+    loop {
         let permit = match flow.channels.to_host.try_reserve() {
             Ok(p) => p,
             Err(TrySendError::Full(())) => break,
@@ -461,11 +429,26 @@ fn pump(flow: &mut Flow, socket: &mut tcp::Socket<'static>, now: Instant) -> boo
                 return true;
             }
         };
-        let Ok(bytes) = socket.recv(|buf| {
-            let n = buf.len().min(CHUNK_BYTES);
-            (n, buf.get(..n).unwrap_or_default().to_vec())
-        }) else {
-            break;
+        let bytes = match &mut flow.gate {
+            Some(gate) => match gate.take(socket, CHUNK_BYTES) {
+                Outcome::Wait => break,
+                Outcome::Denied => {
+                    socket.abort();
+                    flow.aborted = true;
+                    return true;
+                }
+                Outcome::Pass(bytes) => bytes,
+            },
+            None if socket.can_recv() => {
+                let Ok(bytes) = socket.recv(|buf| {
+                    let n = buf.len().min(CHUNK_BYTES);
+                    (n, buf.get(..n).unwrap_or_default().to_vec())
+                }) else {
+                    break;
+                };
+                bytes
+            }
+            None => break,
         };
         if let Some(direct) = &flow.channels.direct {
             direct.queue(bytes.len());
@@ -473,6 +456,14 @@ fn pump(flow: &mut Flow, socket: &mut tcp::Socket<'static>, now: Instant) -> boo
         permit.send(ToHost::Data(bytes));
         flow.last_active = now;
         moved = true;
+    }
+    if let Some(gate) = &flow.gate {
+        if gate.is_done() {
+            flow.gate = None;
+        } else if !gate.may_finish() {
+            // Held bytes (and the FIN after them) wait for their decision.
+            return moved;
+        }
     }
     // The guest's FIN, once everything before it went to the host.
     if !flow.fin_to_host

@@ -9,10 +9,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-
 use super::Ctx;
-use super::sessions::Table;
+use super::sessions::Relay;
 use crate::config::Udp as UdpConfig;
 use crate::metrics::Counter;
 use crate::proxy::udp::{Reply, spawn};
@@ -25,20 +23,15 @@ pub type Key = (SocketAddr, SocketAddr);
 
 /// The UDP session table.
 pub struct Sessions {
-    table: Table<Key, Vec<u8>>,
-    replies_tx: mpsc::Sender<Reply>,
-    replies: mpsc::Receiver<Reply>,
+    relay: Relay<Key, Vec<u8>, Reply>,
     config: UdpConfig,
 }
 
 impl Sessions {
     /// An empty table.
     pub fn new(config: UdpConfig) -> Self {
-        let (replies_tx, replies) = mpsc::channel(REPLY_DEPTH);
         Self {
-            table: Table::default(),
-            replies_tx,
-            replies,
+            relay: Relay::new(REPLY_DEPTH),
             config,
         }
     }
@@ -47,12 +40,13 @@ impl Sessions {
     pub fn send(&mut self, ctx: &Ctx<'_>, src: SocketAddr, dst: SocketAddr, payload: &[u8]) {
         let (metrics, now) = (ctx.metrics, ctx.now);
         let key = (src, dst);
-        if !self.table.contains(&key) {
+        if !self.relay.table.contains(&key) {
             let Some(upstream) = ctx.upstream(dst) else {
                 metrics.inc(Counter::udp_denied);
                 return;
             };
             if !self
+                .relay
                 .table
                 .admits(self.config.max_sessions, metrics, Counter::udp_over_limit)
             {
@@ -62,15 +56,15 @@ impl Sessions {
             let to_host = spawn(
                 ctx.host,
                 upstream,
-                self.table.next_id(),
-                self.replies_tx.clone(),
+                self.relay.table.next_id(),
+                self.relay.replies_tx.clone(),
                 idle,
                 metrics.clone(),
             );
             metrics.inc(Counter::udp_sessions);
-            self.table.insert(key, to_host, now);
+            self.relay.table.insert(key, to_host, now);
         }
-        if !self.table.send(&key, payload.to_vec(), now) {
+        if !self.relay.table.send(&key, payload.to_vec(), now) {
             metrics.inc(Counter::udp_queue_full);
         }
     }
@@ -78,8 +72,8 @@ impl Sessions {
     /// The next reply from the host side: (guest endpoint, remote, payload).
     pub fn next_reply(&mut self, now: Instant) -> Option<(SocketAddr, SocketAddr, Vec<u8>)> {
         loop {
-            let (id, payload) = self.replies.try_recv().ok()?;
-            if let Some((guest, remote)) = self.table.key_of(id, now) {
+            let (id, payload) = self.relay.replies.try_recv().ok()?;
+            if let Some((guest, remote)) = self.relay.table.key_of(id, now) {
                 return Some((guest, remote, payload));
             }
         }
@@ -87,17 +81,18 @@ impl Sessions {
 
     /// Closes sessions idle past the timeout (their tasks end with them).
     pub fn expire(&mut self, now: Instant) {
-        self.table
+        self.relay
+            .table
             .expire(now, Duration::from_secs(self.config.idle_timeout_seconds));
     }
 
     /// Number of open sessions.
     pub fn len(&self) -> usize {
-        self.table.len()
+        self.relay.table.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
+        self.relay.table.is_empty()
     }
 }
