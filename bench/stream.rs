@@ -249,7 +249,10 @@ fn main() {
     let bytes = (gib * (1u64 << 30) as f64) as u64;
     let daemon = Daemon::start_with(
         None,
-        Some("[outbound]\nallow-host-loopback = true\n[policy]\npreset = \"allow-all\"\n"),
+        Some(
+            "[outbound]\nallow-host-loopback = true\n[policy]\npreset = \"allow-all\"\n\
+             [[policy.rule]]\naction = \"allow\"\ndestination = \"group:host\"\n",
+        ),
         &[],
     );
     println!(
