@@ -22,6 +22,7 @@ pub mod dispatch;
 pub mod dns;
 pub mod frames;
 pub mod gate;
+pub mod hostio;
 pub mod icmp;
 pub mod ndp;
 pub mod police;
@@ -153,8 +154,9 @@ pub struct Shared {
 }
 
 impl Engine {
-    /// A fresh engine for one guest, its host side on `host`.
-    pub fn new(shared: &Shared, host: Host) -> Result<Self, Error> {
+    /// A fresh engine for one guest, its host side on `host`, the host
+    /// sockets it owns in `io`.
+    pub fn new(shared: &Shared, host: Host, io: hostio::HostIo) -> Result<Self, Error> {
         let config = &*shared.config;
         let metrics = shared.metrics.clone();
         let net = &config.network;
@@ -236,7 +238,7 @@ impl Engine {
                 guest_mac: EthernetAddress(net.guest_mac.0),
                 dhcp: dhcp::Server::new(net),
                 ra: ndp::Advertiser::new(net),
-                tcp: tcp::Flows::new(config.tcp.clone()),
+                tcp: tcp::Flows::new(config.tcp.clone(), io),
                 udp: udp::Sessions::new(config.udp.clone()),
                 icmp: icmp::Sessions::new(config.icmp.clone(), shared.icmp_available),
                 pending: device::ToGuest::default(),
@@ -277,6 +279,12 @@ impl Engine {
     /// The counters this engine writes.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
+    }
+
+    /// The epoll of the host sockets this engine owns, for the next
+    /// engine of the same device.
+    pub fn io(&self) -> hostio::HostIo {
+        self.gateway.tcp.io()
     }
 
     /// The host side this engine uses.
@@ -487,7 +495,8 @@ mod tests {
             wake: Arc::new(crate::proxy::Wake::new().unwrap()),
             upstream: Arc::new(crate::proxy::Direct),
         };
-        let engine = Engine::new(&shared, host).unwrap();
+        let io = hostio::HostIo::new().unwrap();
+        let engine = Engine::new(&shared, host, io).unwrap();
         let held = engine.addresses();
         let net = &config.network;
         for want in [

@@ -27,8 +27,8 @@ const UDP_OUT_DEPTH: usize = 256;
 pub enum Inbound {
     /// An accepted TCP connection for `guest_port`.
     Tcp {
-        /// The host side.
-        stream: tokio::net::TcpStream,
+        /// The host side, nonblocking, for the engine to own.
+        stream: std::net::TcpStream,
         /// The guest port to connect to.
         guest_port: u16,
     },
@@ -170,6 +170,12 @@ async fn accept_tcp(
 ) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        // The engine owns accepted connections; a socket tokio cannot give
+        // up is closed like a refused one.
+        let Ok(stream) = stream.into_std() else {
+            metrics.inc(Counter::publish_refused);
             continue;
         };
         let handed = inbox(&slot).is_some_and(|inbox| {

@@ -1,23 +1,18 @@
-//! One TCP flow's host side: dial (timed), then copy both ways between the
-//! host socket and the engine's channels, with half-close and reset carried
-//! across.
+//! One TCP flow's host side on tokio: the dial (timed), after which a
+//! dialled flow's socket goes to the engine, which moves its bytes itself;
+//! and, for flows a task must see (first-bytes decisions, local services),
+//! the channels between the task and the engine, with half-close and reset
+//! carried across.
 //!
-//! Runs as a tokio task. The host socket is read only when the channel to the
-//! engine has room (a reserved slot), so a slow guest stops the reads and the
-//! host's TCP window closes; the engine stops reading its smoltcp socket when
-//! the channel to this task is full, which closes the guest's window.
-//!
-//! Guest-to-host bytes take a shortcut when nothing is queued for the task:
-//! the engine writes them to the host socket itself ([`Direct`], a
-//! non-blocking write), saving a thread hop per request; whatever the socket
-//! does not take goes through the channel, and the engine writes directly
-//! again only once the task has written everything queued, so order holds.
+//! The host socket is read only when the channel to the engine has room (a
+//! reserved slot), so a slow guest stops the reads and the host's TCP window
+//! closes; the engine stops reading its smoltcp socket when the channel to
+//! the task is full, which closes the guest's window.
 #![forbid(unsafe_code)]
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -60,9 +55,9 @@ pub enum ToHost {
 /// Host to engine.
 #[derive(Debug)]
 pub enum FromHost {
-    /// The upstream connection is established; the engine may write to it
-    /// directly through this (None: a local service, channel only).
-    Connected(Option<Direct>),
+    /// The upstream connection is established: the socket, nonblocking, for
+    /// the engine to own (None: a local service, channels only).
+    Connected(Option<std::net::TcpStream>),
     /// Dialling failed: refused, unreachable, timed out.
     Failed(io::ErrorKind),
     /// Bytes from the host peer.
@@ -73,111 +68,46 @@ pub enum FromHost {
     Reset,
 }
 
-/// The engine's non-blocking path to a flow's host socket.
-#[derive(Debug, Clone)]
-pub struct Direct {
-    stream: Arc<TcpStream>,
-    queued: Arc<AtomicUsize>,
-}
-
-impl Direct {
-    /// Writes what the socket takes now, only when nothing is queued for the
-    /// task (else order could break); returns the bytes written.
-    pub fn try_write(&self, data: &[u8]) -> usize {
-        if self.queued.load(Ordering::Acquire) != 0 {
-            return 0;
-        }
-        self.stream.try_write(data).unwrap_or(0)
-    }
-
-    /// Records bytes handed to the task through the channel.
-    pub fn queue(&self, bytes: usize) {
-        self.queued.fetch_add(bytes, Ordering::AcqRel);
-    }
-}
-
 /// The engine's ends of one flow's channels.
 pub struct Channels {
     /// To the task.
     pub to_host: mpsc::Sender<ToHost>,
     /// From the task.
     pub from_host: mpsc::Receiver<FromHost>,
-    /// The direct path, once connected.
-    pub direct: Option<Direct>,
 }
 
 /// A new flow's channels: the engine's ends, and the task's.
 pub fn pair() -> (Channels, mpsc::Receiver<ToHost>, mpsc::Sender<FromHost>) {
     let (to_host, to_host_rx) = mpsc::channel(CHANNEL_DEPTH);
     let (from_host_tx, from_host) = mpsc::channel(CHANNEL_DEPTH);
-    (
-        Channels {
-            to_host,
-            from_host,
-            direct: None,
-        },
-        to_host_rx,
-        from_host_tx,
-    )
+    (Channels { to_host, from_host }, to_host_rx, from_host_tx)
 }
 
-fn direct(stream: TcpStream) -> Direct {
-    Direct {
-        stream: Arc::new(stream),
-        queued: Arc::new(AtomicUsize::new(0)),
-    }
-}
-
-/// Starts a task that dials `dst` and relays; the first message back is
-/// `Connected` or `Failed`.
+/// Starts a task that dials `dst`; the one message back is `Connected`
+/// with the socket (the task then ends: the engine owns the flow) or
+/// `Failed`.
 pub fn spawn_outbound(host: &Host, dst: SocketAddr, connect_timeout: Duration) -> Channels {
-    let (channels, rx, tx) = pair();
+    let (channels, _rx, tx) = pair();
     let host = host.clone();
     host.runtime.clone().spawn(async move {
         let dialled = tokio::time::timeout(connect_timeout, host.upstream.connect(dst)).await;
-        let stream = match dialled {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                let _ = tx.send(FromHost::Failed(e.kind())).await;
-                host.wake.wake();
-                return;
-            }
-            Err(_) => {
-                let _ = tx.send(FromHost::Failed(io::ErrorKind::TimedOut)).await;
-                host.wake.wake();
-                return;
-            }
+        let message = match dialled {
+            Ok(Ok(stream)) => match stream.into_std() {
+                Ok(stream) => FromHost::Connected(Some(stream)),
+                Err(e) => FromHost::Failed(e.kind()),
+            },
+            Ok(Err(e)) => FromHost::Failed(e.kind()),
+            Err(_) => FromHost::Failed(io::ErrorKind::TimedOut),
         };
-        let direct = direct(stream);
-        if tx
-            .send(FromHost::Connected(Some(direct.clone())))
-            .await
-            .is_err()
-        {
-            return;
-        }
+        // The engine may have dropped the flow meanwhile; nobody to tell.
+        let _ = tx.send(message).await;
         host.wake.wake();
-        relay(direct, rx, tx, &host.wake, None).await;
-    });
-    channels
-}
-
-/// Starts a task relaying an already accepted host connection (a published
-/// port); no `Connected` message is sent.
-pub fn spawn_inbound(host: &Host, stream: TcpStream) -> Channels {
-    let (mut channels, rx, tx) = pair();
-    let _ = stream.set_nodelay(true);
-    let direct = direct(stream);
-    channels.direct = Some(direct.clone());
-    let wake = host.wake.clone();
-    host.runtime.spawn(async move {
-        relay(direct, rx, tx, &wake, None).await;
     });
     channels
 }
 
 async fn relay(
-    direct: Direct,
+    stream: Arc<TcpStream>,
     mut from_engine: mpsc::Receiver<ToHost>,
     to_engine: mpsc::Sender<FromHost>,
     wake: &Wake,
@@ -185,8 +115,8 @@ async fn relay(
 ) {
     let stop = CancellationToken::new();
     tokio::join!(
-        host_to_engine(&direct.stream, &to_engine, wake, &stop),
-        engine_to_host(&direct, &mut from_engine, &to_engine, wake, &stop, inspect),
+        host_to_engine(&stream, &to_engine, wake, &stop),
+        engine_to_host(&stream, &mut from_engine, &to_engine, wake, &stop, inspect),
     );
 }
 
@@ -255,18 +185,17 @@ async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 }
 
 async fn engine_to_host(
-    direct: &Direct,
+    stream: &TcpStream,
     rx: &mut mpsc::Receiver<ToHost>,
     to_engine: &mpsc::Sender<FromHost>,
     wake: &Wake,
     stop: &CancellationToken,
     mut inspect: Option<Box<dyn Inspect>>,
 ) {
-    let stream = &direct.stream;
     let abort = || {
         // Both sides see a reset: the host by SO_LINGER 0, the guest by a
         // Reset the engine turns into a RST.
-        let _ = socket2::SockRef::from(&**stream).set_linger(Some(Duration::ZERO));
+        let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
         stop.cancel();
     };
     loop {
@@ -276,12 +205,6 @@ async fn engine_to_host(
         };
         // A slot was freed: the engine may resume reading the guest.
         wake.wake();
-        // What the engine queued is released only once written, so it does
-        // not write directly ahead of it.
-        let queued = match &message {
-            Some(ToHost::Data(bytes)) => bytes.len(),
-            _ => 0,
-        };
         let message = match (message, inspect.as_mut()) {
             (Some(ToHost::Data(bytes)), Some(inspector)) => {
                 match inspector.pass(&bytes, false).await {
@@ -312,23 +235,19 @@ async fn engine_to_host(
         };
         match message {
             Some(ToHost::Data(bytes)) => {
-                let written = write_all(stream, &bytes).await;
-                direct.queued.fetch_sub(queued, Ordering::AcqRel);
-                if written.is_err() {
+                if write_all(stream, &bytes).await.is_err() {
                     // The read side sees the same failure and reports it.
                     return;
                 }
-                // Nothing queued any more: the engine may write directly.
-                wake.wake();
             }
             Some(ToHost::Fin) => {
-                let _ = socket2::SockRef::from(&**stream).shutdown(std::net::Shutdown::Write);
+                let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
                 return;
             }
             // Reset, or the engine dropped the flow without a FIN: make the
             // host see a reset, not a clean close.
             Some(ToHost::Reset) | None => {
-                let _ = socket2::SockRef::from(&**stream).set_linger(Some(Duration::ZERO));
+                let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
                 stop.cancel();
                 return;
             }
@@ -353,12 +272,12 @@ pub async fn dial_and_relay(
         reset(&tx, &host.wake).await;
         return;
     };
-    let direct = direct(stream);
-    if write_all(&direct.stream, first).await.is_err() {
+    let stream = Arc::new(stream);
+    if write_all(&stream, first).await.is_err() {
         reset(&tx, &host.wake).await;
         return;
     }
-    relay(direct, rx, tx, &host.wake, inspect).await;
+    relay(stream, rx, tx, &host.wake, inspect).await;
 }
 
 /// Resets the guest's side of a flow from its task.

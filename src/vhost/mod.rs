@@ -29,6 +29,7 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::engine::hostio::HostIo;
 use crate::engine::{Engine, Shared};
 use crate::proxy::{Direct, Host, Wake};
 
@@ -42,6 +43,8 @@ const NUM_QUEUES: usize = 2;
 const TIMER_EVENT: u16 = 3;
 /// Event id of the host side's wake eventfd.
 const WAKE_EVENT: u16 = 4;
+/// Event id of the epoll of host sockets the engine owns.
+const SOCKETS_EVENT: u16 = 5;
 /// Largest ring the VMM may choose; QEMU allows up to 1024.
 const MAX_QUEUE_SIZE: usize = 1024;
 /// Re-check interval while the guest's RX queue has no buffers and we have
@@ -87,7 +90,8 @@ impl NetBackend {
             wake: Arc::new(Wake::new().map_err(Error::CreateEvents)?),
             upstream: Arc::new(Direct),
         };
-        let engine = Engine::new(&shared, host).map_err(Error::Engine)?;
+        let io = HostIo::new().map_err(Error::CreateEvents)?;
+        let engine = Engine::new(&shared, host, io).map_err(Error::Engine)?;
         Ok(Self {
             shared,
             state: Mutex::new(State {
@@ -99,17 +103,21 @@ impl NetBackend {
         })
     }
 
-    /// Adds the engine's timer and the host side's wake eventfd to a vring
-    /// worker's epoll set.
+    /// Adds the engine's timer, the host side's wake eventfd and the epoll
+    /// of the host sockets the engine owns to a vring worker's epoll set.
     pub fn register(&self, handler: &VringEpollHandler<Arc<Self>>) -> Result<(), Error> {
         use std::os::fd::AsRawFd;
         let state = self.lock();
         let timer = state.timer.as_raw_fd();
         let wake = state.engine.host().wake.as_raw_fd();
+        let sockets = state.engine.io().as_raw_fd();
         drop(state);
         handler
             .register_listener(timer, EventSet::IN, u64::from(TIMER_EVENT))
             .and_then(|()| handler.register_listener(wake, EventSet::IN, u64::from(WAKE_EVENT)))
+            .and_then(|()| {
+                handler.register_listener(sockets, EventSet::IN, u64::from(SOCKETS_EVENT))
+            })
             .map_err(Error::RegisterEvents)
     }
 
@@ -189,7 +197,8 @@ impl VhostUserBackend for NetBackend {
         let mut state = self.lock();
         // The same host side: its wake eventfd is in the worker's epoll set.
         let host = state.engine.host();
-        match Engine::new(&self.shared, host) {
+        let io = state.engine.io();
+        match Engine::new(&self.shared, host, io) {
             Ok(engine) => state.engine = engine,
             // It was built from the same parts at connection time, so this
             // does not happen; if it did, the old state is all there is.
