@@ -86,11 +86,13 @@ counters! {
     udp_denied,
     /// UDP datagrams dropped at max-sessions.
     udp_over_limit,
-    /// UDP datagrams dropped because a session's queue was full.
+    /// Guest replies at published UDP ports dropped because the port's send
+    /// queue was full.
     udp_queue_full,
     /// UDP sends to the host network that failed.
     udp_send_failed,
-    /// UDP replies dropped because the engine's queue was full.
+    /// UDP replies the kernel dropped because the guest did not take them
+    /// in time (the session socket's receive buffer overflowed).
     udp_reply_dropped,
     /// Echo requests dropped because ping sockets are not available.
     icmp_unavailable,
@@ -98,11 +100,10 @@ counters! {
     icmp_denied,
     /// Echo requests dropped at max-sessions.
     icmp_over_limit,
-    /// Echo requests dropped because a session's queue was full.
-    icmp_queue_full,
     /// Echo sends that failed.
     icmp_send_failed,
-    /// Echo replies dropped because the engine's queue was full.
+    /// Echo replies the kernel dropped because the guest did not take them
+    /// in time.
     icmp_reply_dropped,
     /// Connections or datagrams at published ports with no guest to take them.
     publish_refused,

@@ -48,6 +48,8 @@ pub struct Gateway {
     /// Frames for smoltcp (SYNs released once their upstream connected).
     pub(super) inject: VecDeque<Vec<u8>>,
     pub(super) host: Host,
+    /// The host sockets the engine owns (flows' and sessions').
+    pub(super) io: super::hostio::HostIo,
     pub(super) metrics: Arc<Metrics>,
     pub(super) published: Option<publish::Published>,
     pub(super) dns: dns::Interceptor,
@@ -258,12 +260,12 @@ impl Gateway {
                 true
             }
             (Route::Udp, Kind::Udp { src, dst, payload }) => {
-                let ctx = Ctx::new(&self.host, &self.metrics, &self.setup, now);
+                let ctx = Ctx::new(&self.host, &self.io, &self.metrics, &self.setup, now);
                 self.udp.send(&ctx, *src, *dst, payload);
                 true
             }
             (Route::Echo, Kind::Echo(echo)) => {
-                let ctx = Ctx::new(&self.host, &self.metrics, &self.setup, now);
+                let ctx = Ctx::new(&self.host, &self.io, &self.metrics, &self.setup, now);
                 self.icmp.send(&ctx, echo);
                 true
             }
@@ -281,7 +283,7 @@ impl Gateway {
         opener: Option<tcp::Opener>,
         gate: Option<gate::Gate>,
     ) -> bool {
-        let ctx = Ctx::new(&self.host, &self.metrics, &self.setup, now);
+        let ctx = Ctx::new(&self.host, &self.io, &self.metrics, &self.setup, now);
         match self.tcp.on_syn(&ctx, frame, (src, dst), seq, opener, gate) {
             tcp::Syn::Held => true,
             tcp::Syn::Pass => false,
@@ -293,13 +295,7 @@ impl Gateway {
     }
 
     pub(super) fn to_guest(&self, from: IpAddr, to: IpAddr) -> frames::Ends {
-        frames::Ends {
-            src_mac: self.gateway_mac,
-            dst_mac: self.guest_mac,
-            src: from,
-            dst: to,
-            hop_limit: 64,
-        }
+        ends((self.gateway_mac, self.guest_mac), from, to)
     }
 
     pub(super) fn refuse(&mut self, guest: SocketAddr, remote: SocketAddr, seq: u32) {
@@ -327,9 +323,12 @@ impl Gateway {
     /// Replies from the UDP, DNS and ICMP relays, as far as there is room.
     pub(super) fn relay_replies(&mut self, now: Instant) -> bool {
         let udp = self.drain(|gw| {
-            let (guest, remote, payload) = gw.udp.next_reply(now)?;
-            let ends = gw.to_guest(remote.ip(), guest.ip());
-            Some(frames::udp(&ends, remote.port(), guest.port(), &payload))
+            // The reply borrows the session table's buffer: frame it
+            // before anything else of the gateway is touched.
+            let (macs, udp) = ((gw.gateway_mac, gw.guest_mac), &mut gw.udp);
+            let (guest, remote, payload) = udp.next_reply(now, &gw.metrics)?;
+            let ends = ends(macs, remote.ip(), guest.ip());
+            Some(frames::udp(&ends, remote.port(), guest.port(), payload))
         });
         let dns = self.drain(|gw| {
             let (guest, asked, answer) = gw.dns.next_answer()?;
@@ -337,9 +336,10 @@ impl Gateway {
             Some(frames::udp(&ends, asked.port(), guest.port(), &answer))
         });
         let icmp = self.drain(|gw| {
-            let (guest, remote, ident, seq, data) = gw.icmp.next_reply(now)?;
-            let ends = gw.to_guest(remote, guest);
-            Some(frames::echo_reply(&ends, ident, seq, &data))
+            let (macs, icmp) = ((gw.gateway_mac, gw.guest_mac), &mut gw.icmp);
+            let (guest, remote, ident, seq, data) = icmp.next_reply(now, &gw.metrics)?;
+            let ends = ends(macs, remote, guest);
+            Some(frames::echo_reply(&ends, ident, seq, data))
         });
         udp || dns || icmp
     }
@@ -355,5 +355,20 @@ impl Gateway {
             any = true;
         }
         any
+    }
+}
+
+/// The ends of a frame from the gateway (`macs`: gateway's, guest's).
+fn ends(
+    (gateway, guest): (EthernetAddress, EthernetAddress),
+    from: IpAddr,
+    to: IpAddr,
+) -> frames::Ends {
+    frames::Ends {
+        src_mac: gateway,
+        dst_mac: guest,
+        src: from,
+        dst: to,
+        hop_limit: 64,
     }
 }

@@ -1,8 +1,8 @@
-//! Guest echo requests to outside hosts on the engine side: sessions per
-//! (guest, destination, identifier) over ping sockets, replies framed back
-//! with the guest's own identifier.
+//! Guest echo requests to outside hosts: sessions per (guest, destination,
+//! identifier) over engine-owned ping sockets, replies framed back with the
+//! guest's own identifier.
 //!
-//! Runs on the engine thread; never awaits. Where the host forbids ping
+//! Runs on the engine thread; never blocks. Where the host forbids ping
 //! sockets, echo requests are dropped and counted after one log line at start.
 #![forbid(unsafe_code)]
 
@@ -11,19 +11,20 @@ use std::time::{Duration, Instant};
 
 use super::Ctx;
 use super::classify::Echo;
-use super::sessions::Relay;
+use super::sessions::Datagrams;
 use crate::config::Icmp as IcmpConfig;
-use crate::metrics::Counter;
-use crate::proxy::icmp::{Reply, open, spawn};
+use crate::metrics::{Counter, Metrics};
+use crate::proxy::icmp::{open, reply, request};
 
-const REPLY_DEPTH: usize = 128;
+/// The tag of echo sessions' tokens in the host-socket epoll.
+pub const TAG: u64 = 2;
 
 /// A session: guest address, destination, guest identifier.
 pub type Key = (IpAddr, IpAddr, u16);
 
 /// The echo session table.
 pub struct Sessions {
-    relay: Relay<Key, (u16, Vec<u8>), Reply>,
+    table: Datagrams<Key>,
     config: IcmpConfig,
     available: bool,
 }
@@ -32,7 +33,7 @@ impl Sessions {
     /// An empty table; `available` says whether ping sockets work here.
     pub fn new(config: IcmpConfig, available: bool) -> Self {
         Self {
-            relay: Relay::new(REPLY_DEPTH),
+            table: Datagrams::new(TAG, Counter::icmp_reply_dropped),
             config,
             available,
         }
@@ -55,57 +56,63 @@ impl Sessions {
             return;
         }
         let key = (echo.src, dst, echo.ident);
-        if !self.relay.table.contains(&key) {
+        if !self.table.contains(&key) {
             if !self
-                .relay
                 .table
                 .admits(self.config.max_sessions, metrics, Counter::icmp_over_limit)
             {
                 return;
             }
-            let socket = match open(dst) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(%dst, error = %e, "cannot open ping socket");
-                    metrics.inc(Counter::icmp_unavailable);
-                    return;
-                }
-            };
-            let idle = Duration::from_secs(self.config.idle_timeout_seconds);
-            let to_host = spawn(
-                ctx.host,
-                socket,
-                dst.is_ipv6(),
-                self.relay.table.next_id(),
-                self.relay.replies_tx.clone(),
-                idle,
-                metrics.clone(),
-            );
-            self.relay.table.insert(key, to_host, now);
+            let opened = open(dst).and_then(|socket| self.table.open(ctx.io, key, socket, now));
+            if let Err(e) = opened {
+                tracing::debug!(%dst, error = %e, "cannot open ping socket");
+                metrics.inc(Counter::icmp_unavailable);
+                return;
+            }
         }
-        if !self
-            .relay
-            .table
-            .send(&key, (echo.seq, echo.data.to_vec()), now)
-        {
-            metrics.inc(Counter::icmp_queue_full);
+        let message = request(dst.is_ipv6(), echo.seq, echo.data);
+        if !self.table.send(&key, &message, now) {
+            metrics.inc(Counter::icmp_send_failed);
         }
     }
 
+    /// Marks a session's socket readable.
+    pub fn mark(&mut self, token: u64) {
+        self.table.mark(token);
+    }
+
+    /// Whether `token` is an echo session's.
+    pub fn owns(&self, token: u64) -> bool {
+        self.table.owns(token)
+    }
+
     /// The next reply: (guest, remote, guest identifier, seq, data).
-    pub fn next_reply(&mut self, now: Instant) -> Option<(IpAddr, IpAddr, u16, u16, Vec<u8>)> {
-        loop {
-            let (id, seq, data) = self.relay.replies.try_recv().ok()?;
-            if let Some((guest, remote, ident)) = self.relay.table.key_of(id, now) {
-                return Some((guest, remote, ident, seq, data));
-            }
-        }
+    pub fn next_reply(
+        &mut self,
+        now: Instant,
+        metrics: &Metrics,
+    ) -> Option<(IpAddr, IpAddr, u16, u16, &[u8])> {
+        // Anything but an echo reply (errors, our own requests looped
+        // back) is passed over.
+        let is_reply = |key: &Key, message: &[u8]| reply(key.1.is_ipv6(), message).is_some();
+        let ((guest, remote, ident), message) = self.table.next(now, metrics, is_reply)?;
+        let (seq, data) = reply(remote.is_ipv6(), message)?;
+        Some((guest, remote, ident, seq, data))
     }
 
     /// Closes idle sessions.
     pub fn expire(&mut self, now: Instant) {
-        self.relay
-            .table
+        self.table
             .expire(now, Duration::from_secs(self.config.idle_timeout_seconds));
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// Whether replies wait to be read.
+    pub fn has_readable(&self) -> bool {
+        self.table.has_readable()
     }
 }

@@ -70,6 +70,8 @@ const EXPIRY_TICK: Duration = Duration::from_secs(1);
 pub struct Ctx<'a> {
     /// Where host tasks run.
     pub host: &'a Host,
+    /// The host sockets the engine owns.
+    pub io: &'a hostio::HostIo,
     /// Counters.
     pub metrics: &'a Arc<Metrics>,
     /// The gateway's addresses.
@@ -84,12 +86,14 @@ impl<'a> Ctx<'a> {
     /// The context of one frame.
     pub fn new(
         host: &'a Host,
+        io: &'a hostio::HostIo,
         metrics: &'a Arc<Metrics>,
         setup: &route::Setup,
         now: Instant,
     ) -> Self {
         Self {
             host,
+            io,
             metrics,
             own: setup.own,
             allow_host_loopback: setup.allow_host_loopback,
@@ -238,12 +242,13 @@ impl Engine {
                 guest_mac: EthernetAddress(net.guest_mac.0),
                 dhcp: dhcp::Server::new(net),
                 ra: ndp::Advertiser::new(net),
-                tcp: tcp::Flows::new(config.tcp.clone(), io),
+                tcp: tcp::Flows::new(config.tcp.clone()),
                 udp: udp::Sessions::new(config.udp.clone()),
                 icmp: icmp::Sessions::new(config.icmp.clone(), shared.icmp_available),
                 pending: device::ToGuest::default(),
                 inject: VecDeque::new(),
                 host,
+                io,
                 metrics: metrics.clone(),
                 published,
                 dns: dns::Interceptor::new(forwarder, config.dns.max_inflight),
@@ -284,7 +289,7 @@ impl Engine {
     /// The epoll of the host sockets this engine owns, for the next
     /// engine of the same device.
     pub fn io(&self) -> hostio::HostIo {
-        self.gateway.tcp.io()
+        self.gateway.io.share()
     }
 
     /// The host side this engine uses.
@@ -346,6 +351,13 @@ impl Engine {
         );
         result.rx_used |= used;
         result.rx_starved |= waiting;
+        // Session sockets are edge-triggered: replies left unread for want
+        // of room bring no new edge. With RX buffers free, come back for
+        // them; without, the guest's next RX kick does.
+        let unread = self.gateway.udp.has_readable() || self.gateway.icmp.has_readable();
+        if unread && !waiting {
+            self.gateway.host.wake.wake();
+        }
         result
     }
 
@@ -353,9 +365,18 @@ impl Engine {
     /// input or output to process.
     fn service(&mut self, now: Instant) -> bool {
         let mut effects = tcp::Effects::default();
-        self.gateway
-            .tcp
-            .service(&mut self.sockets, &self.metrics, now, &mut effects);
+        let gw = &mut self.gateway;
+        for (token, ready) in gw.io.ready() {
+            if gw.udp.owns(token) {
+                gw.udp.mark(token);
+            } else if gw.icmp.owns(token) {
+                gw.icmp.mark(token);
+            } else {
+                gw.tcp.mark(token, ready);
+            }
+        }
+        gw.tcp
+            .service(&gw.io, &mut self.sockets, &self.metrics, now, &mut effects);
         let injected = !effects.inject.is_empty();
         self.gateway.inject.extend(effects.inject);
         for (guest, remote, seq) in effects.refuse {
@@ -395,7 +416,7 @@ impl Engine {
             let gw = &mut self.gateway;
             match item {
                 crate::proxy::publish::Inbound::Tcp { stream, guest_port } => {
-                    let ctx = Ctx::new(&gw.host, &gw.metrics, &gw.setup, now);
+                    let ctx = Ctx::new(&gw.host, &gw.io, &gw.metrics, &gw.setup, now);
                     let guest = SocketAddr::new(IpAddr::V4(gw.guest_v4), guest_port);
                     let local = IpAddr::V4(gw.gateway_v4);
                     opened |= gw.tcp.open_inbound(
@@ -440,7 +461,8 @@ impl Engine {
             .as_ref()
             .and_then(ndp::Advertiser::deadline)
             .map(|t| t.saturating_duration_since(now));
-        let expiry = (!self.gateway.tcp.is_empty() || !self.gateway.udp.is_empty())
+        let gw = &self.gateway;
+        let expiry = (!gw.tcp.is_empty() || !gw.udp.is_empty() || !gw.icmp.is_empty())
             .then(|| self.next_expiry.saturating_duration_since(now));
         [smol, ra, expiry].into_iter().flatten().min()
     }

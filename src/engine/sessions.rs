@@ -1,136 +1,217 @@
-//! The session table the UDP and ICMP relays share: sessions by key, keys by
-//! the id their host task tags replies with, a sender to each task, idle
-//! expiry. Sessions whose task has ended are expired with the idle ones.
+//! The datagram sessions the UDP and ICMP relays share: one connected,
+//! nonblocking host socket per session, owned by the engine and watched in
+//! its host-socket epoll under a token tagged with the relay's kind. Sends
+//! go out at once; a session that became readable is drained as frames for
+//! the guest find room. Idle sessions expire (their sockets close).
 //!
-//! Engine thread only; no I/O.
+//! While the guest takes no replies the socket's receive buffer is the
+//! queue; what the kernel drops when it overflows is learned from
+//! `SO_RXQ_OVFL` on the next read and counted.
+//!
+//! Engine thread only; never blocks.
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
+use std::io::IoSliceMut;
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use super::hostio::HostIo;
+use crate::metrics::{Counter, Metrics};
 
-use crate::metrics::Counter;
+/// Largest datagram read from a host socket (a full IPv4/IPv6 payload).
+const MAX_DATAGRAM: usize = 65_535;
+/// Bits of a token that say which table it belongs to.
+pub const TAG_SHIFT: u32 = 60;
+/// Socket errors passed over in one read before giving the pass back.
+const MAX_ERRORS_PER_READ: usize = 64;
 
-struct Session<T> {
-    id: u64,
-    to_host: mpsc::Sender<T>,
+struct Session<K> {
+    key: K,
+    socket: std::net::UdpSocket,
     last_active: Instant,
+    /// The kernel's drop count for the socket when last read.
+    dropped: u32,
 }
 
-/// A relay's sessions and the one channel all their tasks send replies
-/// (`R`) on.
-pub struct Relay<K, T, R> {
-    /// The sessions.
-    pub table: Table<K, T>,
-    /// For new sessions' tasks.
-    pub replies_tx: mpsc::Sender<R>,
-    /// Replies waiting for the engine.
-    pub replies: mpsc::Receiver<R>,
+/// Sessions keyed by `K`.
+pub struct Datagrams<K> {
+    by_key: HashMap<K, u64>,
+    by_token: HashMap<u64, Session<K>>,
+    readable: HashSet<u64>,
+    tag: u64,
+    next: u64,
+    buf: Vec<u8>,
+    cmsg: Vec<u8>,
+    /// What the kernel's drops count as.
+    drop_counter: Counter,
 }
 
-impl<K: Copy + Eq + Hash, T, R> Relay<K, T, R> {
-    /// An empty relay whose reply channel holds `depth` replies.
-    pub fn new(depth: usize) -> Self {
-        let (replies_tx, replies) = mpsc::channel(depth);
+impl<K: Copy + Eq + Hash> Datagrams<K> {
+    /// An empty table whose tokens carry `tag` (see [`TAG_SHIFT`]);
+    /// replies the kernel drops count as `drop_counter`.
+    pub fn new(tag: u64, drop_counter: Counter) -> Self {
         Self {
-            table: Table::default(),
-            replies_tx,
-            replies,
+            by_key: HashMap::new(),
+            by_token: HashMap::new(),
+            readable: HashSet::new(),
+            tag: tag << TAG_SHIFT,
+            next: 0,
+            buf: Vec::new(),
+            cmsg: nix::cmsg_space!(u32),
+            drop_counter,
         }
     }
-}
 
-/// Sessions keyed by `K`, each with a channel of `T` to its host task.
-pub struct Table<K, T> {
-    sessions: HashMap<K, Session<T>>,
-    by_id: HashMap<u64, K>,
-    next_id: u64,
-}
-
-impl<K: Copy + Eq + Hash, T> Default for Table<K, T> {
-    fn default() -> Self {
-        Self {
-            sessions: HashMap::new(),
-            by_id: HashMap::new(),
-            next_id: 0,
-        }
+    /// Whether `token` is one of this table's.
+    pub fn owns(&self, token: u64) -> bool {
+        token >> TAG_SHIFT << TAG_SHIFT == self.tag
     }
-}
 
-impl<K: Copy + Eq + Hash, T> Table<K, T> {
     /// Number of sessions.
     pub fn len(&self) -> usize {
-        self.sessions.len()
+        self.by_key.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
+        self.by_key.is_empty()
+    }
+
+    /// Whether `key` has a session.
+    pub fn contains(&self, key: &K) -> bool {
+        self.by_key.contains_key(key)
     }
 
     /// Whether one more session fits under `max`; counts `full` when not.
-    pub fn admits(&self, max: usize, metrics: &crate::metrics::Metrics, full: Counter) -> bool {
-        let room = self.sessions.len() < max;
+    pub fn admits(&self, max: usize, metrics: &Metrics, full: Counter) -> bool {
+        let room = self.by_key.len() < max;
         if !room {
             metrics.inc(full);
         }
         room
     }
 
-    /// Whether `key` has a session.
-    pub fn contains(&self, key: &K) -> bool {
-        self.sessions.contains_key(key)
-    }
-
-    /// The id the next inserted session will have (its task tags replies
-    /// with it).
-    pub fn next_id(&self) -> u64 {
-        self.next_id
-    }
-
-    /// Adds a session under the id [`Table::next_id`] gave.
-    pub fn insert(&mut self, key: K, to_host: mpsc::Sender<T>, now: Instant) {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.sessions.insert(
-            key,
+    /// Adds a session on `socket` (connected, nonblocking), watched in `io`.
+    pub fn open(
+        &mut self,
+        io: &HostIo,
+        key: K,
+        socket: std::net::UdpSocket,
+        now: Instant,
+    ) -> std::io::Result<()> {
+        let token = self.tag | (self.next & ((1 << TAG_SHIFT) - 1));
+        self.next = self.next.wrapping_add(1);
+        socket.set_nonblocking(true)?;
+        setsockopt(&socket, sockopt::RxqOvfl, &1)?;
+        io.add(socket.as_raw_fd(), token)?;
+        self.by_key.insert(key, token);
+        self.by_token.insert(
+            token,
             Session {
-                id,
-                to_host,
+                key,
+                socket,
                 last_active: now,
+                dropped: 0,
             },
         );
-        self.by_id.insert(id, key);
+        Ok(())
     }
 
-    /// Hands `item` to the session's task; false when there is no session
-    /// or its queue is full.
-    pub fn send(&mut self, key: &K, item: T, now: Instant) -> bool {
-        self.sessions.get_mut(key).is_some_and(|s| {
-            s.last_active = now;
-            s.to_host.try_send(item).is_ok()
-        })
+    /// Sends one datagram on `key`'s session; false when there is none or
+    /// the socket would not take it now.
+    pub fn send(&mut self, key: &K, datagram: &[u8], now: Instant) -> bool {
+        let Some(session) = self.by_key.get(key).and_then(|t| self.by_token.get_mut(t)) else {
+            return false;
+        };
+        session.last_active = now;
+        session.socket.send(datagram).is_ok()
     }
 
-    /// The key of the session with `id`, marking it active.
-    pub fn key_of(&mut self, id: u64, now: Instant) -> Option<K> {
-        let key = *self.by_id.get(&id)?;
-        if let Some(s) = self.sessions.get_mut(&key) {
-            s.last_active = now;
+    /// Marks a session readable (an epoll edge).
+    pub fn mark(&mut self, token: u64) {
+        if self.by_token.contains_key(&token) {
+            self.readable.insert(token);
         }
-        Some(key)
     }
 
-    /// Drops sessions idle longer than `idle` or whose task has ended.
+    /// Whether a session has datagrams waiting to be read.
+    pub fn has_readable(&self) -> bool {
+        !self.readable.is_empty()
+    }
+
+    /// The next datagram a readable session received that `wanted`
+    /// accepts: its key and bytes. A session that would block is no longer
+    /// readable; errors (an ICMP error on a connected socket surfaces as
+    /// ECONNREFUSED) and unwanted datagrams are skipped.
+    pub fn next(
+        &mut self,
+        now: Instant,
+        metrics: &Metrics,
+        wanted: impl Fn(&K, &[u8]) -> bool,
+    ) -> Option<(K, &[u8])> {
+        if self.buf.len() < MAX_DATAGRAM {
+            self.buf.resize(MAX_DATAGRAM, 0);
+        }
+        // Socket errors clear as they are read; this bounds a pass all the
+        // same should one keep coming.
+        let mut errors = 0;
+        let (key, n) = loop {
+            let token = *self.readable.iter().next()?;
+            let Some(session) = self.by_token.get_mut(&token) else {
+                self.readable.remove(&token);
+                continue;
+            };
+            let mut iov = [IoSliceMut::new(&mut self.buf)];
+            let received = recvmsg::<()>(
+                session.socket.as_raw_fd(),
+                &mut iov,
+                Some(&mut self.cmsg),
+                MsgFlags::empty(),
+            );
+            match received {
+                Ok(message) => {
+                    let n = message.bytes;
+                    let drops = message.cmsgs().into_iter().flatten().find_map(|c| match c {
+                        ControlMessageOwned::RxqOvfl(total) => Some(total),
+                        _ => None,
+                    });
+                    if let Some(total) = drops {
+                        let lost = total.wrapping_sub(session.dropped);
+                        session.dropped = total;
+                        metrics.add(self.drop_counter, u64::from(lost));
+                    }
+                    session.last_active = now;
+                    if wanted(&session.key, self.buf.get(..n).unwrap_or_default()) {
+                        break (session.key, n);
+                    }
+                }
+                Err(nix::errno::Errno::EAGAIN) => {
+                    self.readable.remove(&token);
+                }
+                Err(_) => {
+                    errors += 1;
+                    if errors >= MAX_ERRORS_PER_READ {
+                        return None;
+                    }
+                }
+            }
+        };
+        Some((key, self.buf.get(..n).unwrap_or_default()))
+    }
+
+    /// Closes sessions idle longer than `idle`.
     pub fn expire(&mut self, now: Instant, idle: Duration) {
-        let by_id = &mut self.by_id;
-        self.sessions.retain(|_, s| {
-            let keep =
-                now.saturating_duration_since(s.last_active) <= idle && !s.to_host.is_closed();
+        let by_key = &mut self.by_key;
+        let readable = &mut self.readable;
+        self.by_token.retain(|token, s| {
+            let keep = now.saturating_duration_since(s.last_active) <= idle;
             if !keep {
-                by_id.remove(&s.id);
+                by_key.remove(&s.key);
+                readable.remove(token);
             }
             keep
         });
@@ -142,27 +223,84 @@ mod tests {
     use super::*;
 
     #[test]
-    fn insert_send_lookup_and_expire() {
-        let mut t: Table<u8, u32> = Table::default();
+    fn open_send_receive_and_expire() {
+        let io = HostIo::new().unwrap();
+        let metrics = Metrics::default();
+        let mut table: Datagrams<u8> = Datagrams::new(1, Counter::udp_reply_dropped);
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.connect(peer.local_addr().unwrap()).unwrap();
         let now = Instant::now();
-        let (tx, mut rx) = mpsc::channel(1);
-        let id = t.next_id();
-        t.insert(7, tx, now);
-        assert!(t.send(&7, 1, now));
-        assert!(!t.send(&7, 2, now), "queue of one is full");
-        assert!(!t.send(&8, 1, now), "no such session");
-        assert_eq!(rx.try_recv().ok(), Some(1));
-        assert_eq!(t.key_of(id, now), Some(7));
-        t.expire(now + Duration::from_secs(5), Duration::from_secs(10));
-        assert_eq!(t.len(), 1);
-        t.expire(now + Duration::from_secs(11), Duration::from_secs(10));
-        assert_eq!(t.len(), 0);
-        assert_eq!(t.key_of(id, now), None);
-        // A session whose task ended goes at the next expiry.
-        let (tx, rx) = mpsc::channel(1);
-        t.insert(9, tx, now);
-        drop(rx);
-        t.expire(now, Duration::from_secs(10));
-        assert!(!t.contains(&9));
+        table.open(&io, 7, socket, now).unwrap();
+        assert!(table.contains(&7));
+        assert!(table.send(&7, b"ping", now));
+        assert!(!table.send(&8, b"ping", now), "no such session");
+        let mut buf = [0u8; 16];
+        let (n, from) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"ping");
+        peer.send_to(b"pong", from).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let mut io = io;
+        let ready = io.ready();
+        let token = ready
+            .iter()
+            .find(|(_, r)| r.readable)
+            .map(|(t, _)| *t)
+            .unwrap();
+        assert!(table.owns(token));
+        assert!(!Datagrams::<u8>::new(2, Counter::udp_reply_dropped).owns(token));
+        table.mark(token);
+        assert_eq!(
+            table
+                .next(now, &metrics, |_, _| true)
+                .map(|(k, d)| (k, d.to_vec())),
+            Some((7, b"pong".to_vec()))
+        );
+        assert!(table.next(now, &metrics, |_, _| true).is_none());
+        assert!(!table.has_readable());
+        assert_eq!(metrics.get(Counter::udp_reply_dropped), 0);
+        table.expire(now + Duration::from_secs(5), Duration::from_secs(10));
+        assert_eq!(table.len(), 1);
+        table.expire(now + Duration::from_secs(11), Duration::from_secs(10));
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn kernel_drops_are_counted() {
+        let io = HostIo::new().unwrap();
+        let metrics = Metrics::default();
+        let mut table: Datagrams<u8> = Datagrams::new(1, Counter::udp_reply_dropped);
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.connect(peer.local_addr().unwrap()).unwrap();
+        // The smallest receive buffer: a burst overflows it.
+        setsockopt(&socket, sockopt::RcvBuf, &1).unwrap();
+        let to = socket.local_addr().unwrap();
+        let now = Instant::now();
+        table.open(&io, 1, socket, now).unwrap();
+        let sent = 200;
+        for _ in 0..sent {
+            peer.send_to(&[0u8; 1000], to).unwrap();
+        }
+        let mut io = io;
+        let token = io.ready().first().map(|(t, _)| *t).unwrap();
+        table.mark(token);
+        let mut read = 0;
+        while table.next(now, &metrics, |_, _| true).is_some() {
+            read += 1;
+        }
+        // Drops are learned from a datagram queued after them.
+        assert_eq!(metrics.get(Counter::udp_reply_dropped), 0);
+        assert!(read < sent, "read {read} of {sent}");
+        peer.send_to(b"after", to).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(io.ready().iter().any(|(t, _)| *t == token));
+        table.mark(token);
+        let got = table
+            .next(now, &metrics, |_, _| true)
+            .map(|(k, d)| (k, d.to_vec()));
+        assert_eq!(got, Some((1, b"after".to_vec())));
+        let dropped = metrics.get(Counter::udp_reply_dropped);
+        assert_eq!(read + dropped, sent, "read {read}, dropped {dropped}");
     }
 }

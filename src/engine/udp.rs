@@ -1,29 +1,29 @@
-//! Guest UDP sessions on the engine side: one host task per (guest source,
-//! destination), replies framed back with the destination as source.
+//! Guest UDP sessions: one engine-owned, connected host socket per (guest
+//! source, destination); replies framed back with the destination as
+//! source.
 //!
-//! Runs on the engine thread; never awaits. Sessions are capped and expire
-//! when idle; a full session queue or reply channel drops the datagram and
-//! counts it, as a congested router would.
+//! Runs on the engine thread; never blocks. Sessions are capped and expire
+//! when idle; a datagram the host socket will not take now is dropped and
+//! counted, as a congested router would.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::Ctx;
-use super::sessions::Relay;
+use super::sessions::Datagrams;
 use crate::config::Udp as UdpConfig;
-use crate::metrics::Counter;
-use crate::proxy::udp::{Reply, spawn};
+use crate::metrics::{Counter, Metrics};
 
-/// Replies from all sessions waiting for the engine.
-const REPLY_DEPTH: usize = 512;
+/// The tag of UDP sessions' tokens in the host-socket epoll.
+pub const TAG: u64 = 1;
 
 /// A session: guest endpoint and destination.
 pub type Key = (SocketAddr, SocketAddr);
 
 /// The UDP session table.
 pub struct Sessions {
-    relay: Relay<Key, Vec<u8>, Reply>,
+    table: Datagrams<Key>,
     config: UdpConfig,
 }
 
@@ -31,7 +31,7 @@ impl Sessions {
     /// An empty table.
     pub fn new(config: UdpConfig) -> Self {
         Self {
-            relay: Relay::new(REPLY_DEPTH),
+            table: Datagrams::new(TAG, Counter::udp_reply_dropped),
             config,
         }
     }
@@ -40,59 +40,69 @@ impl Sessions {
     pub fn send(&mut self, ctx: &Ctx<'_>, src: SocketAddr, dst: SocketAddr, payload: &[u8]) {
         let (metrics, now) = (ctx.metrics, ctx.now);
         let key = (src, dst);
-        if !self.relay.table.contains(&key) {
+        if !self.table.contains(&key) {
             let Some(upstream) = ctx.upstream(dst) else {
                 metrics.inc(Counter::udp_denied);
                 return;
             };
             if !self
-                .relay
                 .table
                 .admits(self.config.max_sessions, metrics, Counter::udp_over_limit)
             {
                 return;
             }
-            let idle = Duration::from_secs(self.config.idle_timeout_seconds);
-            let to_host = spawn(
-                ctx.host,
-                upstream,
-                self.relay.table.next_id(),
-                self.relay.replies_tx.clone(),
-                idle,
-                metrics.clone(),
-            );
+            let opened = crate::proxy::udp::open(upstream)
+                .and_then(|socket| self.table.open(ctx.io, key, socket, now));
+            if let Err(e) = opened {
+                tracing::debug!(%dst, error = %e, "cannot open a UDP session");
+                metrics.inc(Counter::udp_send_failed);
+                return;
+            }
             metrics.inc(Counter::udp_sessions);
-            self.relay.table.insert(key, to_host, now);
         }
-        if !self.relay.table.send(&key, payload.to_vec(), now) {
-            metrics.inc(Counter::udp_queue_full);
+        if !self.table.send(&key, payload, now) {
+            metrics.inc(Counter::udp_send_failed);
         }
+    }
+
+    /// Marks a session's socket readable.
+    pub fn mark(&mut self, token: u64) {
+        self.table.mark(token);
+    }
+
+    /// Whether `token` is a UDP session's.
+    pub fn owns(&self, token: u64) -> bool {
+        self.table.owns(token)
     }
 
     /// The next reply from the host side: (guest endpoint, remote, payload).
-    pub fn next_reply(&mut self, now: Instant) -> Option<(SocketAddr, SocketAddr, Vec<u8>)> {
-        loop {
-            let (id, payload) = self.relay.replies.try_recv().ok()?;
-            if let Some((guest, remote)) = self.relay.table.key_of(id, now) {
-                return Some((guest, remote, payload));
-            }
-        }
+    pub fn next_reply(
+        &mut self,
+        now: Instant,
+        metrics: &Metrics,
+    ) -> Option<(SocketAddr, SocketAddr, &[u8])> {
+        let ((guest, remote), payload) = self.table.next(now, metrics, |_, _| true)?;
+        Some((guest, remote, payload))
     }
 
-    /// Closes sessions idle past the timeout (their tasks end with them).
+    /// Closes sessions idle past the timeout.
     pub fn expire(&mut self, now: Instant) {
-        self.relay
-            .table
+        self.table
             .expire(now, Duration::from_secs(self.config.idle_timeout_seconds));
     }
 
     /// Number of open sessions.
     pub fn len(&self) -> usize {
-        self.relay.table.len()
+        self.table.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.relay.table.is_empty()
+        self.table.is_empty()
+    }
+
+    /// Whether replies wait to be read.
+    pub fn has_readable(&self) -> bool {
+        self.table.has_readable()
     }
 }

@@ -3,29 +3,18 @@
 //! guest identifier) session. The kernel picks the identifier on the wire and
 //! matches replies to the socket; the engine restores the guest's own.
 //!
-//! Runs as a tokio task per session; replies share one channel to the engine.
+//! The engine owns the sockets (see `engine::icmp`); this module opens
+//! them and frames what goes through them.
 #![forbid(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 
-use super::Host;
-use crate::metrics::{Counter, Metrics};
-
-/// Echo requests waiting for one session's socket.
-const SESSION_DEPTH: usize = 16;
 const ECHO_REQUEST_V4: u8 = 8;
 const ECHO_REPLY_V4: u8 = 0;
 const ECHO_REQUEST_V6: u8 = 128;
 const ECHO_REPLY_V6: u8 = 129;
-
-/// An echo reply for the engine: session id, sequence number, data.
-pub type Reply = (u64, u16, Vec<u8>);
 
 /// Opens a ping socket for `family`; fails with EACCES where
 /// `net.ipv4.ping_group_range` excludes our group.
@@ -37,8 +26,8 @@ pub fn open(dst: IpAddr) -> std::io::Result<std::net::UdpSocket> {
     let socket = Socket::new(domain, Type::DGRAM, Some(protocol))?;
     socket.set_nonblocking(true)?;
     socket.connect(&SocketAddr::new(dst, 0).into())?;
-    // A ping socket speaks datagrams like UDP does; tokio's UdpSocket only
-    // needs send/recv on it.
+    // A ping socket speaks datagrams like UDP does: send and recv are all
+    // the engine needs.
     Ok(std::net::UdpSocket::from(socket))
 }
 
@@ -47,59 +36,49 @@ pub fn available() -> bool {
     open(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)).is_ok()
 }
 
-/// Starts a session on an opened socket; returns the sender for (seq, data).
-pub fn spawn(
-    host: &Host,
-    socket: std::net::UdpSocket,
-    v6: bool,
-    id: u64,
-    replies: mpsc::Sender<Reply>,
-    idle: Duration,
-    metrics: Arc<Metrics>,
-) -> mpsc::Sender<(u16, Vec<u8>)> {
-    let (tx, mut rx) = mpsc::channel::<(u16, Vec<u8>)>(SESSION_DEPTH);
-    let wake = host.wake.clone();
-    host.runtime.spawn(async move {
-        let Ok(socket) = UdpSocket::from_std(socket) else {
-            return;
-        };
-        let (request, reply) = if v6 {
-            (ECHO_REQUEST_V6, ECHO_REPLY_V6)
-        } else {
-            (ECHO_REQUEST_V4, ECHO_REPLY_V4)
-        };
-        let mut buf = vec![0u8; 65_535];
-        loop {
-            tokio::select! {
-                echo = rx.recv() => match echo {
-                    Some((seq, data)) => {
-                        let mut message = Vec::with_capacity(8 + data.len());
-                        // Identifier and checksum are the kernel's to fill in.
-                        message.extend_from_slice(&[request, 0, 0, 0, 0, 0]);
-                        message.extend_from_slice(&seq.to_be_bytes());
-                        message.extend_from_slice(&data);
-                        if socket.send(&message).await.is_err() {
-                            metrics.inc(Counter::icmp_send_failed);
-                        }
-                    }
-                    None => return,
-                },
-                received = socket.recv(&mut buf) => {
-                    let Ok(n) = received else { continue };
-                    let Some(message) = buf.get(..n) else { continue };
-                    if let [kind, 0, _, _, _, _, s0, s1, data @ ..] = message
-                        && *kind == reply
-                    {
-                        let seq = u16::from_be_bytes([*s0, *s1]);
-                        if replies.try_send((id, seq, data.to_vec())).is_err() {
-                            metrics.inc(Counter::icmp_reply_dropped);
-                        }
-                        wake.wake();
-                    }
-                },
-                () = tokio::time::sleep(idle) => return,
-            }
+/// The echo request to send on a ping socket: the kernel fills in the
+/// identifier and the checksum.
+pub fn request(v6: bool, seq: u16, data: &[u8]) -> Vec<u8> {
+    let kind = if v6 { ECHO_REQUEST_V6 } else { ECHO_REQUEST_V4 };
+    let mut message = Vec::with_capacity(8 + data.len());
+    message.extend_from_slice(&[kind, 0, 0, 0, 0, 0]);
+    message.extend_from_slice(&seq.to_be_bytes());
+    message.extend_from_slice(data);
+    message
+}
+
+/// An echo reply read from a ping socket: its sequence number and data;
+/// None for anything else.
+pub fn reply(v6: bool, message: &[u8]) -> Option<(u16, &[u8])> {
+    let want = if v6 { ECHO_REPLY_V6 } else { ECHO_REPLY_V4 };
+    match message {
+        [kind, 0, _, _, _, _, s0, s1, data @ ..] if *kind == want => {
+            Some((u16::from_be_bytes([*s0, *s1]), data))
         }
-    });
-    tx
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_replies() {
+        assert_eq!(
+            request(false, 0x0102, b"ab"),
+            vec![8, 0, 0, 0, 0, 0, 1, 2, b'a', b'b']
+        );
+        assert_eq!(request(true, 1, b"")[0], 128);
+        assert_eq!(
+            reply(false, &[0, 0, 9, 9, 4, 4, 0, 7, b'x']),
+            Some((7, &b"x"[..]))
+        );
+        assert_eq!(
+            reply(true, &[129, 0, 9, 9, 4, 4, 0, 7]),
+            Some((7, &b""[..]))
+        );
+        assert_eq!(reply(false, &[3, 1, 0, 0, 0, 0, 0, 0]), None);
+        assert_eq!(reply(false, &[0, 0, 0]), None);
+    }
 }

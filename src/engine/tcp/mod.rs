@@ -108,8 +108,7 @@ pub struct Flows {
     flows: HashMap<Key, Flow>,
     config: TcpConfig,
     next_port: u16,
-    /// The host sockets the engine owns, and which flow each token is.
-    io: HostIo,
+    /// Which flow each owned socket's token is.
     tokens: HashMap<u64, Key>,
     next_token: u64,
 }
@@ -118,31 +117,39 @@ pub struct Flows {
 const EPHEMERAL_FIRST: u16 = 49_152;
 
 impl Flows {
-    /// An empty table whose owned sockets go into `io`.
-    pub fn new(config: TcpConfig, io: HostIo) -> Self {
+    /// An empty table.
+    pub fn new(config: TcpConfig) -> Self {
         Self {
             flows: HashMap::new(),
             config,
             next_port: EPHEMERAL_FIRST,
-            io,
             tokens: HashMap::new(),
             next_token: 0,
         }
     }
 
-    /// The host-socket epoll, shared for the next engine.
-    pub fn io(&self) -> HostIo {
-        self.io.share()
-    }
-
-    /// Takes over a connected host socket for the flow `key`.
-    fn own(&mut self, stream: std::net::TcpStream, key: Key) -> Option<Owned> {
-        let token = self.next_token;
+    /// Takes over a connected host socket for the flow `key`, watched in
+    /// `io`. TCP tokens carry tag 0 (the datagram relays tag theirs).
+    fn own(&mut self, io: &HostIo, stream: std::net::TcpStream, key: Key) -> Option<Owned> {
+        let token = self.next_token & ((1 << super::sessions::TAG_SHIFT) - 1);
         self.next_token = self.next_token.wrapping_add(1);
         let owned = Owned::new(stream, token).ok()?;
-        self.io.add(owned.stream.as_raw_fd(), token).ok()?;
+        io.add(owned.stream.as_raw_fd(), token).ok()?;
         self.tokens.insert(token, key);
         Some(owned)
+    }
+
+    /// Records readiness of an owned socket.
+    pub fn mark(&mut self, token: u64, ready: super::hostio::Readiness) {
+        let flow = self.tokens.get(&token).and_then(|k| self.flows.get_mut(k));
+        if let Some(Flow {
+            host: HostSide::Owned(owned),
+            ..
+        }) = flow
+        {
+            owned.readable |= ready.readable;
+            owned.writable |= ready.writable;
+        }
     }
 
     /// Whether there are none.
@@ -238,7 +245,7 @@ impl Flows {
         {
             return false;
         }
-        let Some(owned) = self.own(stream, (guest, local)) else {
+        let Some(owned) = self.own(ctx.io, stream, (guest, local)) else {
             return false;
         };
         let handle = sockets.add(socket);
@@ -272,22 +279,12 @@ impl Flows {
     /// finished flows.
     pub fn service(
         &mut self,
+        io: &HostIo,
         sockets: &mut SocketSet<'static>,
         metrics: &Metrics,
         now: Instant,
         effects: &mut Effects,
     ) {
-        for (token, ready) in self.io.ready() {
-            let flow = self.tokens.get(&token).and_then(|k| self.flows.get_mut(k));
-            if let Some(Flow {
-                host: HostSide::Owned(owned),
-                ..
-            }) = flow
-            {
-                owned.readable |= ready.readable;
-                owned.writable |= ready.writable;
-            }
-        }
         let limits = (
             Duration::from_secs(self.config.idle_timeout_seconds),
             Duration::from_millis(self.config.connect_timeout_ms),
@@ -299,7 +296,7 @@ impl Flows {
                 continue;
             };
             let Some(handle) = flow.socket else {
-                self.connecting(key, sockets, metrics, now, effects, &mut finished);
+                self.connecting(io, key, sockets, (metrics, now), effects, &mut finished);
                 continue;
             };
             let socket = sockets.get_mut::<tcp::Socket>(handle);
@@ -354,10 +351,10 @@ impl Flows {
     /// A flow whose host side is still dialling: its task's answer.
     fn connecting(
         &mut self,
+        io: &HostIo,
         key: Key,
         sockets: &mut SocketSet<'static>,
-        metrics: &Metrics,
-        now: Instant,
+        (metrics, now): (&Metrics, Instant),
         effects: &mut Effects,
         finished: &mut Vec<Key>,
     ) {
@@ -383,7 +380,7 @@ impl Flows {
                     effects.progress = true;
                     // A dialled flow's socket is the engine's from now on.
                     if let Some(stream) = stream {
-                        match self.own(stream, key) {
+                        match self.own(io, stream, key) {
                             Some(owned) => {
                                 if let Some(flow) = self.flows.get_mut(&key) {
                                     flow.host = HostSide::Owned(owned);
