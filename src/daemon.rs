@@ -67,8 +67,8 @@ enum ConnectionError {
 pub fn run(socket_path: &Path, config: Config) -> Result<(), Error> {
     let wiring = Wiring::build(config)?;
     let metrics = wiring.metrics().clone();
-    let listener = bind(socket_path)?;
-    spawn_signal_thread(socket_path.to_owned(), metrics.clone())?;
+    let (listener, id) = bind(socket_path)?;
+    spawn_signal_thread((socket_path.to_owned(), id), metrics.clone())?;
     tracing::info!(socket = %socket_path.display(), config = %wiring.config().summary(), "listening");
     notify_systemd("READY=1");
     loop {
@@ -90,10 +90,18 @@ pub fn run(socket_path: &Path, config: Config) -> Result<(), Error> {
     }
 }
 
+/// Which file a path named when we made it: (device, inode).
+type FileId = (u64, u64);
+
 /// Binds the socket path. An existing socket nobody answers on is stale (a
 /// crashed daemon) and is replaced; one that answers is refused.
-fn bind(path: &Path) -> Result<UnixListener, Error> {
-    use std::os::unix::fs::FileTypeExt;
+///
+/// The socket is bound and listening under a temporary name beside the
+/// path and then renamed onto it, so the path never names a socket that is
+/// not yet listening (a VMM started right after would be refused) and a
+/// stale one is replaced in one step.
+fn bind(path: &Path) -> Result<(UnixListener, FileId), Error> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(Error::NotASocket(path.to_owned()));
@@ -102,12 +110,38 @@ fn bind(path: &Path) -> Result<UnixListener, Error> {
             return Err(Error::SocketInUse(path.to_owned()));
         }
         tracing::info!(socket = %path.display(), "replacing stale socket");
-        let _ = std::fs::remove_file(path);
     }
-    UnixListener::bind(path).map_err(|source| Error::BindListener {
+    let failed = |source| Error::BindListener {
         path: path.to_owned(),
         source,
-    })
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let temporary = path.with_file_name(format!(
+        ".{}.{}.binding",
+        name.unwrap_or_default(),
+        std::process::id()
+    ));
+    let bound = UnixListener::bind(&temporary).and_then(|listener| {
+        std::fs::rename(&temporary, path)?;
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok((listener, (meta.dev(), meta.ino())))
+    });
+    if bound.is_err() {
+        // Nothing to undo when the bind itself failed; a failed rename
+        // leaves the temporary name, which nobody else would remove.
+        let _ = std::fs::remove_file(&temporary);
+    }
+    bound.map_err(failed)
+}
+
+/// Removes the socket file at exit, unless the path has since been given
+/// to another socket (a second daemon that found ours stale).
+fn remove_if_ours(path: &Path, id: FileId) {
+    use std::os::unix::fs::MetadataExt;
+    let ours = std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == id);
+    if ours && let Err(e) = std::fs::remove_file(path) {
+        tracing::warn!(socket = %path.display(), error = %e, "cannot remove the socket");
+    }
 }
 
 /// Serves one VMM connection to its end.
@@ -171,7 +205,10 @@ fn private_pair() -> io::Result<(Listener, UnixStream)> {
 }
 
 /// SIGTERM/SIGINT remove the socket and exit; SIGUSR1 logs the counters.
-fn spawn_signal_thread(socket_path: PathBuf, metrics: Arc<Metrics>) -> Result<(), Error> {
+fn spawn_signal_thread(
+    (socket_path, id): (PathBuf, FileId),
+    metrics: Arc<Metrics>,
+) -> Result<(), Error> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1]).map_err(Error::Signals)?;
@@ -184,7 +221,7 @@ fn spawn_signal_thread(socket_path: PathBuf, metrics: Arc<Metrics>) -> Result<()
                     continue;
                 }
                 tracing::info!(signal, counters = %metrics.snapshot(), "exiting");
-                let _ = std::fs::remove_file(&socket_path);
+                remove_if_ours(&socket_path, id);
                 std::process::exit(0);
             }
         })
@@ -231,12 +268,25 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vg-bind-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s.sock");
-        let live = bind(&path).unwrap();
+        let (live, first) = bind(&path).unwrap();
+        // Listening the moment the path exists.
+        UnixStream::connect(&path).unwrap();
         assert!(matches!(bind(&path), Err(Error::SocketInUse(_))));
         drop(live);
         // The file is still there, nobody listens: stale.
         assert!(path.exists());
-        let _again = bind(&path).unwrap();
+        let (_again, second) = bind(&path).unwrap();
+        assert_ne!(first, second);
+        // The first daemon's exit leaves the second one's socket alone.
+        remove_if_ours(&path, first);
+        UnixStream::connect(&path).unwrap();
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["s.sock"], "no temporary name is left");
+        remove_if_ours(&path, second);
+        assert!(!path.exists());
         let file = dir.join("plain");
         std::fs::write(&file, b"x").unwrap();
         assert!(matches!(bind(&file), Err(Error::NotASocket(_))));

@@ -10,10 +10,13 @@
 //! interception, local services, or smoltcp, which terminates guest TCP for
 //! any destination (`any_ip`) and answers ARP, NDP and pings for the
 //! gateway's own addresses.
-//! After smoltcp has run, the flow table moves data between smoltcp sockets
-//! and host tasks. Frames for the guest go straight into RX chains. Between
-//! passes the thread sleeps in epoll on queue kicks, the host side's wake
-//! eventfd and a timerfd armed for [`Engine::next_deadline`].
+//! After smoltcp has run, the flow table moves bytes between smoltcp sockets
+//! and the host sockets the engine owns ([`hostio`]; tasks only for flows
+//! that dial or that local services take), and the UDP and ICMP sessions
+//! read their replies. Frames for the guest go straight into RX chains.
+//! Between passes the thread sleeps in epoll on queue kicks, the host-socket
+//! epoll, the host side's wake eventfd and a timerfd armed for
+//! [`Engine::next_deadline`].
 
 pub mod classify;
 pub mod device;
