@@ -1,12 +1,17 @@
-//! Guest-free benchmark: the daemon's own limit, without a TCG guest in the
+//! Guest-free benchmark: the daemon's own cost, without a TCG guest in the
 //! way. The VMM harness from the e2e tests plays QEMU (memfd memory, split
-//! rings) and a smoltcp TCP stack on its side plays the guest, streaming
-//! through the daemon to a socket on the host's loopback (the gateway address
-//! maps there) and back. Prints Gbit/s and the daemon's CPU seconds per GiB
-//! each way.
+//! rings) and a smoltcp TCP stack on its side plays the guest, talking
+//! through the daemon to servers on the host's loopback (the gateway
+//! address maps there). For each MTU (65520 and 1500) it reports bulk
+//! throughput both ways as Gbit/s, Gbit/s per daemon core (bytes over the
+//! daemon's CPU seconds: what density depends on) and CPU seconds per GiB;
+//! then 1-byte request/response latency (p50/p99) and connections per
+//! second (connect, 1-byte exchange, close).
 //!
-//! Run: `cargo bench --bench stream` (STREAM_GIB sets the size, default 2).
-//! Nothing leaves the machine: the far end is 127.0.0.1.
+//! Run: `cargo bench --bench stream`. STREAM_GIB sets the bulk size
+//! (default 2), STREAM_MTUS the MTUs (default "65520,1500"), STREAM_ONLY a
+//! substring of the rows to run ("guest -> host", "host -> guest", "rr",
+//! "connections"). Nothing leaves the machine: the far end is 127.0.0.1.
 #![allow(clippy::unwrap_used)]
 // a benchmark whose set-up fails should stop loudly
 // Sizes and rates here are far below the truncation bounds.
@@ -17,31 +22,38 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use smoltcp::iface::{Config, Interface, SocketSet};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Checksum, DeviceCapabilities, Medium};
-use smoltcp::socket::tcp;
+use smoltcp::socket::tcp::{self, State};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
 
 use kit::vmm::Vmm;
 use kit::{Daemon, cpu_seconds};
 
-const MTU: usize = 65520;
 const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+const GATEWAY: IpAddress = IpAddress::v4(198, 19, 0, 1);
 /// Frames in flight on the TX ring (two descriptors each on a 256 ring).
 const TX_INFLIGHT: usize = 120;
 const RX_POSTED: usize = 240;
-const SOCKET_BUFFER: usize = 4 << 20;
+const BULK_BUFFER: usize = 4 << 20;
+const SMALL_BUFFER: usize = 16 << 10;
+/// Round trips measured for the latency row (after a warm-up).
+const RR_ROUNDS: usize = 5_000;
+const RR_WARMUP: usize = 200;
+/// How long the connection-rate row runs.
+const CRR_TIME: Duration = Duration::from_secs(3);
+const STALL: Duration = Duration::from_secs(60);
 
 /// The harness's side of the link: frames from the daemon queue here; frames
 /// to it go straight into the TX ring.
-struct Link<'a> {
-    vmm: &'a mut Vmm,
+struct Link {
+    vmm: Vmm,
+    mtu: usize,
     inbox: VecDeque<Vec<u8>>,
-    sent: usize,
 }
 
 struct Rx(Vec<u8>);
-struct Tx<'a, 'b>(&'a mut Link<'b>);
+struct Tx<'a>(&'a mut Link);
 
 impl phy::RxToken for Rx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -49,45 +61,135 @@ impl phy::RxToken for Rx {
     }
 }
 
-impl phy::TxToken for Tx<'_, '_> {
+impl phy::TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut frame = vec![0u8; len];
         let r = f(&mut frame);
         self.0.vmm.send_frame(&frame);
-        self.0.sent += 1;
         r
     }
 }
 
-impl<'b> phy::Device for Link<'b> {
+impl phy::Device for Link {
     type RxToken<'a>
         = Rx
     where
         Self: 'a;
     type TxToken<'a>
-        = Tx<'a, 'b>
+        = Tx<'a>
     where
         Self: 'a;
 
-    fn receive(&mut self, _t: smoltcp::time::Instant) -> Option<(Rx, Tx<'_, 'b>)> {
+    fn receive(&mut self, _t: smoltcp::time::Instant) -> Option<(Rx, Tx<'_>)> {
         let frame = self.inbox.pop_front()?;
         Some((Rx(frame), Tx(self)))
     }
 
-    fn transmit(&mut self, _t: smoltcp::time::Instant) -> Option<Tx<'_, 'b>> {
+    fn transmit(&mut self, _t: smoltcp::time::Instant) -> Option<Tx<'_>> {
         (self.vmm.tx_inflight() < TX_INFLIGHT).then_some(Tx(self))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = MTU + 14;
+        caps.max_transmission_unit = self.mtu + 14;
         // The daemon marks its frames DATA_VALID (GUEST_CSUM is acked):
         // checksums are computed on send and not verified on receipt, as a
         // guest kernel does.
         caps.checksum.tcp = Checksum::Tx;
         caps.checksum.udp = Checksum::Tx;
         caps
+    }
+}
+
+/// The harness guest: a VMM connection and a smoltcp stack over it.
+struct Guest {
+    link: Link,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    next_port: u16,
+}
+
+impl Guest {
+    fn start(daemon: &Daemon, mtu: usize) -> Self {
+        let mut vmm = Vmm::qemu_start_with(
+            &daemon.socket,
+            true,
+            kit::vmm::F_CSUM | kit::vmm::F_GUEST_CSUM,
+        );
+        vmm.post_rx(RX_POSTED);
+        let mut link = Link {
+            vmm,
+            mtu,
+            inbox: VecDeque::new(),
+        };
+        let mut config = Config::new(HardwareAddress::Ethernet(GUEST_MAC));
+        config.random_seed = 7;
+        let mut iface = Interface::new(config, &mut link, smoltcp::time::Instant::now());
+        iface.update_ip_addrs(|a| {
+            a.push(IpCidr::new(IpAddress::v4(198, 19, 0, 2), 24))
+                .unwrap();
+        });
+        iface
+            .routes_mut()
+            .add_default_ipv4_route(Ipv4Address::new(198, 19, 0, 1))
+            .unwrap();
+        Self {
+            link,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            next_port: 49_152,
+        }
+    }
+
+    /// Moves frames both ways once; true when frames came in.
+    fn poll(&mut self) -> bool {
+        let frames = self.link.vmm.recv_frames();
+        let any = !frames.is_empty();
+        self.link.inbox.extend(frames);
+        let used = self.link.vmm.rx_consumed();
+        if used > 0 {
+            self.link.vmm.post_rx(used);
+        }
+        self.iface.poll(
+            smoltcp::time::Instant::now(),
+            &mut self.link,
+            &mut self.sockets,
+        );
+        any
+    }
+
+    /// Opens a connection to the gateway's `port` (the host's loopback).
+    fn connect(&mut self, port: u16, buffer: usize) -> SocketHandle {
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; buffer]),
+            tcp::SocketBuffer::new(vec![0; buffer]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.set_ack_delay(None);
+        let local = self.next_port;
+        self.next_port = if local == u16::MAX { 49_152 } else { local + 1 };
+        let handle = self.sockets.add(socket);
+        self.sockets
+            .get_mut::<tcp::Socket>(handle)
+            .connect(self.iface.context(), (GATEWAY, port), local)
+            .unwrap();
+        handle
+    }
+
+    fn socket(&mut self, handle: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(handle)
+    }
+
+    /// Polls until `done` holds, panicking with `what` after [`STALL`].
+    fn until(&mut self, what: &str, mut done: impl FnMut(&mut Self) -> bool) {
+        let deadline = Instant::now() + STALL;
+        while !done(self) {
+            assert!(Instant::now() < deadline, "{what}: stalled");
+            if !self.poll() {
+                std::thread::yield_now();
+            }
+        }
     }
 }
 
@@ -98,7 +200,7 @@ enum Direction {
 }
 
 /// Moves `bytes` through one connection; returns (seconds, daemon CPU s).
-fn stream(daemon: &Daemon, direction: Direction, bytes: u64) -> (f64, f64) {
+fn stream(daemon: &Daemon, mtu: usize, direction: Direction, bytes: u64) -> (f64, f64) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let far = std::thread::spawn(move || {
@@ -119,6 +221,8 @@ fn stream(daemon: &Daemon, direction: Direction, bytes: u64) -> (f64, f64) {
                     s.write_all(&buf[..n]).unwrap();
                     moved += n as u64;
                 }
+                // The harness aborts when it has everything; how the far
+                // end learns it does not matter here.
                 let _ = s.shutdown(std::net::Shutdown::Write);
                 let _ = s.read(&mut buf);
             }
@@ -126,75 +230,14 @@ fn stream(daemon: &Daemon, direction: Direction, bytes: u64) -> (f64, f64) {
         moved
     });
     let upload = matches!(direction, Direction::Upload);
-
-    let mut vmm = Vmm::qemu_start_with(
-        &daemon.socket,
-        true,
-        kit::vmm::F_CSUM | kit::vmm::F_GUEST_CSUM,
-    );
-    vmm.post_rx(RX_POSTED);
-    let mut link = Link {
-        vmm: &mut vmm,
-        inbox: VecDeque::new(),
-        sent: 0,
-    };
-    let mut config = Config::new(HardwareAddress::Ethernet(GUEST_MAC));
-    config.random_seed = 7;
-    let mut iface = Interface::new(config, &mut link, smoltcp::time::Instant::now());
-    iface.update_ip_addrs(|a| {
-        a.push(IpCidr::new(IpAddress::v4(198, 19, 0, 2), 24))
-            .unwrap();
-    });
-    iface
-        .routes_mut()
-        .add_default_ipv4_route(Ipv4Address::new(198, 19, 0, 1))
-        .unwrap();
-    let mut sockets = SocketSet::new(Vec::new());
-    let socket = tcp::Socket::new(
-        tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]),
-        tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]),
-    );
-    let handle = sockets.add(socket);
-    sockets
-        .get_mut::<tcp::Socket>(handle)
-        .connect(
-            iface.context(),
-            (IpAddress::v4(198, 19, 0, 1), port),
-            49_152,
-        )
-        .unwrap();
-
+    let mut guest = Guest::start(daemon, mtu);
+    let handle = guest.connect(port, BULK_BUFFER);
     let pid = daemon.pid();
-    let mut started: Option<(Instant, f64)> = None;
+    guest.until("connect", |g| g.socket(handle).may_send());
+    let (t0, cpu0) = (Instant::now(), cpu_seconds(pid));
     let mut moved = 0u64;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while moved < bytes {
-        if Instant::now() > deadline {
-            daemon.signal("USR1");
-            daemon.wait_log("counters", Duration::from_secs(5));
-            let log = daemon.log();
-            let counters = log.lines().rev().take(5).collect::<Vec<_>>().join("\n");
-            let s = sockets.get::<tcp::Socket>(handle);
-            panic!(
-                "stream stalled at {moved} of {bytes}: socket {:?} recv_queue {} send_queue {}, tx inflight {}\n{counters}",
-                s.state(),
-                s.recv_queue(),
-                s.send_queue(),
-                link.vmm.tx_inflight()
-            );
-        }
-        for f in link.vmm.recv_frames() {
-            link.inbox.push_back(f);
-        }
-        let used = link.vmm.rx_consumed();
-        if used > 0 {
-            link.vmm.post_rx(used);
-        }
-        iface.poll(smoltcp::time::Instant::now(), &mut link, &mut sockets);
-        let s = sockets.get_mut::<tcp::Socket>(handle);
-        if s.may_send() && started.is_none() {
-            started = Some((Instant::now(), cpu_seconds(pid)));
-        }
+    guest.until("stream", |g| {
+        let s = g.socket(handle);
         if upload {
             while s.can_send() && moved < bytes {
                 let n = s
@@ -213,32 +256,100 @@ fn stream(daemon: &Daemon, direction: Direction, bytes: u64) -> (f64, f64) {
                 moved += s.recv(|buf| (buf.len(), buf.len() as u64)).unwrap();
             }
         }
-        if link.inbox.is_empty() {
-            std::thread::yield_now();
-        }
-    }
-    // Uploads are done when the far end has everything.
-    if upload {
-        while !far.is_finished() {
-            for f in link.vmm.recv_frames() {
-                link.inbox.push_back(f);
-            }
-            let used = link.vmm.rx_consumed();
-            if used > 0 {
-                link.vmm.post_rx(used);
-            }
-            iface.poll(smoltcp::time::Instant::now(), &mut link, &mut sockets);
-        }
-    }
-    let (t0, cpu0) = started.unwrap();
+        // Uploads are done when the far end has everything.
+        moved >= bytes && (!upload || far.is_finished())
+    });
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid) - cpu0;
-    sockets.get_mut::<tcp::Socket>(handle).abort();
-    iface.poll(smoltcp::time::Instant::now(), &mut link, &mut sockets);
-    drop(link);
-    drop(vmm);
+    guest.socket(handle).abort();
+    guest.poll();
+    drop(guest);
+    // The far end's count was checked by its own loop.
     let _ = far.join();
     (secs, cpu)
+}
+
+/// A TCP echo on the host's loopback serving connections one at a time.
+fn echo_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { continue };
+            s.set_nodelay(true).unwrap();
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    port
+}
+
+/// One byte out and back on `handle`.
+fn round_trip(guest: &mut Guest, handle: SocketHandle) {
+    let mut sent = false;
+    guest.until("round trip", |g| {
+        let s = g.socket(handle);
+        if !sent && s.can_send() {
+            sent = s.send_slice(b"x").unwrap() == 1;
+        }
+        sent && s.can_recv() && s.recv(|b| (b.len(), b.len())).unwrap() > 0
+    });
+}
+
+/// Request/response latency on one connection: sorted round-trip times.
+fn rr(daemon: &Daemon, mtu: usize, port: u16) -> Vec<Duration> {
+    let mut guest = Guest::start(daemon, mtu);
+    let handle = guest.connect(port, SMALL_BUFFER);
+    guest.until("connect", |g| g.socket(handle).may_send());
+    let mut times = Vec::with_capacity(RR_ROUNDS);
+    for i in 0..RR_WARMUP + RR_ROUNDS {
+        let t0 = Instant::now();
+        round_trip(&mut guest, handle);
+        if i >= RR_WARMUP {
+            times.push(t0.elapsed());
+        }
+    }
+    guest.socket(handle).close();
+    guest.until("close", |g| {
+        matches!(g.socket(handle).state(), State::Closed | State::TimeWait)
+    });
+    times.sort();
+    times
+}
+
+/// Connections per second: connect, one byte each way, close; returns
+/// (connections, seconds, daemon CPU s).
+fn crr(daemon: &Daemon, mtu: usize, port: u16) -> (usize, f64, f64) {
+    let mut guest = Guest::start(daemon, mtu);
+    let pid = daemon.pid();
+    let (t0, cpu0) = (Instant::now(), cpu_seconds(pid));
+    let mut done = 0;
+    while t0.elapsed() < CRR_TIME {
+        let handle = guest.connect(port, SMALL_BUFFER);
+        guest.until("connect", |g| g.socket(handle).may_send());
+        round_trip(&mut guest, handle);
+        guest.socket(handle).close();
+        guest.until("close", |g| {
+            matches!(g.socket(handle).state(), State::Closed | State::TimeWait)
+        });
+        guest.sockets.remove(handle);
+        done += 1;
+    }
+    (done, t0.elapsed().as_secs_f64(), cpu_seconds(pid) - cpu0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e6
 }
 
 fn main() {
@@ -247,31 +358,65 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2.0);
     let bytes = (gib * (1u64 << 30) as f64) as u64;
-    let daemon = Daemon::start_with(
-        None,
-        Some(
-            "[outbound]\nallow-host-loopback = true\n[policy]\npreset = \"allow-all\"\n\
-             [[policy.rule]]\naction = \"allow\"\ndestination = \"group:host\"\n",
-        ),
-        &[],
-    );
-    println!(
-        "\nvhost-gateway without a guest: {gib} GiB each way, harness smoltcp as the guest, MTU {MTU}\n"
-    );
-    println!(
-        "{:<22} {:>10} {:>14}",
-        "direction", "Gbit/s", "daemon CPU s/GiB"
-    );
+    let mtus: Vec<usize> = std::env::var("STREAM_MTUS")
+        .unwrap_or_else(|_| "65520,1500".into())
+        .split(',')
+        .filter_map(|m| m.trim().parse().ok())
+        .collect();
     let only = std::env::var("STREAM_ONLY").ok();
-    for (name, direction) in [
-        ("guest -> host", Direction::Upload),
-        ("host -> guest", Direction::Download),
-    ] {
-        if only.as_deref().is_some_and(|o| !name.contains(o)) {
-            continue;
+    let wanted = |row: &str| only.as_deref().is_none_or(|o| row.contains(o));
+    println!(
+        "\nvhost-gateway without a guest: harness smoltcp as the guest, {gib} GiB per bulk row\n"
+    );
+    println!(
+        "{:<7} {:<16} {:>9} {:>14} {:>10}",
+        "MTU", "row", "Gbit/s", "Gbit/s/core", "CPU s/GiB"
+    );
+    for mtu in mtus {
+        let daemon = Daemon::start_with(
+            None,
+            Some(&format!(
+                "[network]\nmtu = {mtu}\n[outbound]\nallow-host-loopback = true\n\
+                 [policy]\npreset = \"allow-all\"\n\
+                 [[policy.rule]]\naction = \"allow\"\ndestination = \"group:host\"\n"
+            )),
+            &[],
+        );
+        for (name, direction) in [
+            ("guest -> host", Direction::Upload),
+            ("host -> guest", Direction::Download),
+        ] {
+            if !wanted(name) {
+                continue;
+            }
+            let (secs, cpu) = stream(&daemon, mtu, direction, bytes);
+            let gbit = bytes as f64 * 8.0 / 1e9;
+            println!(
+                "{mtu:<7} {name:<16} {:>9.2} {:>14.2} {:>10.3}",
+                gbit / secs,
+                gbit / cpu.max(0.01),
+                cpu / gib
+            );
         }
-        let (secs, cpu) = stream(&daemon, direction, bytes);
-        let gbit = bytes as f64 * 8.0 / secs / 1e9;
-        println!("{name:<22} {gbit:>10.2} {:>14.3}", cpu / gib);
+        let port = echo_server();
+        if wanted("rr") {
+            let times = rr(&daemon, mtu, port);
+            println!(
+                "{mtu:<7} {:<16} p50 {:.1} µs, p99 {:.1} µs over {} round trips",
+                "rr (1 byte)",
+                percentile(&times, 0.5),
+                percentile(&times, 0.99),
+                times.len()
+            );
+        }
+        if wanted("connections") {
+            let (n, secs, cpu) = crr(&daemon, mtu, port);
+            println!(
+                "{mtu:<7} {:<16} {:.0}/s, daemon CPU {:.0} µs per connection",
+                "connections",
+                n as f64 / secs,
+                cpu / n as f64 * 1e6
+            );
+        }
     }
 }
