@@ -9,7 +9,7 @@
 //! second (connect, 1-byte exchange, close).
 //!
 //! Run: `cargo bench --bench stream`. STREAM_GIB sets the bulk size
-//! (default 2), STREAM_MTUS the MTUs (default "65520,1500"), STREAM_ONLY a
+//! (default 2), STREAM_MODES the links (default "65520,1500+tso,1500"; +tso: segmentation offload both ways, as a Linux guest uses it), STREAM_ONLY a
 //! substring of the rows to run ("guest -> host", "host -> guest", "rr",
 //! "connections"). Nothing leaves the machine: the far end is 127.0.0.1.
 #![allow(clippy::unwrap_used)]
@@ -29,6 +29,7 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Add
 
 use kit::vmm::Vmm;
 use kit::{Daemon, cpu_seconds};
+use vhost_gateway::virtio::{Layout, rx_header};
 
 const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
 const GATEWAY: IpAddress = IpAddress::v4(198, 19, 0, 1);
@@ -43,17 +44,37 @@ const RR_WARMUP: usize = 200;
 /// How long the connection-rate row runs.
 const CRR_TIME: Duration = Duration::from_secs(3);
 const STALL: Duration = Duration::from_secs(60);
+/// What the harness acks besides the basics: checksum offload both ways.
+const FEATURES: u64 = kit::vmm::F_CSUM | kit::vmm::F_GUEST_CSUM | kit::vmm::F_VERSION_1;
+/// And with segmentation offload.
+const TSO_FEATURES: u64 = kit::vmm::F_HOST_TSO4 | kit::vmm::F_GUEST_TSO4;
+
+/// A link setting: MTU and whether segmentation offload is on.
+#[derive(Clone, Copy)]
+struct Mode {
+    mtu: usize,
+    tso: bool,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tso = if self.tso { "+tso" } else { "" };
+        format!("{}{tso}", self.mtu).fmt(f)
+    }
+}
 
 /// The harness's side of the link: frames from the daemon queue here; frames
 /// to it go straight into the TX ring.
 struct Link {
     vmm: Vmm,
     mtu: usize,
+    /// Segmentation offload both ways, as a Linux guest uses it.
+    tso: bool,
     inbox: VecDeque<Vec<u8>>,
 }
 
 struct Rx(Vec<u8>);
-struct Tx<'a>(&'a mut Link);
+struct Tx<'a>(&'a mut Link, Option<u16>);
 
 impl phy::RxToken for Rx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -65,8 +86,25 @@ impl phy::TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut frame = vec![0u8; len];
         let r = f(&mut frame);
-        self.0.vmm.send_frame(&frame);
+        let mut header = [0u8; kit::vmm::NET_HDR_LEN];
+        if self.0.tso {
+            // The header a guest kernel writes for a segment (the same
+            // fields the daemon writes for the guest) or a partial sum.
+            let layout = Layout::from_features(FEATURES | TSO_FEATURES);
+            if self.1.is_some() {
+                assert!(rx_header(layout, &mut header, &mut frame, self.1));
+            } else {
+                fill_tcp_checksum(&mut frame);
+            }
+        }
+        self.0.vmm.send_packet(&header, &frame);
         r
+    }
+
+    fn set_meta(&mut self, meta: phy::PacketMeta) {
+        self.1 = meta
+            .segmentation_offload_size
+            .map(std::num::NonZeroU16::get);
     }
 }
 
@@ -82,11 +120,11 @@ impl phy::Device for Link {
 
     fn receive(&mut self, _t: smoltcp::time::Instant) -> Option<(Rx, Tx<'_>)> {
         let frame = self.inbox.pop_front()?;
-        Some((Rx(frame), Tx(self)))
+        Some((Rx(frame), Tx(self, None)))
     }
 
     fn transmit(&mut self, _t: smoltcp::time::Instant) -> Option<Tx<'_>> {
-        (self.vmm.tx_inflight() < TX_INFLIGHT).then_some(Tx(self))
+        (self.vmm.tx_inflight() < TX_INFLIGHT).then_some(Tx(self, None))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -98,6 +136,11 @@ impl phy::Device for Link {
         // guest kernel does.
         caps.checksum.tcp = Checksum::Tx;
         caps.checksum.udp = Checksum::Tx;
+        if self.tso {
+            // Segments go out whole with the pseudo-header sum only.
+            caps.checksum.tcp = Checksum::None;
+            caps.segmentation.tcpv4 = std::num::NonZeroUsize::new(14 + 65_535);
+        }
         caps
     }
 }
@@ -111,16 +154,14 @@ struct Guest {
 }
 
 impl Guest {
-    fn start(daemon: &Daemon, mtu: usize) -> Self {
-        let mut vmm = Vmm::qemu_start_with(
-            &daemon.socket,
-            true,
-            kit::vmm::F_CSUM | kit::vmm::F_GUEST_CSUM,
-        );
+    fn start(daemon: &Daemon, mode: Mode) -> Self {
+        let tso = if mode.tso { TSO_FEATURES } else { 0 };
+        let mut vmm = Vmm::qemu_start_with(&daemon.socket, true, FEATURES | tso);
         vmm.post_rx(RX_POSTED);
         let mut link = Link {
             vmm,
-            mtu,
+            mtu: mode.mtu,
+            tso: mode.tso,
             inbox: VecDeque::new(),
         };
         let mut config = Config::new(HardwareAddress::Ethernet(GUEST_MAC));
@@ -193,6 +234,22 @@ impl Guest {
     }
 }
 
+/// Completes the TCP checksum smoltcp left out (checksum offload is on
+/// while segments go out).
+fn fill_tcp_checksum(frame: &mut [u8]) {
+    use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket};
+    let mut eth = EthernetFrame::new_unchecked(frame);
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return;
+    }
+    let mut ip = Ipv4Packet::new_unchecked(eth.payload_mut());
+    if ip.next_header() != IpProtocol::Tcp {
+        return;
+    }
+    let (src, dst) = (ip.src_addr().into(), ip.dst_addr().into());
+    TcpPacket::new_unchecked(ip.payload_mut()).fill_checksum(&src, &dst);
+}
+
 #[derive(Clone, Copy)]
 enum Direction {
     Upload,
@@ -200,7 +257,7 @@ enum Direction {
 }
 
 /// Moves `bytes` through one connection; returns (seconds, daemon CPU s).
-fn stream(daemon: &Daemon, mtu: usize, direction: Direction, bytes: u64) -> (f64, f64) {
+fn stream(daemon: &Daemon, mode: Mode, direction: Direction, bytes: u64) -> (f64, f64) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let far = std::thread::spawn(move || {
@@ -230,7 +287,7 @@ fn stream(daemon: &Daemon, mtu: usize, direction: Direction, bytes: u64) -> (f64
         moved
     });
     let upload = matches!(direction, Direction::Upload);
-    let mut guest = Guest::start(daemon, mtu);
+    let mut guest = Guest::start(daemon, mode);
     let handle = guest.connect(port, BULK_BUFFER);
     let pid = daemon.pid();
     guest.until("connect", |g| g.socket(handle).may_send());
@@ -306,8 +363,8 @@ fn round_trip(guest: &mut Guest, handle: SocketHandle) {
 }
 
 /// Request/response latency on one connection: sorted round-trip times.
-fn rr(daemon: &Daemon, mtu: usize, port: u16) -> Vec<Duration> {
-    let mut guest = Guest::start(daemon, mtu);
+fn rr(daemon: &Daemon, mode: Mode, port: u16) -> Vec<Duration> {
+    let mut guest = Guest::start(daemon, mode);
     let handle = guest.connect(port, SMALL_BUFFER);
     guest.until("connect", |g| g.socket(handle).may_send());
     let mut times = Vec::with_capacity(RR_ROUNDS);
@@ -328,8 +385,8 @@ fn rr(daemon: &Daemon, mtu: usize, port: u16) -> Vec<Duration> {
 
 /// Connections per second: connect, one byte each way, close; returns
 /// (connections, seconds, daemon CPU s).
-fn crr(daemon: &Daemon, mtu: usize, port: u16) -> (usize, f64, f64) {
-    let mut guest = Guest::start(daemon, mtu);
+fn crr(daemon: &Daemon, mode: Mode, port: u16) -> (usize, f64, f64) {
+    let mut guest = Guest::start(daemon, mode);
     let pid = daemon.pid();
     let (t0, cpu0) = (Instant::now(), cpu_seconds(pid));
     let mut done = 0;
@@ -358,10 +415,17 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2.0);
     let bytes = (gib * (1u64 << 30) as f64) as u64;
-    let mtus: Vec<usize> = std::env::var("STREAM_MTUS")
-        .unwrap_or_else(|_| "65520,1500".into())
+    let modes: Vec<Mode> = std::env::var("STREAM_MODES")
+        .unwrap_or_else(|_| "65520,1500+tso,1500".into())
         .split(',')
-        .filter_map(|m| m.trim().parse().ok())
+        .filter_map(|m| {
+            let m = m.trim();
+            let (mtu, tso) = m.strip_suffix("+tso").map_or((m, false), |m| (m, true));
+            Some(Mode {
+                mtu: mtu.parse().ok()?,
+                tso,
+            })
+        })
         .collect();
     let only = std::env::var("STREAM_ONLY").ok();
     let wanted = |row: &str| only.as_deref().is_none_or(|o| row.contains(o));
@@ -369,10 +433,11 @@ fn main() {
         "\nvhost-gateway without a guest: harness smoltcp as the guest, {gib} GiB per bulk row\n"
     );
     println!(
-        "{:<7} {:<16} {:>9} {:>14} {:>10}",
-        "MTU", "row", "Gbit/s", "Gbit/s/core", "CPU s/GiB"
+        "{:<9} {:<16} {:>9} {:>14} {:>10}",
+        "link", "row", "Gbit/s", "Gbit/s/core", "CPU s/GiB"
     );
-    for mtu in mtus {
+    for mode in modes {
+        let mtu = mode.mtu;
         let daemon = Daemon::start_with(
             None,
             Some(&format!(
@@ -389,10 +454,11 @@ fn main() {
             if !wanted(name) {
                 continue;
             }
-            let (secs, cpu) = stream(&daemon, mtu, direction, bytes);
+            let (secs, cpu) = stream(&daemon, mode, direction, bytes);
             let gbit = bytes as f64 * 8.0 / 1e9;
             println!(
-                "{mtu:<7} {name:<16} {:>9.2} {:>14.2} {:>10.3}",
+                "{:<9} {name:<16} {:>9.2} {:>14.2} {:>10.3}",
+                mode.to_string(),
                 gbit / secs,
                 gbit / cpu.max(0.01),
                 cpu / gib
@@ -400,9 +466,10 @@ fn main() {
         }
         let port = echo_server();
         if wanted("rr") {
-            let times = rr(&daemon, mtu, port);
+            let times = rr(&daemon, mode, port);
             println!(
-                "{mtu:<7} {:<16} p50 {:.1} µs, p99 {:.1} µs over {} round trips",
+                "{:<9} {:<16} p50 {:.1} µs, p99 {:.1} µs over {} round trips",
+                mode.to_string(),
                 "rr (1 byte)",
                 percentile(&times, 0.5),
                 percentile(&times, 0.99),
@@ -410,9 +477,10 @@ fn main() {
             );
         }
         if wanted("connections") {
-            let (n, secs, cpu) = crr(&daemon, mtu, port);
+            let (n, secs, cpu) = crr(&daemon, mode, port);
             println!(
-                "{mtu:<7} {:<16} {:.0}/s, daemon CPU {:.0} µs per connection",
+                "{:<9} {:<16} {:.0}/s, daemon CPU {:.0} µs per connection",
+                mode.to_string(),
                 "connections",
                 n as f64 / secs,
                 cpu / n as f64 * 1e6

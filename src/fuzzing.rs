@@ -62,6 +62,9 @@ pub fn virtio_chains(data: &[u8]) {
     if mem.write_slice(image, GuestAddress(0)).is_err() {
         return;
     }
+    // Offloads on or off together: with them, segmentation headers are
+    // checked against the frames; without, refused.
+    let offloads = mode & 0x80 != 0;
     let layout = Layout {
         hdr_len: if mode & 1 == 0 {
             virtio::NET_HDR_LEN
@@ -70,6 +73,10 @@ pub fn virtio_chains(data: &[u8]) {
         },
         mergeable: mode & 2 != 0,
         guest_csum: mode & 4 != 0,
+        guest_tso4: offloads && mode & 4 != 0,
+        host_tso4: offloads,
+        host_tso6: offloads,
+        host_ecn: offloads,
     };
     let avail_idx = match idx {
         [a, b] => u16::from_le_bytes([*a, *b]),
@@ -86,15 +93,17 @@ pub fn virtio_chains(data: &[u8]) {
         return;
     };
     let mut buf = Vec::new();
-    let max_frame = usize::from(crate::config::MAX_MTU) + virtio::ETH_HDR_LEN;
+    // A 1500-byte link, so segmentation headers decide what is over it.
+    let max_frame = 1500 + virtio::ETH_HDR_LEN;
     let own = own();
     for _ in 0..MAX_CHAINS {
         let Some(chain) = tx.pop_descriptor_chain(&mem) else {
             break;
         };
         let head = chain.head_index();
-        if let Ok(len) = virtio::read_tx_chain(&mem, chain, layout, max_frame, &mut buf) {
-            assert!(buf.len() == layout.hdr_len + len, "frame length");
+        if let Ok(read) = virtio::read_tx_chain(&mem, chain, layout, max_frame, &mut buf) {
+            assert!(buf.len() == layout.hdr_len + read.len, "frame length");
+            assert!(read.len <= max_frame || read.segmented, "over the MTU");
             let frame = buf.get(layout.hdr_len..).unwrap_or_default();
             let _ = classify::classify(frame, &own);
         }
@@ -105,14 +114,22 @@ pub fn virtio_chains(data: &[u8]) {
     let Some(mut rx) = queue(mode & 8 != 0) else {
         return;
     };
-    let frame_len = usize::from(mode >> 4) * 600 + 60;
-    let mut packet = vec![0u8; layout.hdr_len + frame_len];
-    virtio::rx_header(layout, packet.get_mut(..layout.hdr_len).unwrap_or_default());
+    // The frame for the guest: the last guest frame read (hostile bytes
+    // through the segmentation header's parser too), else a made-up one.
+    let mut frame = match buf.get(layout.hdr_len..) {
+        Some(f) if !f.is_empty() => f.to_vec(),
+        _ => vec![0u8; usize::from((mode >> 4) & 7) * 600 + 60],
+    };
+    let mss = (mode & 0x40 != 0).then_some(1460);
+    let mut header = vec![0u8; layout.hdr_len];
+    if !virtio::rx_header(layout, &mut header, &mut frame, mss) {
+        return;
+    }
     for _ in 0..MAX_CHAINS {
         if !virtio::rx_available(&rx, &mem) {
             break;
         }
-        if virtio::write_rx_frame(&mut rx, &mem, layout, &mut packet).is_err() {
+        if virtio::write_rx_frame(&mut rx, &mem, layout, &mut header, &frame).is_err() {
             break;
         }
     }

@@ -35,6 +35,11 @@ counters! {
     frames_to_guest,
     /// Bytes of those frames.
     bytes_to_guest,
+    /// TCP segments over the MTU the guest handed over for us to take whole
+    /// (HOST_TSO4/6).
+    segments_from_guest,
+    /// TCP segments over the guest's MSS handed to it to split (GUEST_TSO4).
+    segments_to_guest,
     /// TX chains outside guest memory or malformed.
     drop_bad_chain,
     /// TX chains with nothing readable.
@@ -43,9 +48,14 @@ counters! {
     drop_too_short,
     /// TX frames longer than the MTU allows.
     drop_too_long,
-    /// TX frames asking for an offload not offered, or with a partial
-    /// checksum outside the frame.
+    /// TX frames asking for an offload not negotiated, with a segmentation
+    /// header that does not match the frame, or with a partial checksum
+    /// outside the frame.
     drop_bad_offload,
+    /// Segments smoltcp asked to offload that were not TCP/IPv4 (never
+    /// expected; counted rather than sent whole to a guest that cannot
+    /// take them).
+    drop_bad_segment,
     /// Frames for the guest with no RX buffer posted.
     drop_no_rx_buffers,
     /// Frames for the guest larger than its RX buffers.

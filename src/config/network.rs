@@ -38,6 +38,8 @@ pub struct Network {
     pub ipv6_gateway: Ipv6Addr,
     /// Link MTU.
     pub mtu: u16,
+    /// TCP segmentation offload both ways (virtio TSO features offered).
+    pub segmentation_offload: bool,
     /// Advertised IPv4 DNS servers; empty means the gateway.
     pub dns_ipv4: Vec<Ipv4Addr>,
     /// Advertised IPv6 DNS servers; empty means the gateway.
@@ -65,6 +67,7 @@ impl Default for Network {
             },
             ipv6_gateway: Ipv6Addr::new(0xfd76, 0x6761, 0x7465, 0, 0, 0, 0, 1),
             mtu: MAX_MTU,
+            segmentation_offload: true,
             dns_ipv4: Vec::new(),
             dns_ipv6: Vec::new(),
             domain_search: Vec::new(),

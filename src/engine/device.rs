@@ -18,17 +18,41 @@ use super::dispatch::Gateway;
 use crate::metrics::{Counter, Metrics};
 use crate::virtio::{self, Layout};
 
+/// What smoltcp may rely on the link for, given the negotiated layout.
+///
+/// TCP and UDP checksums are not computed for a guest that takes unchecked
+/// sums, and never verified on the guest's frames: nothing lies between the
+/// guest and us to corrupt them, and every TCP flow ends here, so a guest
+/// that sends a wrong sum only spoils its own bytes. (SYNs, whose checksum
+/// decides whether a flow is held, are checked by `classify`.) With
+/// GUEST_TSO4, TCP/IPv4 segments go out up to 64 KiB for the guest to cut.
+/// IPv6 stays at the MTU: smoltcp 0.14 drops IPv6 packets over the MTU
+/// even when asked to offload them.
+pub fn capabilities(layout: Layout, max_frame: usize) -> DeviceCapabilities {
+    let mut caps = DeviceCapabilities::default();
+    caps.medium = phy::Medium::Ethernet;
+    caps.max_transmission_unit = max_frame;
+    let l4 = if layout.guest_csum {
+        phy::Checksum::None
+    } else {
+        phy::Checksum::Tx
+    };
+    caps.checksum.tcp = l4;
+    caps.checksum.udp = l4;
+    if layout.guest_tso4 {
+        caps.segmentation.tcpv4 = std::num::NonZeroUsize::new(virtio::offload::MAX_GSO_FRAME);
+    }
+    caps
+}
+
 /// A device with no queues, for building the smoltcp interface.
 pub struct Medium {
     caps: DeviceCapabilities,
 }
 
 impl Medium {
-    /// Capabilities for Ethernet frames up to `max_frame` bytes.
-    pub fn new(max_frame: usize) -> Self {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = phy::Medium::Ethernet;
-        caps.max_transmission_unit = max_frame;
+    /// A medium with `caps`.
+    pub fn new(caps: DeviceCapabilities) -> Self {
         Self { caps }
     }
 }
@@ -115,26 +139,55 @@ pub struct TxToken<'a, M: GuestMemory> {
     waiting: &'a mut ToGuest,
     rx_used: &'a mut bool,
     now: Instant,
+    /// The segment size of a frame for the guest to cut (GUEST_TSO4).
+    mss: Option<u16>,
 }
 
 impl<M: GuestMemory> phy::TxToken for TxToken<'_, M> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let hdr = self.layout.hdr_len;
-        self.buf.clear();
-        self.buf.resize(hdr + len, 0);
-        virtio::rx_header(self.layout, self.buf.get_mut(..hdr).unwrap_or_default());
-        let out = f(self.buf.get_mut(hdr..).unwrap_or_default());
-        match write_frame(self.rx, self.mem, self.layout, self.buf, self.metrics) {
+        // Not zeroed between frames: smoltcp writes every byte of the frame
+        // it asks for, and whatever the buffer held was a frame for this
+        // same guest.
+        if self.buf.len() < hdr + len {
+            self.buf.resize(hdr + len, 0);
+        }
+        let (header, frame) = self
+            .buf
+            .get_mut(..hdr + len)
+            .unwrap_or_default()
+            .split_at_mut(hdr);
+        let out = f(frame);
+        if !virtio::rx_header(self.layout, header, frame, self.mss) {
+            self.metrics.inc(Counter::drop_bad_segment);
+            return out;
+        }
+        if self.mss.is_some() {
+            self.metrics.inc(Counter::segments_to_guest);
+        }
+        match write_frame(
+            self.rx,
+            self.mem,
+            self.layout,
+            (header, frame),
+            self.metrics,
+        ) {
             Written::Yes => *self.rx_used = true,
             Written::NoRoom => {
                 // Not enough buffers for this frame yet: keep it, in order,
                 // rather than drop it and wait for a TCP retransmission.
-                let frame = self.buf.get(hdr..).unwrap_or_default().to_vec();
-                self.waiting.push(frame, self.now, self.metrics);
+                self.waiting
+                    .push_segment(frame.to_vec(), self.mss, self.now, self.metrics);
             }
             Written::Dropped { used } => *self.rx_used |= used,
         }
         out
+    }
+
+    fn set_meta(&mut self, meta: phy::PacketMeta) {
+        self.mss = meta
+            .segmentation_offload_size
+            .map(std::num::NonZeroU16::get);
     }
 }
 
@@ -152,21 +205,18 @@ pub enum Written {
     },
 }
 
-/// Writes a serialized frame (header included) and counts the outcome.
+/// Writes a frame behind its header and counts the outcome.
 fn write_frame<M: GuestMemory>(
     rx: &mut Queue,
     mem: &M,
     layout: Layout,
-    packet: &mut [u8],
+    (header, frame): (&mut [u8], &[u8]),
     metrics: &Metrics,
 ) -> Written {
-    match virtio::write_rx_frame(rx, mem, layout, packet) {
+    match virtio::write_rx_frame(rx, mem, layout, header, frame) {
         Ok(_) => {
             metrics.inc(Counter::frames_to_guest);
-            metrics.add(
-                Counter::bytes_to_guest,
-                (packet.len().saturating_sub(layout.hdr_len)) as u64,
-            );
+            metrics.add(Counter::bytes_to_guest, frame.len() as u64);
             Written::Yes
         }
         Err(virtio::Drop::NoRxBuffers) => Written::NoRoom,
@@ -186,7 +236,8 @@ fn write_frame<M: GuestMemory>(
 /// it cannot be written for `MAX_WAIT` (buffers that will never hold it).
 #[derive(Default)]
 pub struct ToGuest {
-    frames: std::collections::VecDeque<Vec<u8>>,
+    /// Frames and, for segments the guest is to cut, their segment size.
+    frames: std::collections::VecDeque<(Vec<u8>, Option<u16>)>,
     head_since: Option<Instant>,
 }
 
@@ -198,6 +249,17 @@ const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 impl ToGuest {
     /// Queues a frame (no header); dropped and counted when full.
     pub fn push(&mut self, frame: Vec<u8>, now: Instant, metrics: &Metrics) {
+        self.push_segment(frame, None, now, metrics);
+    }
+
+    /// Queues a frame that may be a segment for the guest to cut.
+    pub fn push_segment(
+        &mut self,
+        frame: Vec<u8>,
+        mss: Option<u16>,
+        now: Instant,
+        metrics: &Metrics,
+    ) {
         if self.frames.len() >= MAX_WAITING {
             metrics.inc(Counter::drop_pending_full);
             return;
@@ -205,7 +267,7 @@ impl ToGuest {
         if self.frames.is_empty() {
             self.head_since = Some(now);
         }
-        self.frames.push_back(frame);
+        self.frames.push_back((frame, mss));
     }
 
     /// Whether there is room for more.
@@ -225,17 +287,20 @@ impl ToGuest {
         rx: &mut Queue,
         mem: &M,
         layout: Layout,
-        buf: &mut Vec<u8>,
         metrics: &Metrics,
         now: Instant,
     ) -> (bool, bool) {
         let mut used = false;
-        while let Some(frame) = self.frames.front() {
-            buf.clear();
-            buf.resize(layout.hdr_len, 0);
-            virtio::rx_header(layout, buf);
-            buf.extend_from_slice(frame);
-            match write_frame(rx, mem, layout, buf, metrics) {
+        let mut header = [0u8; virtio::NET_HDR_LEN];
+        let header = header.get_mut(..layout.hdr_len).unwrap_or_default();
+        while let Some((frame, mss)) = self.frames.front_mut() {
+            let written = if virtio::rx_header(layout, header, frame, *mss) {
+                write_frame(rx, mem, layout, (header, frame), metrics)
+            } else {
+                metrics.inc(Counter::drop_bad_segment);
+                Written::Dropped { used: false }
+            };
+            match written {
                 Written::Yes => used = true,
                 Written::Dropped { used: u } => used |= u,
                 Written::NoRoom => {
@@ -281,6 +346,7 @@ macro_rules! tx_token {
             waiting: &mut $device.gateway.pending,
             rx_used: &mut $device.rx_used,
             now: $device.now,
+            mss: None,
         }
     };
 }
@@ -314,7 +380,12 @@ impl<M: GuestMemory> Device<'_, M> {
             let _ = self.tx.add_used(self.mem, head, 0);
             self.tx_used = true;
             let frame_len = match read {
-                Ok(len) => len,
+                Ok(read) => {
+                    if read.segmented {
+                        self.metrics.inc(Counter::segments_from_guest);
+                    }
+                    read.len
+                }
                 Err(drop) => {
                     self.metrics.inc(counter_for(drop));
                     continue;
@@ -360,14 +431,10 @@ impl<M: GuestMemory> phy::Device for Device<'_, M> {
     fn transmit(&mut self, _timestamp: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
         // Frames already waiting go first, so the guest sees them in order.
         if !self.gateway.pending.is_empty() {
-            let (used, waiting) = self.gateway.pending.flush(
-                self.rx,
-                self.mem,
-                self.layout,
-                self.to_guest,
-                self.metrics,
-                self.now,
-            );
+            let (used, waiting) =
+                self.gateway
+                    .pending
+                    .flush(self.rx, self.mem, self.layout, self.metrics, self.now);
             self.rx_used |= used;
             if waiting {
                 self.rx_starved = true;
@@ -382,13 +449,6 @@ impl<M: GuestMemory> phy::Device for Device<'_, M> {
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = Medium::new(self.max_frame).caps;
-        if self.layout.guest_csum {
-            // The guest takes DATA_VALID frames without checking TCP/UDP
-            // sums; the IPv4 header sum it checks regardless, so that stays.
-            caps.checksum.tcp = phy::Checksum::Rx;
-            caps.checksum.udp = phy::Checksum::Rx;
-        }
-        caps
+        capabilities(self.layout, self.max_frame)
     }
 }

@@ -112,6 +112,7 @@ impl<'a> Ctx<'a> {
 
 /// Per-connection engine state: reset by building a new one.
 pub struct Engine {
+    config: Arc<Config>,
     iface: Interface,
     sockets: SocketSet<'static>,
     gateway: Gateway,
@@ -168,35 +169,9 @@ impl Engine {
         let metrics = shared.metrics.clone();
         let net = &config.network;
         let max_frame = usize::from(net.mtu) + virtio::ETH_HDR_LEN;
-        let mut medium = Medium::new(max_frame);
+        let layout = Layout::from_features(0);
+        let iface = interface(config, device::capabilities(layout, max_frame))?;
         let gateway_mac = EthernetAddress(net.gateway_mac.0);
-        let mut iface_config = IfaceConfig::new(HardwareAddress::Ethernet(gateway_mac));
-        iface_config.random_seed = seed();
-        let mut iface = Interface::new(iface_config, &mut medium, smoltcp::time::Instant::now());
-        // Terminate guest TCP for any destination; classify keeps ARP, NDP
-        // and pings for other addresses away from smoltcp.
-        iface.set_any_ip(true);
-        let mut wanted = vec![IpCidr::new(
-            IpAddress::Ipv4(net.ipv4_gateway),
-            net.ipv4_prefix_len,
-        )];
-        if net.ipv6_enabled {
-            wanted.push(IpCidr::new(IpAddress::Ipv6(net.ipv6_gateway), 64));
-            wanted.push(IpCidr::new(IpAddress::Ipv6(GATEWAY_LINK_LOCAL), 64));
-        }
-        let mut refused = None;
-        iface.update_ip_addrs(|addrs| {
-            for cidr in &wanted {
-                // A full list would leave the gateway deaf on that address
-                // (fe80::1 is the guest's IPv6 router): never ignore it.
-                if addrs.push(*cidr).is_err() {
-                    refused.get_or_insert(*cidr);
-                }
-            }
-        });
-        if let Some(cidr) = refused {
-            return Err(Error::InterfaceAddress(cidr.to_string()));
-        }
         // The guest's own DNS state: its pins and the forwarder that makes
         // them; the egress boundary and local services over them.
         let pins = Arc::new(Pins::new(config.dns.max_pins));
@@ -237,6 +212,7 @@ impl Engine {
             )
         });
         Ok(Self {
+            config: shared.config.clone(),
             iface,
             sockets: SocketSet::new(Vec::new()),
             gateway: Gateway {
@@ -261,7 +237,7 @@ impl Engine {
                 gateway_v4: net.ipv4_gateway,
                 guest_v4: net.ipv4_guest,
             },
-            layout: Layout::from_features(0),
+            layout,
             max_frame,
             from_guest: Vec::with_capacity(max_frame + virtio::NET_HDR_LEN),
             to_guest: Vec::with_capacity(max_frame + virtio::NET_HDR_LEN),
@@ -279,9 +255,18 @@ impl Engine {
             .collect()
     }
 
-    /// Applies the feature bits the driver acked.
-    pub fn set_features(&mut self, features: u64) {
-        self.layout = Layout::from_features(features);
+    /// Applies the feature bits the driver acked. smoltcp reads a device's
+    /// capabilities (checksums, segmentation) once, when its interface is
+    /// built, so a layout that changes them gets a new interface; features
+    /// are acked before the queues run, when it holds nothing yet.
+    pub fn set_features(&mut self, features: u64) -> Result<(), Error> {
+        let layout = Layout::from_features(features);
+        if layout != self.layout {
+            let caps = device::capabilities(layout, self.max_frame);
+            self.iface = interface(&self.config, caps)?;
+            self.layout = layout;
+        }
+        Ok(())
     }
 
     /// The counters this engine writes.
@@ -344,14 +329,10 @@ impl Engine {
             // Work is left: come back after the other events are handled.
             self.gateway.host.wake.wake();
         }
-        let (used, waiting) = self.gateway.pending.flush(
-            rx,
-            mem,
-            self.layout,
-            &mut self.to_guest,
-            &self.metrics,
-            now,
-        );
+        let (used, waiting) = self
+            .gateway
+            .pending
+            .flush(rx, mem, self.layout, &self.metrics, now);
         result.rx_used |= used;
         result.rx_starved |= waiting;
         // Session sockets are edge-triggered: replies left unread for want
@@ -468,6 +449,42 @@ impl Engine {
         let expiry = (!gw.tcp.is_empty() || !gw.udp.is_empty() || !gw.icmp.is_empty())
             .then(|| self.next_expiry.saturating_duration_since(now));
         [smol, ra, expiry].into_iter().flatten().min()
+    }
+}
+
+/// The gateway's smoltcp interface over a link with `caps`: every gateway
+/// address on it, and guest TCP terminated for any destination.
+fn interface(config: &Config, caps: smoltcp::phy::DeviceCapabilities) -> Result<Interface, Error> {
+    let net = &config.network;
+    let mut medium = Medium::new(caps);
+    let gateway_mac = EthernetAddress(net.gateway_mac.0);
+    let mut iface_config = IfaceConfig::new(HardwareAddress::Ethernet(gateway_mac));
+    iface_config.random_seed = seed();
+    let mut iface = Interface::new(iface_config, &mut medium, smoltcp::time::Instant::now());
+    // Terminate guest TCP for any destination; classify keeps ARP, NDP
+    // and pings for other addresses away from smoltcp.
+    iface.set_any_ip(true);
+    let mut wanted = vec![IpCidr::new(
+        IpAddress::Ipv4(net.ipv4_gateway),
+        net.ipv4_prefix_len,
+    )];
+    if net.ipv6_enabled {
+        wanted.push(IpCidr::new(IpAddress::Ipv6(net.ipv6_gateway), 64));
+        wanted.push(IpCidr::new(IpAddress::Ipv6(GATEWAY_LINK_LOCAL), 64));
+    }
+    let mut refused = None;
+    iface.update_ip_addrs(|addrs| {
+        for cidr in &wanted {
+            // A full list would leave the gateway deaf on that address
+            // (fe80::1 is the guest's IPv6 router): never ignore it.
+            if addrs.push(*cidr).is_err() {
+                refused.get_or_insert(*cidr);
+            }
+        }
+    });
+    match refused {
+        Some(cidr) => Err(Error::InterfaceAddress(cidr.to_string())),
+        None => Ok(iface),
     }
 }
 

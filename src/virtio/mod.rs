@@ -9,6 +9,10 @@
 
 use std::io::{Read, Write};
 
+pub mod offload;
+
+pub use offload::rx_header;
+
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
@@ -45,7 +49,7 @@ pub enum Drop {
     RxBuffersTooSmall,
 }
 
-/// The header layout negotiated for this device.
+/// The header layout and offloads negotiated for this device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
     /// Bytes of virtio-net header before each frame.
@@ -55,38 +59,94 @@ pub struct Layout {
     /// Whether frames to the guest may skip their TCP/UDP checksums and say
     /// so with DATA_VALID (VIRTIO_NET_F_GUEST_CSUM).
     pub guest_csum: bool,
+    /// Whether the guest takes TCP/IPv4 segments larger than its MSS
+    /// (VIRTIO_NET_F_GUEST_TSO4; needs GUEST_CSUM).
+    pub guest_tso4: bool,
+    /// Whether the guest may send TCP/IPv4 segments larger than the MTU
+    /// (VIRTIO_NET_F_HOST_TSO4).
+    pub host_tso4: bool,
+    /// The same for TCP/IPv6 (VIRTIO_NET_F_HOST_TSO6).
+    pub host_tso6: bool,
+    /// Whether those segments may carry ECN's CWR (VIRTIO_NET_F_HOST_ECN).
+    pub host_ecn: bool,
 }
 
 impl Layout {
-    /// The layout from the acked feature bits.
+    /// The layout from the acked feature bits. An offload acked without
+    /// the one it depends on (virtio 1.2 5.1.3.1) counts as not acked.
     pub fn from_features(features: u64) -> Self {
         use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-        use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF};
-        let version_1 = features & (1 << VIRTIO_F_VERSION_1) != 0;
-        let mergeable = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+        use virtio_bindings::virtio_net::{
+            VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+            VIRTIO_NET_F_MRG_RXBUF,
+        };
+        let has = |bit: u32| features & (1 << bit) != 0;
+        let mergeable = has(VIRTIO_NET_F_MRG_RXBUF);
+        let guest_csum = has(VIRTIO_NET_F_GUEST_CSUM);
+        let csum = has(VIRTIO_NET_F_CSUM);
+        let host_tso4 = csum && has(VIRTIO_NET_F_HOST_TSO4);
+        let host_tso6 = csum && has(VIRTIO_NET_F_HOST_TSO6);
         Self {
-            guest_csum: features & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0,
-            hdr_len: if version_1 || mergeable {
+            hdr_len: if has(VIRTIO_F_VERSION_1) || mergeable {
                 NET_HDR_LEN
             } else {
                 LEGACY_NET_HDR_LEN
             },
             mergeable,
+            guest_csum,
+            guest_tso4: guest_csum && has(VIRTIO_NET_F_GUEST_TSO4),
+            host_tso4,
+            host_tso6,
+            host_ecn: (host_tso4 || host_tso6) && has(VIRTIO_NET_F_HOST_ECN),
+        }
+    }
+
+    /// A layout with no offloads beyond what is given.
+    pub const fn plain(hdr_len: usize, mergeable: bool, guest_csum: bool) -> Self {
+        Self {
+            hdr_len,
+            mergeable,
+            guest_csum,
+            guest_tso4: false,
+            host_tso4: false,
+            host_tso6: false,
+            host_ecn: false,
+        }
+    }
+
+    /// The largest frame the guest may send: `max_frame` (the MTU's), or a
+    /// 64 KiB segment with segmentation offload.
+    pub fn max_tx_frame(&self, max_frame: usize) -> usize {
+        if self.host_tso4 || self.host_tso6 {
+            max_frame.max(offload::MAX_GSO_FRAME)
+        } else {
+            max_frame
         }
     }
 }
 
-/// Copies the readable part of a TX chain into `buf` (resized, reused) and
-/// returns the frame's length; the frame is `buf[layout.hdr_len..][..len]`.
-/// A partial checksum the guest left to us (VIRTIO_NET_F_CSUM) is completed
-/// on the copy, so everything after this sees ordinary, valid frames.
+/// A frame read from a TX chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxFrame {
+    /// Its length (after the header).
+    pub len: usize,
+    /// Whether it is a segmentation-offload segment.
+    pub segmented: bool,
+}
+
+/// Copies the readable part of a TX chain into `buf` (resized, reused); the
+/// frame is `buf[layout.hdr_len..]`. Offloads the header asks for are
+/// checked and a partial checksum completed on the copy where anything
+/// reads it ([`offload::tx`]). Frames over `max_frame` (the MTU's) are
+/// refused unless they are checked segments.
 pub fn read_tx_chain<M>(
     mem: &M,
     chain: DescriptorChain<&M>,
     layout: Layout,
     max_frame: usize,
     buf: &mut Vec<u8>,
-) -> Result<usize, Drop>
+) -> Result<TxFrame, Drop>
 where
     M: GuestMemory,
 {
@@ -99,97 +159,39 @@ where
         return Err(Drop::TooShort);
     }
     let frame_len = total - layout.hdr_len;
-    if frame_len > max_frame {
+    if frame_len > layout.max_tx_frame(max_frame) {
         return Err(Drop::TooLong);
     }
     buf.resize(total, 0);
     reader.read_exact(buf).map_err(|_| Drop::BadChain)?;
-    complete_checksum(buf, layout.hdr_len)?;
-    Ok(frame_len)
+    let segmented = offload::tx(buf, layout)? == offload::TxOffload::Segmented;
+    if frame_len > max_frame && !segmented {
+        return Err(Drop::TooLong);
+    }
+    Ok(TxFrame {
+        len: frame_len,
+        segmented,
+    })
 }
 
-/// virtio-net header flag: the checksum from `csum_start` on is partial.
-const HDR_F_NEEDS_CSUM: u8 = 1;
-/// virtio-net header flag (RX): checksums are known good.
-const HDR_F_DATA_VALID: u8 = 2;
-
-/// Finishes a partial checksum (virtio 1.2 5.1.6.2): the 16-bit ones'
-/// complement sum over the frame from `csum_start` (whose checksum field
-/// holds the pseudo-header sum) goes, complemented, to `csum_start +
-/// csum_offset`. Offsets are checked against the frame; GSO is refused since
-/// no segmentation offload is offered.
-fn complete_checksum(packet: &mut [u8], hdr_len: usize) -> Result<(), Drop> {
-    let (Some(&flags), Some(&gso_type)) = (packet.first(), packet.get(1)) else {
-        return Err(Drop::TooShort);
-    };
-    if gso_type != 0 {
-        return Err(Drop::BadOffload);
-    }
-    if flags & HDR_F_NEEDS_CSUM == 0 {
-        return Ok(());
-    }
-    let field = |at: usize| {
-        packet
-            .get(at..at + 2)
-            .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])))
-    };
-    let (Some(start), Some(offset)) = (field(6), field(8)) else {
-        return Err(Drop::TooShort);
-    };
-    let (frame_start, frame_end) = (hdr_len + start, packet.len());
-    let at = frame_start + offset;
-    if at + 2 > frame_end || frame_start >= frame_end {
-        return Err(Drop::BadOffload);
-    }
-    let sum = ones_complement_sum(packet.get(frame_start..frame_end).unwrap_or_default());
-    if let Some(slot) = packet.get_mut(at..at + 2) {
-        slot.copy_from_slice(&(!sum).to_be_bytes());
-    }
-    Ok(())
-}
-
-/// RFC 1071 sum, folded to 16 bits.
-fn ones_complement_sum(data: &[u8]) -> u16 {
-    let mut sum: u64 = 0;
-    let mut chunks = data.chunks_exact(2);
-    for pair in &mut chunks {
-        sum += u64::from(u16::from_be_bytes([pair[0], pair[1]]));
-    }
-    if let [last] = chunks.remainder() {
-        sum += u64::from(u16::from_be_bytes([*last, 0]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    u16::try_from(sum).unwrap_or(u16::MAX)
-}
-
-/// Fills the header of a frame for the guest: zeroed, DATA_VALID when the
-/// guest accepts it.
-pub fn rx_header(layout: Layout, header: &mut [u8]) {
-    header.fill(0);
-    if layout.guest_csum
-        && let Some(flags) = header.first_mut()
-    {
-        *flags = HDR_F_DATA_VALID;
-    }
-}
-
-/// Writes one frame, already prefixed by `layout.hdr_len` zero bytes in
-/// `packet`, into the RX queue: into one chain, or across several when
-/// mergeable buffers are on. Returns the number of chains used. On failure
-/// nothing is left half-written in the used ring: chains taken for a frame
-/// that does not fit are put back (mergeable) or returned empty (a single
-/// chain too small for any frame of this size).
+/// Writes one frame behind its `header` (`layout.hdr_len` bytes, filled by
+/// [`rx_header`]; `num_buffers` is set here) into the RX queue: into one
+/// chain, or across several when mergeable buffers are on. Returns the
+/// number of chains used. On failure nothing is left half-written in the
+/// used ring: chains taken for a frame that does not fit are put back
+/// (mergeable) or returned empty (a single chain too small for any frame of
+/// this size).
 pub fn write_rx_frame<M>(
     queue: &mut Queue,
     mem: &M,
     layout: Layout,
-    packet: &mut [u8],
+    header: &mut [u8],
+    frame: &[u8],
 ) -> Result<u16, Drop>
 where
     M: GuestMemory,
 {
+    let total = header.len() + frame.len();
     if !layout.mergeable {
         let chain = queue.pop_descriptor_chain(mem).ok_or(Drop::NoRxBuffers)?;
         let head = chain.head_index();
@@ -197,12 +199,14 @@ where
             .writer(mem)
             .map_err(|_| Drop::BadChain)
             .and_then(|mut w| {
-                if w.available_bytes() < packet.len() {
+                if w.available_bytes() < total {
                     return Err(Drop::RxBuffersTooSmall);
                 }
-                w.write_all(packet).map_err(|_| Drop::BadChain)
+                w.write_all(header)
+                    .and_then(|()| w.write_all(frame))
+                    .map_err(|_| Drop::BadChain)
             });
-        let used = if result.is_ok() { packet.len() } else { 0 };
+        let used = if result.is_ok() { total } else { 0 };
         // A chain that cannot hold the frame is handed back empty: keeping it
         // would leave the slot unusable for the guest forever.
         let _ = queue.add_used(mem, head, u32::try_from(used).unwrap_or(0));
@@ -214,7 +218,7 @@ where
     let mut capacities = [0usize; MAX_MERGED_CHAINS];
     let mut count = 0usize;
     let mut room = 0usize;
-    while room < packet.len() {
+    while room < total {
         let Some(slot) = chains.get_mut(count) else {
             break;
         };
@@ -247,17 +251,18 @@ where
         room += capacity;
         count += 1;
     }
-    if room < packet.len() {
+    if room < total {
         for _ in 0..count {
             queue.go_to_previous_position();
         }
         return Err(Drop::NoRxBuffers);
     }
     let num_buffers = u16::try_from(count).unwrap_or(u16::MAX);
-    if let Some(field) = packet.get_mut(NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2) {
+    if let Some(field) = header.get_mut(NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2) {
         field.copy_from_slice(&num_buffers.to_le_bytes());
     }
-    let mut offset = 0usize;
+    // The header and the frame as one stream of bytes cut at chain sizes.
+    let mut rest: [&[u8]; 2] = [header, frame];
     let mut used = [(0u16, 0u32); MAX_MERGED_CHAINS];
     for ((slot, capacity), entry) in chains
         .iter_mut()
@@ -267,14 +272,18 @@ where
     {
         let Some(chain) = slot.take() else { break };
         let head = chain.head_index();
-        let end = packet.len().min(offset + capacity);
-        let part = packet.get(offset..end).unwrap_or(&[]);
-        let written = chain
-            .writer(mem)
-            .ok()
-            .and_then(|mut w| w.write_all(part).ok())
-            .map_or(0, |()| part.len());
-        offset = end;
+        let mut written = 0usize;
+        if let Ok(mut w) = chain.writer(mem) {
+            for part in &mut rest {
+                let n = part.len().min(capacity - written);
+                let (now, later) = part.split_at(n);
+                if w.write_all(now).is_err() {
+                    break;
+                }
+                written += n;
+                *part = later;
+            }
+        }
         *entry = (head, u32::try_from(written).unwrap_or(0));
     }
     publish_used(queue, mem, used.get(..count).unwrap_or_default());
@@ -347,3 +356,6 @@ pub fn rx_available<M: GuestMemory>(queue: &Queue, mem: &M) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod offload_tests;

@@ -10,11 +10,7 @@ const QUEUE_LEN: u16 = 16;
 const DATA: u64 = 0x10_0000;
 const MEM_SIZE: usize = 0x40_0000;
 const MTU_FRAME: usize = 1514;
-const LAYOUT: Layout = Layout {
-    hdr_len: NET_HDR_LEN,
-    mergeable: true,
-    guest_csum: false,
-};
+const LAYOUT: Layout = Layout::plain(NET_HDR_LEN, true, false);
 
 fn memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
@@ -48,8 +44,9 @@ fn tx_chain_header_and_frame_in_separate_descriptors() {
         .build_desc_chain(&[desc(DATA, 12, 0), desc(DATA + 0x1000, 100, 0)])
         .unwrap();
     let mut buf = Vec::new();
-    let len = read_tx_chain(&mem, chain, LAYOUT, MTU_FRAME, &mut buf).unwrap();
-    assert_eq!(len, 100);
+    let read = read_tx_chain(&mem, chain, LAYOUT, MTU_FRAME, &mut buf).unwrap();
+    assert_eq!(read.len, 100);
+    assert!(!read.segmented);
     assert_eq!(&buf[NET_HDR_LEN..], &payload[..]);
 }
 
@@ -148,6 +145,17 @@ fn rx_queue<'a>(
     (q, queue)
 }
 
+/// Writes `packet` (header, then frame) as the engine does.
+fn write(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    layout: Layout,
+    packet: &mut [u8],
+) -> Result<u16, Drop> {
+    let (header, frame) = packet.split_at_mut(layout.hdr_len);
+    write_rx_frame(queue, mem, layout, header, frame)
+}
+
 fn used(q: &MockSplitQueue<'_, GuestMemoryMmap>, i: usize) -> (u32, u32) {
     let e = q.used().ring().ref_at(i).unwrap().load();
     (e.id(), e.len())
@@ -159,7 +167,7 @@ fn rx_frame_merges_across_small_buffers_and_sets_num_buffers() {
     let (q, mut queue) = rx_queue(&mem, &[1000, 1000, 1000]);
     let mut packet = vec![0u8; NET_HDR_LEN];
     packet.extend(frame(2500));
-    let n = write_rx_frame(&mut queue, &mem, LAYOUT, &mut packet).unwrap();
+    let n = write(&mut queue, &mem, LAYOUT, &mut packet).unwrap();
     assert_eq!(n, 3);
     assert_eq!(q.used().idx().load(), 3);
     assert_eq!(used(&q, 0), (0, 1000));
@@ -180,14 +188,14 @@ fn rx_without_enough_buffers_puts_them_back() {
     let (q, mut queue) = rx_queue(&mem, &[1000]);
     let mut packet = vec![0u8; NET_HDR_LEN + 1500];
     assert_eq!(
-        write_rx_frame(&mut queue, &mem, LAYOUT, &mut packet),
+        write(&mut queue, &mem, LAYOUT, &mut packet),
         Err(Drop::NoRxBuffers)
     );
     assert_eq!(q.used().idx().load(), 0);
     assert!(rx_available(&queue, &mem));
     // A frame that fits still goes into the same buffer afterwards.
     let mut small = vec![0u8; NET_HDR_LEN + 100];
-    assert_eq!(write_rx_frame(&mut queue, &mem, LAYOUT, &mut small), Ok(1));
+    assert_eq!(write(&mut queue, &mem, LAYOUT, &mut small), Ok(1));
     assert!(!rx_available(&queue, &mem));
 }
 
@@ -195,14 +203,10 @@ fn rx_without_enough_buffers_puts_them_back() {
 fn rx_single_chain_too_small_is_returned_empty() {
     let mem = memory();
     let (q, mut queue) = rx_queue(&mem, &[100]);
-    let layout = Layout {
-        hdr_len: NET_HDR_LEN,
-        mergeable: false,
-        guest_csum: false,
-    };
+    let layout = Layout::plain(NET_HDR_LEN, false, false);
     let mut packet = vec![0u8; NET_HDR_LEN + 500];
     assert_eq!(
-        write_rx_frame(&mut queue, &mem, layout, &mut packet),
+        write(&mut queue, &mem, layout, &mut packet),
         Err(Drop::RxBuffersTooSmall)
     );
     assert_eq!(used(&q, 0), (0, 0));
@@ -222,7 +226,7 @@ fn rx_buffer_outside_memory_is_skipped() {
     .unwrap();
     let mut queue: Queue = q.create_queue().unwrap();
     let mut packet = vec![0u8; NET_HDR_LEN + 100];
-    assert_eq!(write_rx_frame(&mut queue, &mem, LAYOUT, &mut packet), Ok(1));
+    assert_eq!(write(&mut queue, &mem, LAYOUT, &mut packet), Ok(1));
     assert_eq!(used(&q, 0), (0, 0));
     assert_eq!(used(&q, 1), (1, 112));
 }
@@ -233,7 +237,7 @@ fn rx_with_no_buffers_is_reported() {
     let (_q, mut queue) = rx_queue(&mem, &[]);
     let mut packet = vec![0u8; NET_HDR_LEN + 100];
     assert_eq!(
-        write_rx_frame(&mut queue, &mem, LAYOUT, &mut packet),
+        write(&mut queue, &mem, LAYOUT, &mut packet),
         Err(Drop::NoRxBuffers)
     );
     assert!(!rx_available(&queue, &mem));
@@ -288,7 +292,7 @@ fn partial_checksums_are_completed_and_bad_offsets_dropped() {
     packet[6..8].copy_from_slice(&34u16.to_le_bytes());
     packet[8..10].copy_from_slice(&6u16.to_le_bytes());
     packet.extend_from_slice(&frame);
-    complete_checksum(&mut packet, NET_HDR_LEN).unwrap();
+    offload::tx(&mut packet, LAYOUT).unwrap();
     assert_eq!(&packet[NET_HDR_LEN..], &good[..]);
     let eth = EthernetFrame::new_checked(&packet[NET_HDR_LEN..]).unwrap();
     assert!(
@@ -302,30 +306,23 @@ fn partial_checksums_are_completed_and_bad_offsets_dropped() {
         p[6..8].copy_from_slice(&start.to_le_bytes());
         p[8..10].copy_from_slice(&offset.to_le_bytes());
         assert_eq!(
-            complete_checksum(&mut p, NET_HDR_LEN),
+            offload::tx(&mut p, LAYOUT),
             Err(Drop::BadOffload),
             "{start}/{offset}"
         );
     }
     let mut gso = packet.clone();
     gso[1] = 1;
-    assert_eq!(
-        complete_checksum(&mut gso, NET_HDR_LEN),
-        Err(Drop::BadOffload)
-    );
+    assert_eq!(offload::tx(&mut gso, LAYOUT), Err(Drop::BadOffload));
 }
 
 #[test]
 fn rx_header_marks_data_valid_only_when_acked() {
     let mut h = [0xffu8; NET_HDR_LEN];
-    rx_header(LAYOUT, &mut h);
+    let mut frame = frame(60);
+    assert!(rx_header(LAYOUT, &mut h, &mut frame, None));
     assert_eq!(h, [0; NET_HDR_LEN]);
-    rx_header(
-        Layout {
-            guest_csum: true,
-            ..LAYOUT
-        },
-        &mut h,
-    );
+    let csum = Layout::plain(NET_HDR_LEN, true, true);
+    assert!(rx_header(csum, &mut h, &mut frame, None));
     assert_eq!(h[0], 2);
 }

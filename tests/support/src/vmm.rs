@@ -34,6 +34,10 @@ const FLAG_VERSION: u32 = 0x1;
 const FLAG_NEED_REPLY: u32 = 0x8;
 pub const F_CSUM: u64 = 1 << 0;
 pub const F_GUEST_CSUM: u64 = 1 << 1;
+pub const F_GUEST_TSO4: u64 = 1 << 7;
+pub const F_HOST_TSO4: u64 = 1 << 11;
+pub const F_HOST_TSO6: u64 = 1 << 12;
+pub const F_HOST_ECN: u64 = 1 << 13;
 pub const F_MRG_RXBUF: u64 = 1 << 15;
 pub const F_EVENT_IDX: u64 = 1 << 29;
 pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -386,11 +390,14 @@ impl Vmm {
 
     /// Sends one frame (header prepended) as a two-descriptor TX chain.
     pub fn send_frame(&mut self, frame: &[u8]) {
+        self.send_packet(&[0u8; NET_HDR_LEN], frame);
+    }
+
+    /// Sends one frame behind the given virtio-net header.
+    pub fn send_packet(&mut self, header: &[u8; NET_HDR_LEN], frame: &[u8]) {
         let addr = TX_BUFS + (self.tx_slot % u64::from(QUEUE_SIZE)) * TX_SLOT;
         self.tx_slot += 1;
-        self.mem
-            .write_slice(&[0u8; NET_HDR_LEN], GuestAddress(addr))
-            .unwrap();
+        self.mem.write_slice(header, GuestAddress(addr)).unwrap();
         self.mem
             .write_slice(frame, GuestAddress(addr + NET_HDR_LEN as u64))
             .unwrap();
