@@ -8,6 +8,11 @@
 //! then 1-byte request/response latency (p50/p99) and connections per
 //! second (connect, 1-byte exchange, close).
 //!
+//! With STREAM_CALLGRIND=1 the daemon runs under valgrind's callgrind and
+//! each bulk row reports the daemon's user-space instructions per GiB
+//! instead (noise-free; this machine has no hardware counters for `perf
+//! stat`): `STREAM_CALLGRIND=1 STREAM_GIB=0.125 cargo bench --bench stream`.
+//!
 //! Run: `cargo bench --bench stream`. STREAM_GIB sets the bulk size
 //! (default 2), STREAM_MODES the links (default "65520,1500+tso,1500"; +tso: segmentation offload both ways, as a Linux guest uses it), STREAM_ONLY a
 //! substring of the rows to run ("guest -> host", "host -> guest", "rr",
@@ -404,6 +409,67 @@ fn crr(daemon: &Daemon, mode: Mode, port: u16) -> (usize, f64, f64) {
     (done, t0.elapsed().as_secs_f64(), cpu_seconds(pid) - cpu0)
 }
 
+/// The daemon under callgrind: counts zeroed before a row and dumped
+/// after it.
+struct Callgrind {
+    out: std::path::PathBuf,
+}
+
+impl Callgrind {
+    fn control(pid: u32, flag: &str) {
+        let status = std::process::Command::new("callgrind_control")
+            .arg(flag)
+            .arg(pid.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "callgrind_control {flag}");
+    }
+
+    /// Instructions since the last call (the counters are zeroed).
+    fn take(&self, pid: u32) -> u64 {
+        let before: Vec<_> = self.dumps();
+        Self::control(pid, "--dump");
+        let deadline = Instant::now() + STALL;
+        let dump = loop {
+            if let Some(new) = self.dumps().into_iter().find(|d| !before.contains(d)) {
+                break new;
+            }
+            assert!(Instant::now() < deadline, "no callgrind dump");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // The dump is complete once its totals line is there.
+        let total = loop {
+            let text = std::fs::read_to_string(&dump).unwrap_or_default();
+            let total = text
+                .lines()
+                .find_map(|l| l.strip_prefix("totals: "))
+                .and_then(|t| t.split_whitespace().next()?.parse().ok());
+            if let Some(total) = total {
+                break total;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Self::control(pid, "--zero");
+        total
+    }
+
+    fn dumps(&self) -> Vec<std::path::PathBuf> {
+        let dir = self.out.parent().unwrap();
+        let stem = self.out.file_name().unwrap().to_string_lossy().into_owned();
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&stem))
+            })
+            .collect()
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i].as_secs_f64() * 1e6
@@ -436,22 +502,44 @@ fn main() {
         "{:<9} {:<16} {:>9} {:>14} {:>10}",
         "link", "row", "Gbit/s", "Gbit/s/core", "CPU s/GiB"
     );
+    let callgrind = std::env::var_os("STREAM_CALLGRIND").map(|_| Callgrind {
+        out: std::env::temp_dir().join(format!("vg-stream-callgrind.{}", std::process::id())),
+    });
+    if callgrind.is_some() {
+        println!(
+            "(under callgrind: the last column is the daemon's user-space instructions per GiB)"
+        );
+    }
     for mode in modes {
         let mtu = mode.mtu;
-        let daemon = Daemon::start_with(
-            None,
-            Some(&format!(
-                "[network]\nmtu = {mtu}\n[outbound]\nallow-host-loopback = true\n\
-                 [policy]\npreset = \"allow-all\"\n\
-                 [[policy.rule]]\naction = \"allow\"\ndestination = \"group:host\"\n"
-            )),
-            &[],
+        let config = format!(
+            "[network]\nmtu = {mtu}\n[outbound]\nallow-host-loopback = true\n\
+             [policy]\npreset = \"allow-all\"\n\
+             [[policy.rule]]\naction = \"allow\"\ndestination = \"group:host\"\n"
         );
+        let daemon = match &callgrind {
+            Some(cg) => {
+                let out = format!("--callgrind-out-file={}", cg.out.display());
+                Daemon::start_wrapped(Some(&config), &["valgrind", "--tool=callgrind", "-q", &out])
+            }
+            None => Daemon::start_with(None, Some(&config), &[]),
+        };
         for (name, direction) in [
             ("guest -> host", Direction::Upload),
             ("host -> guest", Direction::Download),
         ] {
             if !wanted(name) {
+                continue;
+            }
+            if let Some(cg) = &callgrind {
+                cg.take(daemon.pid());
+                stream(&daemon, mode, direction, bytes);
+                let per_gib = cg.take(daemon.pid()) as f64 / gib;
+                println!(
+                    "{:<9} {name:<16} {:>36.0} M instructions/GiB",
+                    mode.to_string(),
+                    per_gib / 1e6
+                );
                 continue;
             }
             let (secs, cpu) = stream(&daemon, mode, direction, bytes);
@@ -463,6 +551,9 @@ fn main() {
                 gbit / cpu.max(0.01),
                 cpu / gib
             );
+        }
+        if callgrind.is_some() {
+            continue;
         }
         let port = echo_server();
         if wanted("rr") {

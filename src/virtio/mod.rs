@@ -7,26 +7,28 @@
 //! function here panics on guest data; failures are returned as [`Drop`]
 //! reasons for the caller to count.
 
-use std::io::{Read, Write};
+use std::io::Read;
 
 pub mod offload;
+mod rx;
 
 pub use offload::rx_header;
+pub use rx::{needs_notification, rx_available, write_rx_frame};
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use virtio_queue::DescriptorChain;
+use vm_memory::GuestMemory;
 
 /// virtio-net header size with VERSION_1 or MRG_RXBUF (virtio 1.2 5.1.6).
 pub const NET_HDR_LEN: usize = 12;
 /// Legacy header without `num_buffers` (virtio 1.2 5.1.6.1, legacy interface).
 pub const LEGACY_NET_HDR_LEN: usize = 10;
 /// Offset of `num_buffers` inside the header.
-const NUM_BUFFERS_OFFSET: usize = 10;
+pub(crate) const NUM_BUFFERS_OFFSET: usize = 10;
 /// Ethernet header length.
 pub const ETH_HDR_LEN: usize = 14;
 /// Most chains one received frame may be merged across; a guest posts at least
 /// 1.5 KiB per buffer, so 64 buffers carry any 64 KiB frame.
-const MAX_MERGED_CHAINS: usize = 64;
+pub(crate) const MAX_MERGED_CHAINS: usize = 64;
 
 /// Why a frame was dropped at the virtqueue boundary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,186 +174,6 @@ where
         len: frame_len,
         segmented,
     })
-}
-
-/// Writes one frame behind its `header` (`layout.hdr_len` bytes, filled by
-/// [`rx_header`]; `num_buffers` is set here) into the RX queue: into one
-/// chain, or across several when mergeable buffers are on. Returns the
-/// number of chains used. On failure nothing is left half-written in the
-/// used ring: chains taken for a frame that does not fit are put back
-/// (mergeable) or returned empty (a single chain too small for any frame of
-/// this size).
-pub fn write_rx_frame<M>(
-    queue: &mut Queue,
-    mem: &M,
-    layout: Layout,
-    header: &mut [u8],
-    frame: &[u8],
-) -> Result<u16, Drop>
-where
-    M: GuestMemory,
-{
-    let total = header.len() + frame.len();
-    if !layout.mergeable {
-        let chain = queue.pop_descriptor_chain(mem).ok_or(Drop::NoRxBuffers)?;
-        let head = chain.head_index();
-        let result = chain
-            .writer(mem)
-            .map_err(|_| Drop::BadChain)
-            .and_then(|mut w| {
-                if w.available_bytes() < total {
-                    return Err(Drop::RxBuffersTooSmall);
-                }
-                w.write_all(header)
-                    .and_then(|()| w.write_all(frame))
-                    .map_err(|_| Drop::BadChain)
-            });
-        let used = if result.is_ok() { total } else { 0 };
-        // A chain that cannot hold the frame is handed back empty: keeping it
-        // would leave the slot unusable for the guest forever.
-        let _ = queue.add_used(mem, head, u32::try_from(used).unwrap_or(0));
-        return result.map(|()| 1);
-    }
-
-    let mut chains: [Option<DescriptorChain<&M>>; MAX_MERGED_CHAINS] =
-        [const { None }; MAX_MERGED_CHAINS];
-    let mut capacities = [0usize; MAX_MERGED_CHAINS];
-    let mut count = 0usize;
-    let mut room = 0usize;
-    while room < total {
-        let Some(slot) = chains.get_mut(count) else {
-            break;
-        };
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
-            break;
-        };
-        let capacity = chain
-            .clone()
-            .writer(mem)
-            .map(|w| w.available_bytes())
-            .unwrap_or(0);
-        if capacity == 0 {
-            if count == 0 {
-                // Unwritable or outside memory at the head: hand it back empty
-                // so the ring moves on.
-                let _ = queue.add_used(mem, chain.head_index(), 0);
-                continue;
-            }
-            // Behind chains already taken: put everything back in order; the
-            // guest that wrote it gets its own RX stalled, nobody else's.
-            for _ in 0..=count {
-                queue.go_to_previous_position();
-            }
-            return Err(Drop::BadChain);
-        }
-        *slot = Some(chain);
-        if let Some(c) = capacities.get_mut(count) {
-            *c = capacity;
-        }
-        room += capacity;
-        count += 1;
-    }
-    if room < total {
-        for _ in 0..count {
-            queue.go_to_previous_position();
-        }
-        return Err(Drop::NoRxBuffers);
-    }
-    let num_buffers = u16::try_from(count).unwrap_or(u16::MAX);
-    if let Some(field) = header.get_mut(NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2) {
-        field.copy_from_slice(&num_buffers.to_le_bytes());
-    }
-    // The header and the frame as one stream of bytes cut at chain sizes.
-    let mut rest: [&[u8]; 2] = [header, frame];
-    let mut used = [(0u16, 0u32); MAX_MERGED_CHAINS];
-    for ((slot, capacity), entry) in chains
-        .iter_mut()
-        .zip(capacities)
-        .zip(used.iter_mut())
-        .take(count)
-    {
-        let Some(chain) = slot.take() else { break };
-        let head = chain.head_index();
-        let mut written = 0usize;
-        if let Ok(mut w) = chain.writer(mem) {
-            for part in &mut rest {
-                let n = part.len().min(capacity - written);
-                let (now, later) = part.split_at(n);
-                if w.write_all(now).is_err() {
-                    break;
-                }
-                written += n;
-                *part = later;
-            }
-        }
-        *entry = (head, u32::try_from(written).unwrap_or(0));
-    }
-    publish_used(queue, mem, used.get(..count).unwrap_or_default());
-    Ok(num_buffers)
-}
-
-/// Puts the used elements of one frame in the used ring and makes them
-/// visible together: a driver that sees the first buffer of a merged frame
-/// before the rest drops the frame (Linux: "rx error: buffers missing").
-/// `virtio_queue` publishes the used index on every `add_used`, so all but
-/// the last element are written directly, the internal index moved past
-/// them, and the last `add_used` publishes the index once (Release store,
-/// after the element writes). Notification decisions for this queue must
-/// then use [`needs_notification`], not the queue's own counter.
-fn publish_used<M: GuestMemory>(queue: &mut Queue, mem: &M, used: &[(u16, u32)]) {
-    let Some((&(last_head, last_len), earlier)) = used.split_last() else {
-        return;
-    };
-    let size = queue.size().max(1);
-    let mut next = queue.next_used();
-    for &(head, len) in earlier {
-        let slot = u64::from(next % size);
-        let at = queue
-            .used_ring()
-            .checked_add(USED_RING_HEADER_BYTES + slot * USED_ELEMENT_BYTES);
-        if let Some(at) = at {
-            let _ = mem.write_obj(u32::from(head).to_le(), GuestAddress(at));
-            let _ = mem.write_obj(len.to_le(), GuestAddress(at.wrapping_add(4)));
-        }
-        next = next.wrapping_add(1);
-    }
-    queue.set_next_used(next);
-    let _ = queue.add_used(mem, last_head, last_len);
-}
-
-/// `flags` and `idx` before the used ring's elements (virtio 1.2 2.7.8).
-const USED_RING_HEADER_BYTES: u64 = 4;
-/// One used element: id and len, both le32.
-const USED_ELEMENT_BYTES: u64 = 8;
-
-/// Whether the driver wants an interrupt for the used entries added since
-/// the used index was `old_used` (virtio 1.2 2.7.10: `vring_need_event`
-/// against `used_event` when EVENT_IDX is on; always otherwise).
-pub fn needs_notification<M: GuestMemory>(queue: &Queue, mem: &M, old_used: u16) -> bool {
-    let new = queue.next_used();
-    if new == old_used {
-        return false;
-    }
-    if !queue.event_idx_enabled() {
-        return true;
-    }
-    // used_event sits after the avail ring's entries: flags, idx, ring[size].
-    let at = queue
-        .avail_ring()
-        .checked_add(4 + 2 * u64::from(queue.size()));
-    let Some(event) = at.and_then(|a| mem.read_obj::<u16>(GuestAddress(a)).ok()) else {
-        return true;
-    };
-    let event = u16::from_le(event);
-    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old_used)
-}
-
-/// Whether the guest has posted RX buffers we have not used yet.
-pub fn rx_available<M: GuestMemory>(queue: &Queue, mem: &M) -> bool {
-    queue
-        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-        .map(|idx| idx.0 != queue.next_avail())
-        .unwrap_or(false)
 }
 
 #[cfg(test)]

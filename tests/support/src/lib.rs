@@ -244,18 +244,39 @@ impl Daemon {
         Self::spawn(ns, config, env, &[])
     }
 
+    /// Starts the daemon (outside namespaces) under `wrapper`, a command
+    /// that runs the program given after its own arguments (valgrind).
+    pub fn start_wrapped(config: Option<&str>, wrapper: &[&str]) -> Self {
+        Self::spawn_wrapped(None, config, &[], &[], wrapper)
+    }
+
     fn spawn(
         ns: Option<&Netns>,
         config: Option<&str>,
         env: &[(&str, &str)],
         args: &[&str],
     ) -> Self {
+        Self::spawn_wrapped(ns, config, env, args, &[])
+    }
+
+    fn spawn_wrapped(
+        ns: Option<&Netns>,
+        config: Option<&str>,
+        env: &[(&str, &str)],
+        args: &[&str],
+        wrapper: &[&str],
+    ) -> Self {
         let dir = TempDir::new("daemon");
         let socket = dir.0.join("vhost.sock");
         let bin = daemon_bin();
-        let mut cmd = match ns {
-            Some(ns) => ns.command(bin),
-            None => Command::new(bin),
+        let mut cmd = match (ns, wrapper.split_first()) {
+            (Some(ns), _) => ns.command(bin),
+            (None, Some((program, rest))) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(bin);
+                cmd
+            }
+            (None, None) => Command::new(bin),
         };
         cmd.arg("--socket-path")
             .arg(&socket)
@@ -275,7 +296,9 @@ impl Daemon {
             .unwrap();
         let log = Arc::new(Mutex::new(String::new()));
         collect(child.stderr.take().unwrap(), log.clone(), None);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Under valgrind start-up alone takes seconds.
+        let patience = if wrapper.is_empty() { 10 } else { 120 };
+        let deadline = Instant::now() + Duration::from_secs(patience);
         while !socket.exists() {
             assert!(
                 Instant::now() < deadline,
