@@ -93,6 +93,7 @@ pub fn virtio_chains(data: &[u8]) {
         return;
     };
     let mut buf = Vec::new();
+    let mut last = 0;
     // A 1500-byte link, so segmentation headers decide what is over it.
     let max_frame = 1500 + virtio::ETH_HDR_LEN;
     let own = own();
@@ -102,10 +103,11 @@ pub fn virtio_chains(data: &[u8]) {
         };
         let head = chain.head_index();
         if let Ok(read) = virtio::read_tx_chain(&mem, chain, layout, max_frame, &mut buf) {
-            assert!(buf.len() == layout.hdr_len + read.len, "frame length");
+            assert!(buf.len() >= layout.hdr_len + read.len, "frame length");
             assert!(read.len <= max_frame || read.segmented, "over the MTU");
-            let frame = buf.get(layout.hdr_len..).unwrap_or_default();
-            let _ = classify::classify(frame, &own);
+            let frame = buf.get(layout.hdr_len..layout.hdr_len + read.len);
+            let _ = classify::classify(frame.unwrap_or_default(), &own);
+            last = read.len;
         }
         // The used ring is inside the input too: whatever it says.
         let _ = tx.add_used(&mem, head, 0);
@@ -116,7 +118,7 @@ pub fn virtio_chains(data: &[u8]) {
     };
     // The frame for the guest: the last guest frame read (hostile bytes
     // through the segmentation header's parser too), else a made-up one.
-    let mut frame = match buf.get(layout.hdr_len..) {
+    let mut frame = match buf.get(layout.hdr_len..layout.hdr_len + last) {
         Some(f) if !f.is_empty() => f.to_vec(),
         _ => vec![0u8; usize::from((mode >> 4) & 7) * 600 + 60],
     };

@@ -358,9 +358,15 @@ impl<M: GuestMemory> Device<'_, M> {
     /// None when the TX queue is drained or this poll's budget is spent.
     fn next_for_stack(&mut self) -> Option<std::ops::Range<usize>> {
         if let Some(frame) = self.gateway.inject.pop_front() {
-            self.from_guest.clear();
-            self.from_guest.extend_from_slice(&frame);
-            return Some(0..frame.len());
+            // Grown, never shrunk (see `virtio::read_tx_chain`).
+            if self.from_guest.len() < frame.len() {
+                self.from_guest.resize(frame.len(), 0);
+            }
+            let range = 0..frame.len();
+            self.from_guest
+                .get_mut(range.clone())?
+                .copy_from_slice(&frame);
+            return Some(range);
         }
         loop {
             if self.budget == 0 {

@@ -137,8 +137,8 @@ pub struct TxFrame {
     pub segmented: bool,
 }
 
-/// Copies the readable part of a TX chain into `buf` (resized, reused); the
-/// frame is `buf[layout.hdr_len..]`. Offloads the header asks for are
+/// Copies the readable part of a TX chain into `buf` (grown as needed,
+/// reused); the frame is `buf[layout.hdr_len..][..len]`. Offloads the header asks for are
 /// checked and a partial checksum completed on the copy where anything
 /// reads it ([`offload::tx`]). Frames over `max_frame` (the MTU's) are
 /// refused unless they are checked segments.
@@ -164,9 +164,14 @@ where
     if frame_len > layout.max_tx_frame(max_frame) {
         return Err(Drop::TooLong);
     }
-    buf.resize(total, 0);
-    reader.read_exact(buf).map_err(|_| Drop::BadChain)?;
-    let segmented = offload::tx(buf, layout)? == offload::TxOffload::Segmented;
+    // Grown, never shrunk: zeroing 64 KiB again after every short frame
+    // would cost a pass per segment. Bytes past the frame are never read.
+    if buf.len() < total {
+        buf.resize(total, 0);
+    }
+    let packet = buf.get_mut(..total).ok_or(Drop::TooLong)?;
+    reader.read_exact(packet).map_err(|_| Drop::BadChain)?;
+    let segmented = offload::tx(packet, layout)? == offload::TxOffload::Segmented;
     if frame_len > max_frame && !segmented {
         return Err(Drop::TooLong);
     }

@@ -17,10 +17,13 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice};
 
 use super::{Drop, Layout, MAX_MERGED_CHAINS, NUM_BUFFERS_OFFSET};
 
-/// Writable areas resolved per merged frame at most; a chain with more
-/// descriptors than fit offers only those that did (Linux posts one per
-/// mergeable buffer).
-const MAX_AREAS: usize = 2 * MAX_MERGED_CHAINS;
+/// Writable areas resolved per merged frame at most: Linux posts one per
+/// mergeable buffer. A chain with more descriptors than fit offers only
+/// those that did, and no chain is taken once they are all used, so a
+/// guest posting many tiny descriptors gets the same treatment as one
+/// posting too few buffers: the frame waits, and is dropped if it never
+/// fits. (Kept small: the array is initialized per frame.)
+const MAX_AREAS: usize = MAX_MERGED_CHAINS + 16;
 
 /// Writes one frame behind its `header` (`layout.hdr_len` bytes, filled by
 /// [`super::rx_header`]; `num_buffers` is set here) into the RX queue: into
@@ -50,7 +53,7 @@ where
     let mut chains = [(0u16, 0usize); MAX_MERGED_CHAINS];
     let mut count = 0usize;
     let mut room = 0usize;
-    while room < total && count < MAX_MERGED_CHAINS {
+    while room < total && count < MAX_MERGED_CHAINS && area_count < MAX_AREAS {
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
             break;
         };

@@ -48,7 +48,7 @@ fn tx_chain_header_and_frame_in_separate_descriptors() {
     let read = read_tx_chain(&mem, chain, LAYOUT, MTU_FRAME, &mut buf).unwrap();
     assert_eq!(read.len, 100);
     assert!(!read.segmented);
-    assert_eq!(&buf[NET_HDR_LEN..], &payload[..]);
+    assert_eq!(&buf[NET_HDR_LEN..NET_HDR_LEN + read.len], &payload[..]);
 }
 
 #[test]
