@@ -25,6 +25,10 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Queue pairs to offer (overrides `network.queue-pairs`).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=8))]
+    pub queue_pairs: Option<u16>,
+
     /// Print the vhost-user backend capabilities JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,

@@ -153,8 +153,9 @@ fn serve(vmm: UnixStream, wiring: &Wiring) -> Result<(), ConnectionError> {
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .map_err(ConnectionError::Daemon)?;
-    for handler in daemon.get_epoll_handlers() {
-        backend.register(&handler)?;
+    // One handler per worker thread, in queue-pair order.
+    for (pair, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+        backend.register(pair, handler)?;
     }
     let (mut inner, to_handler) = private_pair().map_err(ConnectionError::PrivateSocket)?;
     daemon.start(&mut inner).map_err(ConnectionError::Daemon)?;

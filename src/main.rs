@@ -23,7 +23,7 @@ fn main() -> ExitCode {
         eprintln!("vhost-gateway: --socket-path PATH is required to run the daemon");
         return ExitCode::FAILURE;
     };
-    let config = match &cli.config {
+    let mut config = match &cli.config {
         Some(path) => match Config::load(path) {
             Ok(c) => c,
             Err(e) => {
@@ -33,6 +33,9 @@ fn main() -> ExitCode {
         },
         None => Config::embedded(),
     };
+    if let Some(n) = cli.queue_pairs {
+        config.network.queue_pairs = n;
+    }
     if let Err(message) = init_logging(&cli.log_level, cli.log_format) {
         eprintln!("vhost-gateway: {message}");
         return ExitCode::FAILURE;

@@ -115,6 +115,13 @@ counters! {
     /// Echo replies the kernel dropped because the guest did not take them
     /// in time.
     icmp_reply_dropped,
+    /// Guest frames handed to the queue pair that owns their flow.
+    steer_handed_over,
+    /// Frames dropped because the owning pair's inbox was full.
+    steer_inbox_full,
+    /// Flows not remembered because the steering directory was full (their
+    /// frames are handled on the pair they arrive on).
+    steer_full,
     /// Connections or datagrams at published ports with no guest to take them.
     publish_refused,
     /// DNS queries from the guest (UDP/53, any address).

@@ -15,6 +15,9 @@ const MIN_MTU_V4: u16 = 576;
 const MIN_MTU_V6: u16 = 1280;
 /// Largest MTU we can carry: a 64 KiB IP packet less headers, as passt uses.
 pub const MAX_MTU: u16 = 65520;
+/// Most queue pairs: the vhost-user relay holds early ring enables for
+/// this many (`vhost::compat`).
+pub const MAX_QUEUE_PAIRS: u16 = 8;
 
 /// The `[network]` table: addresses and link parameters the guest is given.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -40,6 +43,9 @@ pub struct Network {
     pub mtu: u16,
     /// TCP segmentation offload both ways (virtio TSO features offered).
     pub segmentation_offload: bool,
+    /// Queue pairs offered (VIRTIO_NET_F_MQ above 1): one worker thread and
+    /// one engine each.
+    pub queue_pairs: u16,
     /// Advertised IPv4 DNS servers; empty means the gateway.
     pub dns_ipv4: Vec<Ipv4Addr>,
     /// Advertised IPv6 DNS servers; empty means the gateway.
@@ -68,6 +74,7 @@ impl Default for Network {
             ipv6_gateway: Ipv6Addr::new(0xfd76, 0x6761, 0x7465, 0, 0, 0, 0, 1),
             mtu: MAX_MTU,
             segmentation_offload: true,
+            queue_pairs: 1,
             dns_ipv4: Vec::new(),
             dns_ipv6: Vec::new(),
             domain_search: Vec::new(),
@@ -146,6 +153,12 @@ impl Network {
             bad(
                 "mtu",
                 format!("{} is outside {min_mtu}..={MAX_MTU}{why}", self.mtu),
+            );
+        }
+        if !(1..=MAX_QUEUE_PAIRS).contains(&self.queue_pairs) {
+            bad(
+                "queue-pairs",
+                format!("{} is outside 1..={MAX_QUEUE_PAIRS}", self.queue_pairs),
             );
         }
         if self.ipv6_enabled {

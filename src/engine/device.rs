@@ -357,6 +357,30 @@ impl<M: GuestMemory> Device<'_, M> {
     /// guest sent it), else the next guest frame no gateway service takes.
     /// None when the TX queue is drained or this poll's budget is spent.
     fn next_for_stack(&mut self) -> Option<std::ops::Range<usize>> {
+        // Frames another queue pair handed over (this pair owns their
+        // flow) come before new ones from the guest, and count the same.
+        while self.budget > 0 {
+            let Some(frame) = self
+                .gateway
+                .guest
+                .steer
+                .as_ref()
+                .and_then(|s| s.take(self.gateway.pair))
+            else {
+                break;
+            };
+            self.budget -= 1;
+            if !self.gateway.intercept(&frame, self.now, true) {
+                if self.from_guest.len() < frame.len() {
+                    self.from_guest.resize(frame.len(), 0);
+                }
+                let range = 0..frame.len();
+                self.from_guest
+                    .get_mut(range.clone())?
+                    .copy_from_slice(&frame);
+                return Some(range);
+            }
+        }
         if let Some(frame) = self.gateway.inject.pop_front() {
             // Grown, never shrunk (see `virtio::read_tx_chain`).
             if self.from_guest.len() < frame.len() {
@@ -402,7 +426,7 @@ impl<M: GuestMemory> Device<'_, M> {
                 .add(Counter::bytes_from_guest, frame_len as u64);
             let frame = self.layout.hdr_len..self.layout.hdr_len + frame_len;
             let taken = match self.from_guest.get(frame.clone()) {
-                Some(bytes) => self.gateway.intercept(bytes, self.now),
+                Some(bytes) => self.gateway.intercept(bytes, self.now, false),
                 None => true,
             };
             if !taken {

@@ -14,14 +14,15 @@ use std::time::{Duration, Instant};
 
 use smoltcp::wire::EthernetAddress;
 
+use super::guest::{Guest, lock};
 use super::police::{self, Facts, Subject, Verdict};
 use super::route::{self, Open, Route, Setup};
+use super::steer::{self, FlowKey, Owner};
 use super::{Ctx, classify, device, dhcp, dns, frames, gate, icmp, ndp, publish, tcp, udp};
 use crate::metrics::{Counter, Metrics};
 use crate::names::NameSource;
 use crate::policy::Proto;
 use crate::proxy::Host;
-use crate::services::Services;
 
 /// How often smoltcp is reminded of a guest IPv6 address (its neighbor
 /// entries age out after a minute).
@@ -36,10 +37,10 @@ const AUDIT_MEMORY: usize = 4096;
 /// Everything that sees guest frames before smoltcp, and what it queues.
 pub struct Gateway {
     pub(super) setup: Setup,
+    /// Which queue pair this is.
+    pub(super) pair: usize,
     pub(super) gateway_mac: EthernetAddress,
     pub(super) guest_mac: EthernetAddress,
-    pub(super) dhcp: dhcp::Server,
-    pub(super) ra: Option<ndp::Advertiser>,
     pub(super) tcp: tcp::Flows,
     pub(super) udp: udp::Sessions,
     pub(super) icmp: icmp::Sessions,
@@ -53,8 +54,9 @@ pub struct Gateway {
     pub(super) metrics: Arc<Metrics>,
     pub(super) published: Option<publish::Published>,
     pub(super) dns: dns::Interceptor,
-    /// The local services and, through them, the egress boundary.
-    pub(super) services: Services,
+    /// What all pairs share: DHCP, RA, DNS state, the local services and
+    /// the egress boundary, the steering directory.
+    pub(super) guest: Arc<Guest>,
     /// When each denied destination was last audited (UDP and ICMP repeat).
     pub(super) audit_logged: HashMap<Subject, Instant>,
     /// Guest IPv6 source addresses smoltcp was told about, and when.
@@ -64,13 +66,18 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Offers a guest frame to the services; true when one of them took it.
-    pub fn intercept(&mut self, frame: &[u8], now: Instant) -> bool {
+    /// Offers a guest frame to the services; true when one of them took it
+    /// (or another queue pair, which owns its flow: see [`steer`]).
+    /// `steered`: the frame was handed here by another pair, so it stays.
+    pub fn intercept(&mut self, frame: &[u8], now: Instant, steered: bool) -> bool {
         if let Some(src) = frame.get(6..12).and_then(|b| <[u8; 6]>::try_from(b).ok()) {
             let mac = EthernetAddress(src);
             if mac.is_unicast() {
                 self.guest_mac = mac;
             }
+        }
+        if !steered && self.hand_over(frame) {
+            return true;
         }
         self.teach(frame, now);
         let kind = classify::classify(frame, &self.setup.own);
@@ -87,11 +94,48 @@ impl Gateway {
                 _ => false,
             },
         };
-        let egress = self.services.egress().clone();
+        let egress = self.guest.services.egress().clone();
         let verdict = police::police(&kind, facts, egress.policy(), |dst| egress.pinned(dst, now));
         self.count(&verdict, now);
         let route = route::route(&kind, &verdict, facts, &self.setup);
         self.apply(&kind, route, verdict, frame, now)
+    }
+
+    /// Hands a frame to the pair that owns its flow; true when handed.
+    /// Frames of flows this pair holds never take the directory's lock.
+    fn hand_over(&mut self, frame: &[u8]) -> bool {
+        let Some(steer) = self.guest.steer.as_ref() else {
+            return false;
+        };
+        let Some(key) = steer::key(frame) else {
+            return false;
+        };
+        if self.holds(&key) {
+            return false;
+        }
+        match steer.claim(key, self.pair, &self.metrics) {
+            Owner::Here => false,
+            Owner::Pair(owner) => {
+                steer.hand_over(owner, frame, &self.metrics);
+                true
+            }
+        }
+    }
+
+    /// Whether this pair holds state for a flow.
+    pub(super) fn holds(&self, key: &FlowKey) -> bool {
+        match *key {
+            FlowKey::Tcp(guest, remote) => self.tcp.holds(&(guest, remote)),
+            FlowKey::Udp(guest, dst) => {
+                self.udp.holds(&(guest, dst))
+                    || (self.setup.own.is_own(dst.ip())
+                        && self
+                            .published
+                            .as_ref()
+                            .is_some_and(|p| p.is_session_port(dst.port())))
+            }
+            FlowKey::Echo(guest, dst, ident) => self.icmp.holds(&(guest, dst, ident)),
+        }
     }
 
     /// Keeps smoltcp's neighbor cache knowing each IPv6 address the guest
@@ -149,7 +193,10 @@ impl Gateway {
         self.audit_logged.insert(subject, now);
         let (proto, dst, port) = subject;
         let name = name.map(|n| (n, NameSource::Dns));
-        self.services.egress().deny(proto, dst, port, name, denied);
+        self.guest
+            .services
+            .egress()
+            .deny(proto, dst, port, name, denied);
     }
 
     /// Carries out a route; true when the frame was taken (not smoltcp's).
@@ -182,23 +229,23 @@ impl Gateway {
                             Verdict::Peek(names) => names,
                             _ => Vec::new(),
                         };
-                        let egress = self.services.egress().clone();
+                        let egress = self.guest.services.egress().clone();
                         let gate = gate::Gate::new(names, egress, *dst);
                         (tcp::Opener::Dial(up), Some(gate))
                     }
                     Open::FirstBytes(up) => (
-                        tcp::Opener::Local(self.services.first_bytes(*dst, up)),
+                        tcp::Opener::Local(self.guest.services.first_bytes(*dst, up)),
                         None,
                     ),
-                    Open::Tls(up) => match self.services.tls(*dst, up) {
+                    Open::Tls(up) => match self.guest.services.tls(*dst, up) {
                         Some(local) => (tcp::Opener::Local(local), None),
                         None => {
                             self.refuse(*src, *dst, *seq);
                             return true;
                         }
                     },
-                    Open::DnsTcp => (tcp::Opener::Local(self.services.dns_over_tcp()), None),
-                    Open::DnsTls => match self.services.dns_over_tls(*dst) {
+                    Open::DnsTcp => (tcp::Opener::Local(self.guest.services.dns_over_tcp()), None),
+                    Open::DnsTls => match self.guest.services.dns_over_tls(*dst) {
                         Some(local) => (tcp::Opener::Local(local), None),
                         None => {
                             self.refuse(*src, *dst, *seq);
@@ -207,7 +254,7 @@ impl Gateway {
                     },
                 };
                 if matches!(open, Open::Dial(_)) && tracing::enabled!(tracing::Level::DEBUG) {
-                    let names = self.services.egress().pinned(dst.ip(), now);
+                    let names = self.guest.services.egress().pinned(dst.ip(), now);
                     let name = names.first().map_or("-", String::as_str);
                     tracing::debug!(%src, %dst, name, "new TCP flow");
                 }
@@ -220,7 +267,8 @@ impl Gateway {
                 true
             }
             (Route::Dhcp, Kind::Dhcp { payload }) => {
-                match self.dhcp.handle(payload, now) {
+                let outcome = lock(&self.guest.dhcp).handle(payload, now);
+                match outcome {
                     dhcp::Outcome::Reply(reply) => {
                         self.metrics.inc(Counter::dhcp_replies);
                         self.queue(reply);
@@ -232,7 +280,10 @@ impl Gateway {
                 true
             }
             (Route::RouterSolicit, _) => {
-                if let Some(reply) = self.ra.as_mut().and_then(|ra| ra.solicited(now)) {
+                let reply = lock(&self.guest.ra)
+                    .as_mut()
+                    .and_then(|ra| ra.solicited(now));
+                if let Some(reply) = reply {
                     self.metrics.inc(Counter::router_adverts);
                     self.queue(reply);
                 }
@@ -314,7 +365,14 @@ impl Gateway {
     }
 
     pub(super) fn timers(&mut self, now: Instant) {
-        if let Some(frame) = self.ra.as_mut().and_then(|ra| ra.periodic(now)) {
+        // Periodic advertisements go out once, on the first pair.
+        if self.pair != 0 {
+            return;
+        }
+        let frame = lock(&self.guest.ra)
+            .as_mut()
+            .and_then(|ra| ra.periodic(now));
+        if let Some(frame) = frame {
             self.metrics.inc(Counter::router_adverts);
             self.queue(frame);
         }

@@ -81,6 +81,11 @@ impl Sessions {
         self.table.mark(token);
     }
 
+    /// Whether the session `key` is open.
+    pub fn holds(&self, key: &Key) -> bool {
+        self.table.contains(key)
+    }
+
     /// Whether `token` is an echo session's.
     pub fn owns(&self, token: u64) -> bool {
         self.table.owns(token)

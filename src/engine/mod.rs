@@ -25,6 +25,7 @@ pub mod dispatch;
 pub mod dns;
 pub mod frames;
 pub mod gate;
+pub mod guest;
 pub mod hostio;
 pub mod icmp;
 pub mod ndp;
@@ -32,6 +33,7 @@ pub mod police;
 pub mod publish;
 pub mod route;
 pub mod sessions;
+pub mod steer;
 pub mod tcp;
 pub mod udp;
 
@@ -46,19 +48,16 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemory;
 
 use crate::config::Config;
-use crate::dns::forward::Forwarder;
-use crate::dns::pins::Pins;
-use crate::egress::Egress;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::proxy::Host;
 use crate::proxy::publish::Publisher;
-use crate::services::Services;
 use crate::tls::intercept::Interceptor;
 use crate::virtio::{self, Layout};
 use crate::wellknown::GATEWAY_LINK_LOCAL;
 use device::{Device, Medium};
 use dispatch::Gateway;
+pub use guest::Guest;
 
 /// TX frames taken per smoltcp poll before egress gets its turn, so a flood
 /// from the guest cannot starve frames going to it.
@@ -162,9 +161,15 @@ pub struct Shared {
 }
 
 impl Engine {
-    /// A fresh engine for one guest, its host side on `host`, the host
-    /// sockets it owns in `io`.
-    pub fn new(shared: &Shared, host: Host, io: hostio::HostIo) -> Result<Self, Error> {
+    /// A fresh engine for queue pair `pair` of `guest`, its host side on
+    /// `host`, the host sockets it owns in `io`.
+    pub fn new(
+        shared: &Shared,
+        guest: Arc<Guest>,
+        pair: usize,
+        host: Host,
+        io: hostio::HostIo,
+    ) -> Result<Self, Error> {
         let config = &*shared.config;
         let metrics = shared.metrics.clone();
         let net = &config.network;
@@ -172,39 +177,8 @@ impl Engine {
         let layout = Layout::from_features(0);
         let iface = interface(config, device::capabilities(layout, max_frame))?;
         let gateway_mac = EthernetAddress(net.gateway_mac.0);
-        // The guest's own DNS state: its pins and the forwarder that makes
-        // them; the egress boundary and local services over them.
-        let pins = Arc::new(Pins::new(config.dns.max_pins));
-        let forwarder = Forwarder::new(
-            &config.dns,
-            dns_upstreams(config),
-            own_networks(config),
-            pins.clone(),
-            shared.policy.clone(),
-        );
-        let egress = Arc::new(Egress::new(
-            shared.policy.clone(),
-            pins,
-            forwarder.clone(),
-            metrics.clone(),
-        ));
-        let connect_timeout = Duration::from_millis(config.tcp.connect_timeout_ms);
-        let services = Services::new(egress, shared.tls.clone(), connect_timeout);
-        let setup = route::Setup {
-            own: classify::Own {
-                v4: net.ipv4_gateway,
-                v6: net
-                    .ipv6_enabled
-                    .then_some((net.ipv6_gateway, GATEWAY_LINK_LOCAL)),
-            },
-            allow_host_loopback: config.outbound.allow_host_loopback,
-            tls_ports: match &shared.tls {
-                Some(_) => config.tls.ports.clone(),
-                None => Vec::new(),
-            },
-            terminates_dot: services.terminates_dot(),
-        };
-        let published = shared.publisher.as_ref().map(|p| {
+        // Published ports come in on the first pair.
+        let published = shared.publisher.as_ref().filter(|_| pair == 0).map(|p| {
             publish::Published::new(
                 p.attach(host.wake.clone()),
                 config.udp.max_sessions,
@@ -216,11 +190,10 @@ impl Engine {
             iface,
             sockets: SocketSet::new(Vec::new()),
             gateway: Gateway {
-                setup,
+                setup: guest.setup.clone(),
+                pair,
                 gateway_mac,
                 guest_mac: EthernetAddress(net.guest_mac.0),
-                dhcp: dhcp::Server::new(net),
-                ra: ndp::Advertiser::new(net),
                 tcp: tcp::Flows::new(config.tcp.clone()),
                 udp: udp::Sessions::new(config.udp.clone()),
                 icmp: icmp::Sessions::new(config.icmp.clone(), shared.icmp_available),
@@ -230,8 +203,8 @@ impl Engine {
                 io,
                 metrics: metrics.clone(),
                 published,
-                dns: dns::Interceptor::new(forwarder, config.dns.max_inflight),
-                services,
+                dns: dns::Interceptor::new(guest.forwarder.clone(), config.dns.max_inflight),
+                guest,
                 audit_logged: HashMap::new(),
                 taught: HashMap::new(),
                 gateway_v4: net.ipv4_gateway,
@@ -374,6 +347,10 @@ impl Engine {
             if let Some(p) = self.gateway.published.as_mut() {
                 p.expire(now);
             }
+            let gw = &self.gateway;
+            if let Some(steer) = &gw.guest.steer {
+                steer.sweep(gw.pair, |key| gw.holds(key));
+            }
             self.next_expiry = now + EXPIRY_TICK;
         }
         // Relayed replies only wait for RX buffers; they need no new poll.
@@ -403,7 +380,7 @@ impl Engine {
                     let ctx = Ctx::new(&gw.host, &gw.io, &gw.metrics, &gw.setup, now);
                     let guest = SocketAddr::new(IpAddr::V4(gw.guest_v4), guest_port);
                     let local = IpAddr::V4(gw.gateway_v4);
-                    opened |= gw.tcp.open_inbound(
+                    let key = gw.tcp.open_inbound(
                         &ctx,
                         &mut self.iface,
                         &mut self.sockets,
@@ -411,6 +388,13 @@ impl Engine {
                         local,
                         guest,
                     );
+                    if let Some((guest, local)) = key {
+                        opened = true;
+                        // The guest may answer on any queue.
+                        if let Some(steer) = &gw.guest.steer {
+                            steer.own(steer::FlowKey::Tcp(guest, local), gw.pair);
+                        }
+                    }
                 }
                 crate::proxy::publish::Inbound::Udp {
                     entry,
@@ -422,6 +406,11 @@ impl Engine {
                         .as_mut()
                         .and_then(|p| p.datagram_to_guest(entry, peer, now, &gw.metrics));
                     if let Some((from_port, guest_port)) = ports {
+                        if let Some(steer) = &gw.guest.steer {
+                            let guest = SocketAddr::new(IpAddr::V4(gw.guest_v4), guest_port);
+                            let ours = SocketAddr::new(IpAddr::V4(gw.gateway_v4), from_port);
+                            steer.own(steer::FlowKey::Udp(guest, ours), gw.pair);
+                        }
                         let ends = gw.to_guest(IpAddr::V4(gw.gateway_v4), IpAddr::V4(gw.guest_v4));
                         let frame = frames::udp(&ends, from_port, guest_port, &payload);
                         gw.queue(frame);
@@ -439,11 +428,14 @@ impl Engine {
             .iface
             .poll_delay(smoltcp::time::Instant::now(), &self.sockets)
             .map(|d| Duration::from_micros(d.total_micros()));
-        let ra = self
-            .gateway
-            .ra
-            .as_ref()
-            .and_then(ndp::Advertiser::deadline)
+        // Periodic advertisements are the first pair's.
+        let ra = (self.gateway.pair == 0)
+            .then(|| {
+                guest::lock(&self.gateway.guest.ra)
+                    .as_ref()
+                    .and_then(ndp::Advertiser::deadline)
+            })
+            .flatten()
             .map(|t| t.saturating_duration_since(now));
         let gw = &self.gateway;
         let expiry = (!gw.tcp.is_empty() || !gw.udp.is_empty() || !gw.icmp.is_empty())
@@ -488,26 +480,6 @@ fn interface(config: &Config, caps: smoltcp::phy::DeviceCapabilities) -> Result<
     }
 }
 
-/// The configured DNS upstreams, or the host's (read when an engine
-/// starts, so a changed /etc/resolv.conf reaches the next guest).
-fn dns_upstreams(config: &Config) -> Vec<SocketAddr> {
-    if config.dns.upstreams.is_empty() {
-        crate::dns::resolv::host_resolvers()
-    } else {
-        config.dns.upstreams.iter().map(|r| r.0).collect()
-    }
-}
-
-/// The sandbox's own subnets: internal for rebind protection.
-fn own_networks(config: &Config) -> Vec<(IpAddr, u8)> {
-    let net = &config.network;
-    let mut own = vec![(IpAddr::V4(net.ipv4_gateway), net.ipv4_prefix_len)];
-    if net.ipv6_enabled {
-        own.push((IpAddr::V6(net.ipv6_prefix.addr), net.ipv6_prefix.len));
-    }
-    own
-}
-
 /// smoltcp's TCP initial sequence numbers and ports derive from this seed.
 fn seed() -> u64 {
     use std::hash::{BuildHasher, RandomState};
@@ -538,7 +510,8 @@ mod tests {
             upstream: Arc::new(crate::proxy::Direct),
         };
         let io = hostio::HostIo::new().unwrap();
-        let engine = Engine::new(&shared, host, io).unwrap();
+        let guest = Guest::new(&shared, vec![host.wake.clone()]);
+        let engine = Engine::new(&shared, guest, 0, host, io).unwrap();
         let held = engine.addresses();
         let net = &config.network;
         for want in [

@@ -18,8 +18,8 @@ use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, Vring
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_HOST_ECN,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
@@ -31,21 +31,21 @@ use vmm_sys_util::event::{
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::engine::hostio::HostIo;
-use crate::engine::{Engine, Shared};
+use crate::engine::{Engine, Guest, Shared};
 use crate::proxy::{Direct, Host, Wake};
 
-/// Queue index of the receive queue (device to guest), virtio 1.2 5.1.2.
+/// Index of a pair's receive queue (device to guest) among its worker's
+/// queues; pair `i` has queues `2i` and `2i + 1` (virtio 1.2 5.1.2).
 pub const RX_QUEUE: usize = 0;
-/// Queue index of the transmit queue (guest to device).
+/// Index of a pair's transmit queue (guest to device).
 pub const TX_QUEUE: usize = 1;
-const NUM_QUEUES: usize = 2;
-/// Event id of the engine's deadline timer; ids 0..=NUM_QUEUES belong to the
-/// queues and the exit event.
-const TIMER_EVENT: u16 = 3;
-/// Event id of the host side's wake eventfd.
-const WAKE_EVENT: u16 = 4;
-/// Event id of the epoll of host sockets the engine owns.
-const SOCKETS_EVENT: u16 = 5;
+/// Event ids of a worker's own descriptors, after `2 * pairs` (ids
+/// 0..=num_queues belong to the queues and the exit event): the engine's
+/// deadline timer, the host side's wake eventfd, the epoll of the host
+/// sockets the engine owns.
+const TIMER_EVENT: u16 = 1;
+const WAKE_EVENT: u16 = 2;
+const SOCKETS_EVENT: u16 = 3;
 /// Largest ring the VMM may choose; QEMU allows up to 1024.
 const MAX_QUEUE_SIZE: usize = 1024;
 /// Re-check interval while the guest's RX queue has no buffers and we have
@@ -68,7 +68,8 @@ pub enum Error {
     RegisterEvents(#[source] io::Error),
 }
 
-struct State {
+/// One queue pair: its engine and what its worker thread needs.
+struct Pair {
     engine: Engine,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     event_idx: bool,
@@ -78,54 +79,64 @@ struct State {
 /// The virtio-net device for one VMM connection.
 pub struct NetBackend {
     shared: Arc<Shared>,
-    state: Mutex<State>,
+    pairs: Vec<Mutex<Pair>>,
 }
 
 impl NetBackend {
-    /// A backend with a fresh engine over the daemon's `shared` parts, its
-    /// host side on `runtime`.
+    /// A backend with fresh engines (one per configured queue pair) over
+    /// the daemon's `shared` parts, their host side on `runtime`.
     pub fn new(shared: Arc<Shared>, runtime: tokio::runtime::Handle) -> Result<Self, Error> {
-        let timer = nonblocking_timer().map_err(Error::CreateEvents)?;
-        let host = Host {
-            runtime,
-            wake: Arc::new(Wake::new().map_err(Error::CreateEvents)?),
-            upstream: Arc::new(Direct),
-        };
-        let io = HostIo::new().map_err(Error::CreateEvents)?;
-        let engine = Engine::new(&shared, host, io).map_err(Error::Engine)?;
-        Ok(Self {
-            shared,
-            state: Mutex::new(State {
+        let count = usize::from(shared.config.network.queue_pairs.max(1));
+        let mut hosts = Vec::with_capacity(count);
+        for _ in 0..count {
+            let host = Host {
+                runtime: runtime.clone(),
+                wake: Arc::new(Wake::new().map_err(Error::CreateEvents)?),
+                upstream: Arc::new(Direct),
+            };
+            let io = HostIo::new().map_err(Error::CreateEvents)?;
+            hosts.push((host, io));
+        }
+        let engines = engines(&shared, hosts).map_err(Error::Engine)?;
+        let mut pairs = Vec::with_capacity(count);
+        for engine in engines {
+            pairs.push(Mutex::new(Pair {
                 engine,
                 mem: None,
                 event_idx: false,
-                timer,
-            }),
-        })
+                timer: nonblocking_timer().map_err(Error::CreateEvents)?,
+            }));
+        }
+        Ok(Self { shared, pairs })
     }
 
-    /// Adds the engine's timer, the host side's wake eventfd and the epoll
-    /// of the host sockets the engine owns to a vring worker's epoll set.
-    pub fn register(&self, handler: &VringEpollHandler<Arc<Self>>) -> Result<(), Error> {
+    /// Adds pair `index`'s engine timer, host-side wake eventfd and epoll
+    /// of owned host sockets to its vring worker's epoll set.
+    pub fn register(
+        &self,
+        index: usize,
+        handler: &VringEpollHandler<Arc<Self>>,
+    ) -> Result<(), Error> {
         use std::os::fd::AsRawFd;
-        let state = self.lock();
-        let timer = state.timer.as_raw_fd();
-        let wake = state.engine.host().wake.as_raw_fd();
-        let sockets = state.engine.io().as_raw_fd();
-        drop(state);
+        let Some(pair) = self.pairs.get(index) else {
+            return Ok(());
+        };
+        let pair = lock(pair);
+        let timer = pair.timer.as_raw_fd();
+        let wake = pair.engine.host().wake.as_raw_fd();
+        let sockets = pair.engine.io().as_raw_fd();
+        drop(pair);
+        let id = |event| u64::from(self.event_base() + event);
         handler
-            .register_listener(timer, EventSet::IN, u64::from(TIMER_EVENT))
-            .and_then(|()| handler.register_listener(wake, EventSet::IN, u64::from(WAKE_EVENT)))
-            .and_then(|()| {
-                handler.register_listener(sockets, EventSet::IN, u64::from(SOCKETS_EVENT))
-            })
+            .register_listener(timer, EventSet::IN, id(TIMER_EVENT))
+            .and_then(|()| handler.register_listener(wake, EventSet::IN, id(WAKE_EVENT)))
+            .and_then(|()| handler.register_listener(sockets, EventSet::IN, id(SOCKETS_EVENT)))
             .map_err(Error::RegisterEvents)
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A poisoned lock means an engine pass panicked; its state is still
-        // structurally valid, so carry on rather than take the guest down.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// Event ids of our own descriptors start after this.
+    fn event_base(&self) -> u16 {
+        u16::try_from(2 * self.pairs.len()).unwrap_or(u16::MAX - 8)
     }
 
     fn config_space(&self) -> [u8; CONFIG_SPACE_LEN] {
@@ -139,7 +150,7 @@ impl NetBackend {
             [
                 (mac, &n.guest_mac.0[..]),
                 (status, &link_up.to_le_bytes()[..]),
-                (pairs, &1u16.to_le_bytes()[..]),
+                (pairs, &n.queue_pairs.to_le_bytes()[..]),
                 (mtu, &n.mtu.to_le_bytes()[..]),
             ]
         };
@@ -155,7 +166,7 @@ impl VhostUserBackend for NetBackend {
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        NUM_QUEUES
+        2 * self.pairs.len()
     }
 
     fn max_queue_size(&self) -> usize {
@@ -175,6 +186,11 @@ impl VhostUserBackend for NetBackend {
         } else {
             &[]
         };
+        let multiqueue: &[u32] = if self.pairs.len() > 1 {
+            &[VIRTIO_NET_F_MQ]
+        } else {
+            &[]
+        };
         [
             VIRTIO_F_VERSION_1,
             // Checksum offload both ways: the guest may leave TX checksums
@@ -190,6 +206,7 @@ impl VhostUserBackend for NetBackend {
         ]
         .iter()
         .chain(segmentation)
+        .chain(multiqueue)
         .fold(
             VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
             |acc, bit| acc | (1u64 << bit),
@@ -198,34 +215,51 @@ impl VhostUserBackend for NetBackend {
 
     fn acked_features(&self, features: u64) {
         tracing::debug!(features = format_args!("{features:#x}"), "features acked");
-        if let Err(e) = self.lock().engine.set_features(features) {
-            // Built from the same addresses at connection time, so this
-            // does not happen; if it did, the engine keeps its old link.
-            tracing::error!(error = %e, "cannot apply the acked features");
+        for pair in &self.pairs {
+            if let Err(e) = lock(pair).engine.set_features(features) {
+                // Built from the same addresses at connection time, so this
+                // does not happen; if it did, the engine keeps its old link.
+                tracing::error!(error = %e, "cannot apply the acked features");
+            }
         }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
+        let base = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::RESET_DEVICE;
+        if self.pairs.len() > 1 {
+            base | VhostUserProtocolFeatures::MQ
+        } else {
+            base
+        }
     }
 
     fn reset_device(&self) {
-        let mut state = self.lock();
-        // The same host side: its wake eventfd is in the worker's epoll set.
-        let host = state.engine.host();
-        let io = state.engine.io();
-        match Engine::new(&self.shared, host, io) {
-            Ok(engine) => state.engine = engine,
-            // It was built from the same parts at connection time, so this
-            // does not happen; if it did, the old state is all there is.
+        // Every pair at once: they share the guest's state.
+        let mut pairs: Vec<_> = self.pairs.iter().map(lock).collect();
+        // The same host sides: their wake eventfds and socket epolls are in
+        // the workers' epoll sets.
+        let hosts = pairs
+            .iter()
+            .map(|p| (p.engine.host(), p.engine.io()))
+            .collect();
+        match engines(&self.shared, hosts) {
+            Ok(engines) => {
+                for (pair, engine) in pairs.iter_mut().zip(engines) {
+                    pair.engine = engine;
+                }
+            }
+            // They were built from the same parts at connection time, so
+            // this does not happen; if it did, the old state is all there is.
             Err(e) => tracing::error!(error = %e, "device reset failed; guest state kept"),
         }
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        self.lock().event_idx = enabled;
+        for pair in &self.pairs {
+            lock(pair).event_idx = enabled;
+        }
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -239,13 +273,18 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        self.lock().mem = Some(mem);
+        for pair in &self.pairs {
+            lock(pair).mem = Some(mem.clone());
+        }
         Ok(())
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        // Both queues on one worker: the engine is single-threaded by design.
-        vec![(1 << RX_QUEUE) | (1 << TX_QUEUE)]
+        // One worker per pair, both its queues on it: each engine is
+        // single-threaded by design.
+        (0..self.pairs.len())
+            .map(|i| ((1 << RX_QUEUE) | (1 << TX_QUEUE)) << (2 * i))
+            .collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -257,10 +296,13 @@ impl VhostUserBackend for NetBackend {
         device_event: u16,
         _evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
-        let mut state = self.lock();
-        if device_event == TIMER_EVENT {
+        let Some(pair) = self.pairs.get(thread_id) else {
+            return Ok(());
+        };
+        let mut state = lock(pair);
+        if device_event == self.event_base() + TIMER_EVENT {
             // Reading clears readiness; the count does not matter.
             let _ = state.timer.wait();
         }
@@ -289,6 +331,27 @@ impl VhostUserBackend for NetBackend {
         };
         Ok(())
     }
+}
+
+/// Locks a pair. A poisoned lock means an engine pass panicked; its state
+/// is still structurally valid, so carry on rather than take the guest down.
+fn lock(pair: &Mutex<Pair>) -> MutexGuard<'_, Pair> {
+    pair.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Engines for every pair of a fresh guest: `hosts` holds each pair's host
+/// side and socket epoll, in order.
+fn engines(
+    shared: &Arc<Shared>,
+    hosts: Vec<(Host, HostIo)>,
+) -> Result<Vec<Engine>, crate::engine::Error> {
+    let wakes = hosts.iter().map(|(h, _)| h.wake.clone()).collect();
+    let guest = Guest::new(shared, wakes);
+    hosts
+        .into_iter()
+        .enumerate()
+        .map(|(i, (host, io))| Engine::new(shared, guest.clone(), i, host, io))
+        .collect()
 }
 
 /// A monotonic timerfd that reads without blocking: an expiry seen by epoll

@@ -152,6 +152,11 @@ impl Flows {
         }
     }
 
+    /// Whether the flow (guest endpoint, other end) is in the table.
+    pub fn holds(&self, key: &Key) -> bool {
+        self.flows.contains_key(key)
+    }
+
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.flows.is_empty()
@@ -215,7 +220,8 @@ impl Flows {
     }
 
     /// Opens a connection from the gateway (`local_ip`, an ephemeral port)
-    /// to `guest` for an accepted host connection (a published port).
+    /// to `guest` for an accepted host connection (a published port);
+    /// returns the flow's key (guest, gateway endpoint) when opened.
     pub fn open_inbound(
         &mut self,
         ctx: &Ctx<'_>,
@@ -224,15 +230,13 @@ impl Flows {
         stream: std::net::TcpStream,
         local_ip: IpAddr,
         guest: SocketAddr,
-    ) -> bool {
+    ) -> Option<Key> {
         let metrics = ctx.metrics;
         if self.flows.len() >= self.config.max_connections {
             metrics.inc(Counter::tcp_over_limit);
-            return false;
+            return None;
         }
-        let Some(port) = self.free_port(local_ip, guest) else {
-            return false;
-        };
+        let port = self.free_port(local_ip, guest)?;
         let local = SocketAddr::new(local_ip, port);
         let mut socket = tcp_socket(self.config.buffer_bytes);
         if socket
@@ -243,18 +247,16 @@ impl Flows {
             )
             .is_err()
         {
-            return false;
+            return None;
         }
-        let Some(owned) = self.own(ctx.io, stream, (guest, local)) else {
-            return false;
-        };
+        let owned = self.own(ctx.io, stream, (guest, local))?;
         let handle = sockets.add(socket);
         metrics.inc(Counter::tcp_inbound);
         self.flows.insert(
             (guest, local),
             Flow::new(HostSide::Owned(owned), Some(handle), ctx.now),
         );
-        true
+        Some((guest, local))
     }
 
     fn free_port(&mut self, local_ip: IpAddr, guest: SocketAddr) -> Option<u16> {
