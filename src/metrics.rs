@@ -168,16 +168,22 @@ counters! {
     dns_tls_terminated,
 }
 
+/// Queue pairs counted one by one at most (as many as can be configured).
+pub const PAIRS: usize = 8;
+
 /// The counters.
 #[derive(Debug)]
 pub struct Metrics {
     values: [AtomicU64; Counter::ALL.len()],
+    /// Frames taken from each queue pair's TX queue.
+    pair_frames: [AtomicU64; PAIRS],
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self {
             values: std::array::from_fn(|_| AtomicU64::new(0)),
+            pair_frames: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 }
@@ -202,16 +208,43 @@ impl Metrics {
             .map_or(0, |v| v.load(Ordering::Relaxed))
     }
 
-    /// `name=value` pairs of every non-zero counter, for a log line.
+    /// Counts frames taken from queue pair `pair`'s TX queue.
+    pub fn add_pair_frames(&self, pair: usize, n: u64) {
+        if let Some(v) = self.pair_frames.get(pair) {
+            v.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Frames taken from each queue pair's TX queue, up to the last pair
+    /// that took any.
+    pub fn pair_frames(&self) -> Vec<u64> {
+        let mut all: Vec<u64> = self
+            .pair_frames
+            .iter()
+            .map(|v| v.load(Ordering::Relaxed))
+            .collect();
+        while all.last() == Some(&0) {
+            all.pop();
+        }
+        all
+    }
+
+    /// `name=value` pairs of every non-zero counter, for a log line; with
+    /// more than one queue pair in use, `frames_by_pair=a,b,...` too.
     pub fn snapshot(&self) -> String {
-        Counter::ALL
+        let mut out: Vec<String> = Counter::ALL
             .iter()
             .filter_map(|&c| {
                 let v = self.get(c);
                 (v != 0).then(|| format!("{}={v}", c.name()))
             })
-            .collect::<Vec<_>>()
-            .join(" ")
+            .collect();
+        let pairs = self.pair_frames();
+        if pairs.len() > 1 {
+            let list: Vec<String> = pairs.iter().map(u64::to_string).collect();
+            out.push(format!("frames_by_pair={}", list.join(",")));
+        }
+        out.join(" ")
     }
 }
 
@@ -226,5 +259,11 @@ mod tests {
         m.add(Counter::bytes_to_guest, 10);
         assert_eq!(m.get(Counter::drop_too_short), 1);
         assert_eq!(m.snapshot(), "bytes_to_guest=10 drop_too_short=1");
+        m.add_pair_frames(0, 3);
+        assert_eq!(m.snapshot(), "bytes_to_guest=10 drop_too_short=1");
+        m.add_pair_frames(2, 4);
+        m.add_pair_frames(PAIRS, 9);
+        assert_eq!(m.pair_frames(), [3, 0, 4]);
+        assert!(m.snapshot().ends_with(" frames_by_pair=3,0,4"));
     }
 }

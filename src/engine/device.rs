@@ -422,6 +422,7 @@ impl<M: GuestMemory> Device<'_, M> {
                 }
             };
             self.metrics.inc(Counter::frames_from_guest);
+            self.metrics.add_pair_frames(self.gateway.pair, 1);
             self.metrics
                 .add(Counter::bytes_from_guest, frame_len as u64);
             let frame = self.layout.hdr_len..self.layout.hdr_len + frame_len;

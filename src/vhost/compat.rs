@@ -238,6 +238,7 @@ fn forward_requests(
 ) -> io::Result<()> {
     let mut negotiation = Negotiation::default();
     while let Some(message) = read_message(&mut vmm)? {
+        tracing::trace!(request = message.request(), "vhost-user request");
         match negotiation.step(&message) {
             Step::Forward => write_message(backend, &message)?,
             Step::ForwardThenReplay(held) => {

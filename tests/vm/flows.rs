@@ -162,9 +162,12 @@ vg-probe tcp-many {HOST_V4}:7 200
     );
 }
 
-/// 100 MiB each way through a guest with `config`, sha256-checked at both
-/// ends; returns the daemon's counters afterwards.
-fn hundred_mib_each_way(tag: &str, config: Option<&str>) -> String {
+/// 100 MiB each way through a guest with `config` and `pairs` queue pairs
+/// (and as many vCPUs), sha256-checked at both ends; returns the daemon's
+/// counters afterwards. With more than one pair the two transfers run at
+/// once, each pinned to its own vCPU, so each uses its own queue (Linux
+/// maps CPU i to transmit queue i).
+fn hundred_mib_each_way(tag: &str, config: Option<&str>, pairs: u16) -> String {
     let world = World::new(tag);
     let big = world.www.0.join("big");
     let out = Command::new("dd")
@@ -175,18 +178,28 @@ fn hundred_mib_each_way(tag: &str, config: Option<&str>) -> String {
     assert!(out.success());
     let download_sum = sha256_file(&big);
     let daemon = Daemon::start(&world.ns, config);
+    let (on_cpu0, on_cpu1, then) = if pairs > 1 {
+        ("taskset 1 ", "taskset 2 ", "&")
+    } else {
+        ("", "", ";")
+    };
     let script = format!(
         r#"
 dhcp
 echo VG-MTU $(cat /sys/class/net/eth0/mtu)
-echo VG-DOWN $(wget -q -O - http://{HOST_V4}/big | sha256sum)
+echo VG-QUEUES $(ls /sys/class/net/eth0/queues)
 dd if=/dev/urandom of=/tmp/blob bs=1M count=100 2>/dev/null
 echo VG-UPSUM $(sha256sum /tmp/blob)
-vg-probe tcp-send-file {HOST_V4}:5001 /tmp/blob
+{on_cpu1}wget -q -O - http://{HOST_V4}/big | sha256sum > /tmp/down {then}
+{on_cpu0}vg-probe tcp-send-file {HOST_V4}:5001 /tmp/blob
+wait
+echo VG-DOWN $(cat /tmp/down)
 "#
     );
     let mut opts = GuestOpts::new(&daemon.socket, &script);
     opts.timeout = Duration::from_secs(300);
+    opts.cpus = pairs;
+    opts.queue_pairs = pairs;
     let console = boot(&opts);
     let down = line_after(&console, "VG-DOWN").unwrap_or("");
     assert!(
@@ -204,9 +217,34 @@ vg-probe tcp-send-file {HOST_V4}:5001 /tmp/blob
     assert_eq!(sha256_file(&received), up, "upload corrupted");
     let log = daemon_counters(&daemon);
     format!(
-        "{log}\nguest MTU {}",
+        "{log}\nguest queues {}\nguest MTU {}",
+        line_after(&console, "VG-QUEUES").unwrap_or("?"),
         line_after(&console, "VG-MTU").unwrap_or("?")
     )
+}
+
+/// Two queue pairs, two vCPUs, a transfer each way at once: both pairs
+/// carry frames and every byte arrives intact.
+#[test]
+fn hundred_mib_each_way_over_two_queue_pairs() {
+    let log = hundred_mib_each_way("mq", Some("[network]\nqueue-pairs = 2\n"), 2);
+    assert!(log.contains("guest queues rx-0 rx-1 tx-0 tx-1"), "{log}");
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("counters"))
+        .unwrap_or("");
+    let by_pair: Vec<u64> = line
+        .split(|c: char| c.is_whitespace() || c == '"')
+        .find_map(|f| f.strip_prefix("frames_by_pair="))
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert!(
+        by_pair.len() == 2 && by_pair.iter().all(|&n| n > 100),
+        "frames by pair {by_pair:?}\n{log}"
+    );
 }
 
 /// A counter's value in the last counters line of `log` (absent: zero).
@@ -224,14 +262,14 @@ fn counter(log: &str, name: &str) -> u64 {
 
 #[test]
 fn hundred_mib_each_way_with_checksums() {
-    hundred_mib_each_way("bulk", None);
+    hundred_mib_each_way("bulk", None, 1);
 }
 
 /// At MTU 1500 the guest hands over 64 KiB segments and gets them back to
 /// cut itself (TSO both ways), and every byte still arrives intact.
 #[test]
 fn hundred_mib_each_way_at_mtu_1500_with_segmentation_offload() {
-    let log = hundred_mib_each_way("tso", Some("[network]\nmtu = 1500\n"));
+    let log = hundred_mib_each_way("tso", Some("[network]\nmtu = 1500\n"), 1);
     assert!(log.ends_with("guest MTU 1500"), "{log}");
     let from = counter(&log, "segments_from_guest");
     let to = counter(&log, "segments_to_guest");
@@ -248,6 +286,7 @@ fn hundred_mib_each_way_at_mtu_1500_without_segmentation_offload() {
     let log = hundred_mib_each_way(
         "notso",
         Some("[network]\nmtu = 1500\nsegmentation-offload = false\n"),
+        1,
     );
     assert!(log.ends_with("guest MTU 1500"), "{log}");
     assert_eq!(counter(&log, "segments_from_guest"), 0, "{log}");

@@ -68,6 +68,10 @@ pub struct GuestOpts<'a> {
     pub extra_files: Vec<(String, Vec<u8>, u32)>,
     /// Run QEMU inside this namespace (libslirp's "host" is QEMU's).
     pub netns: Option<&'a str>,
+    /// vCPUs (TCG runs one host thread each).
+    pub cpus: u16,
+    /// Queue pairs of the vhost-user NIC (multi-queue above 1).
+    pub queue_pairs: u16,
 }
 
 /// What the guest's NIC is connected to (the VM tests use vhost-gateway;
@@ -90,6 +94,8 @@ impl<'a> GuestOpts<'a> {
             mac: "52:54:00:12:34:56",
             script,
             timeout: Duration::from_secs(180),
+            cpus: 1,
+            queue_pairs: 1,
             extra_files: Vec::new(),
             netns: None,
         }
@@ -129,8 +135,12 @@ impl Guest {
         }
         data.extend(cpio_newc(&files));
         std::fs::write(&initrd, data).unwrap();
+        // No MSI-X (vectors=0, INTx): QEMU 7.2 under TCG segfaults in
+        // msix_set_vector_notifiers when vhost-user starts with MSI-X on
+        // (seen with mq=on, vectors=6).
+        let mq = if opts.queue_pairs > 1 { ",mq=on" } else { "" };
         let device = format!(
-            "virtio-net-pci,netdev=n0,mac={},vectors=0,romfile=",
+            "virtio-net-pci,netdev=n0,mac={}{mq},vectors=0,romfile=",
             opts.mac
         );
         let netdev: Vec<String> = match opts.backend {
@@ -138,7 +148,7 @@ impl Guest {
                 "-chardev".into(),
                 format!("socket,id=c0,path={}", socket.display()),
                 "-netdev".into(),
-                "vhost-user,id=n0,chardev=c0".into(),
+                format!("vhost-user,id=n0,chardev=c0,queues={}", opts.queue_pairs),
             ],
             Backend::Slirp => vec!["-netdev".into(), "user,id=n0".into()],
             Backend::Passt(socket) => vec![
@@ -163,7 +173,7 @@ impl Guest {
                 "-m",
                 "512M",
                 "-smp",
-                "1",
+                &opts.cpus.to_string(),
                 "-nographic",
                 "-nodefaults",
                 "-no-reboot",
