@@ -1,9 +1,13 @@
-//! VM benchmark: the same guest booted through vhost-gateway, QEMU's libslirp
-//! (`-netdev user`) and passt (`-netdev stream`) in one run, each inside its
-//! own network namespace whose loopback hosts the servers (iperf3, a TCP
-//! echo). The guest reaches them through each backend's "gateway means host
-//! loopback" mapping. Prints one table with medians over BENCH_RUNS runs
-//! (default 3) and the ratios vhost-gateway/libslirp and vhost-gateway/passt.
+//! VM benchmark: the same guest booted through vhost-gateway, the kernel's
+//! tap (QEMU's own virtio-net, `vhost=off`: the ceiling), passt (Debian's,
+//! `-netdev stream`; a newer one with `--vhost-user` when PASST_BIN names
+//! it) and QEMU's libslirp (`-netdev user`) in one run, each inside its own
+//! network namespace that hosts the servers (iperf3, a TCP echo). The guest
+//! reaches them through each backend's "gateway means host" mapping (tap:
+//! the tap's own address). Columns: MTU 65520, MTU 1500 (with TSO where the
+//! backend offers it), and vhost-gateway with 1 and 2 queue pairs under a
+//! 2-vCPU guest running 4 streams. Prints one table with medians over
+//! BENCH_RUNS runs (default 3) and the ratios of vhost-gateway to each.
 //!
 //! Run: `cargo bench --bench vm` as root (see README). Nothing leaves the
 //! machine: every server is on a namespace's loopback.
@@ -16,8 +20,10 @@ use std::time::{Duration, Instant};
 use kit::guest::{Backend, Guest, GuestOpts, line_after};
 use kit::{Daemon, Netns, Server, TempDir, serve_tcp_echo};
 
+/// The guest's part: network set-up, then idle, then the load. `{setup}`
+/// is `dhcp` or a static address (tap); `{streams}` iperf3's -P.
 const SCRIPT: &str = r#"
-dhcp
+{setup}
 GW=$(ip route | awk '/^default/ {print $3; exit}')
 echo "VG-GW $GW"
 sleep 1
@@ -25,9 +31,9 @@ echo VG-IDLE
 sleep 3
 echo VG-LOAD
 echo VG-IPERF-UP
-iperf3 -c $GW -t 6 -O 1 -f g --connect-timeout 5000
+iperf3 -c $GW -t 6 -O 1 -f g -P {streams} --connect-timeout 5000
 echo VG-IPERF-DOWN
-iperf3 -c $GW -t 6 -O 1 -f g -R --connect-timeout 5000
+iperf3 -c $GW -t 6 -O 1 -f g -P {streams} -R --connect-timeout 5000
 vg-probe tcp-rr $GW:7 3000
 vg-probe tcp-crr $GW:7 300
 echo VG-LOADED
@@ -38,21 +44,92 @@ echo VG-LOADED
 /// libslirp's 10.0.2.2 and passt's gateway do). BENCH_VG_CONFIG overrides it.
 const BENCH_CONFIG: &str = "[outbound]\nallow-host-loopback = true\n[[policy.rule]]\naction = \"allow\"\ndestination = \"group:host\"\n";
 
+/// The tap path's addresses (documentation range, inside the namespace).
+const TAP_HOST: &str = "192.0.2.1";
+const TAP_GUEST: &str = "192.0.2.2";
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
     VhostGateway,
     Slirp,
+    /// Debian's passt over `-netdev stream`.
     Passt,
+    /// A newer passt (`PASST_BIN`) with `--vhost-user`.
+    PasstVhostUser,
+    /// The kernel's tap, QEMU's own virtio-net (`vhost=off`).
+    Tap,
 }
 
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::VhostGateway => "vhost-gateway",
-            Kind::Slirp => "libslirp",
-            Kind::Passt => "passt",
+/// One column of the table: a backend and the link it runs.
+#[derive(Debug, Clone)]
+struct Variant {
+    name: String,
+    kind: Kind,
+    mtu: u32,
+    pairs: u16,
+    cpus: u16,
+    streams: u16,
+}
+
+impl Variant {
+    fn new(name: &str, kind: Kind, mtu: u32) -> Self {
+        Self {
+            name: name.to_owned(),
+            kind,
+            mtu,
+            pairs: 1,
+            cpus: 1,
+            streams: 1,
         }
     }
+
+    fn script(&self) -> String {
+        let setup = match self.kind {
+            Kind::Tap => format!(
+                "ip link set eth0 mtu {}\nip addr add {TAP_GUEST}/24 dev eth0\nip route add default via {TAP_HOST}",
+                self.mtu
+            ),
+            _ => "dhcp".to_owned(),
+        };
+        SCRIPT
+            .replace("{setup}", &setup)
+            .replace("{streams}", &self.streams.to_string())
+    }
+
+    fn vg_config(&self) -> String {
+        let base = std::env::var("BENCH_VG_CONFIG").unwrap_or_else(|_| BENCH_CONFIG.into());
+        format!(
+            "{base}\n[network]\nmtu = {}\nqueue-pairs = {}\n",
+            self.mtu, self.pairs
+        )
+    }
+}
+
+/// Every variant of the run: the backends at MTU 65520 (libslirp has only
+/// 1500), then MTU 1500 with TSO, then one and two queue pairs with two
+/// vCPUs and four streams.
+fn variants() -> Vec<Variant> {
+    let mut v = vec![
+        Variant::new("vg-65520", Kind::VhostGateway, 65520),
+        Variant::new("tap-65520", Kind::Tap, 65520),
+        Variant::new("passt-65520", Kind::Passt, 65520),
+    ];
+    if std::env::var_os("PASST_BIN").is_some() {
+        v.push(Variant::new("passt-vu-65520", Kind::PasstVhostUser, 65520));
+    }
+    v.extend([
+        Variant::new("vg-1500", Kind::VhostGateway, 1500),
+        Variant::new("tap-1500", Kind::Tap, 1500),
+        Variant::new("slirp-1500", Kind::Slirp, 1500),
+    ]);
+    for pairs in [1, 2] {
+        let mut mq = Variant::new(&format!("vg-{pairs}q-2cpu-P4"), Kind::VhostGateway, 65520);
+        mq.pairs = pairs;
+        mq.cpus = 2;
+        mq.streams = 4;
+        v.push(mq);
+    }
+    v
 }
 
 /// One run's figures; None where a backend has no separate process.
@@ -93,7 +170,13 @@ fn iperf_rate(console: &str, marker: &str) -> f64 {
     console
         .split(marker)
         .nth(1)
-        .and_then(|rest| rest.lines().find(|l| l.contains("receiver")))
+        // This run's output only; with -P, its [SUM] line.
+        .map(|rest| rest.split("VG-").next().unwrap_or(rest))
+        .and_then(|run| {
+            let mut receivers = run.lines().filter(|l| l.contains("receiver"));
+            let first = receivers.next()?;
+            Some(receivers.find(|l| l.contains("[SUM]")).unwrap_or(first))
+        })
         .and_then(|line| {
             let words: Vec<&str> = line.split_whitespace().collect();
             let unit = words.iter().position(|w| w.ends_with("bits/sec"))?;
@@ -141,62 +224,68 @@ fn iperf3_files() -> Vec<(String, Vec<u8>, u32)> {
     files
 }
 
-fn run_once(kind: Kind, run: usize, extra: &[(String, Vec<u8>, u32)]) -> Figures {
+/// Runs `ip -n NS ARGS` for each line of arguments.
+fn ip(ns: &Netns, lines: &[&[&str]]) {
+    for args in lines {
+        let ok = Command::new("ip")
+            .args(["-n", &ns.name])
+            .args(*args)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip {args:?}");
+    }
+}
+
+fn run_once(variant: &Variant, run: usize, extra: &[(String, Vec<u8>, u32)]) -> Figures {
     let ns = Netns::new(&format!("bench{run}"));
     let dir = TempDir::new("bench");
+    // Every address of the namespace: its loopback (the gateways' "host")
+    // and, for the tap path, the tap's own address.
     let _iperf = Server(
         ns.command("iperf3")
-            .args(["-s", "-B", "127.0.0.1"])
+            .args(["-s"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
-    serve_tcp_echo(ns.enter(|| std::net::TcpListener::bind("127.0.0.1:7").unwrap()));
+    serve_tcp_echo(ns.enter(|| std::net::TcpListener::bind("0.0.0.0:7").unwrap()));
     let mut daemon = None;
     let mut passt = None;
     let passt_socket = dir.0.join("passt.sock");
-    let backend = match kind {
-        Kind::VhostGateway => {
-            daemon = Some(Daemon::start(
+    let mtu = variant.mtu.to_string();
+    let mut backend = Backend::Slirp;
+    match variant.kind {
+        Kind::VhostGateway => daemon = Some(Daemon::start(&ns, Some(&variant.vg_config()))),
+        Kind::Slirp => {}
+        Kind::Tap => {
+            ip(
                 &ns,
-                Some(&std::env::var("BENCH_VG_CONFIG").unwrap_or_else(|_| BENCH_CONFIG.into())),
-            ));
-            Backend::Slirp // replaced below; the socket lives in `daemon`
-        }
-        Kind::Slirp => Backend::Slirp,
-        Kind::Passt => {
-            // passt takes its addresses from a routed interface.
-            for args in [
-                vec!["link", "add", "vb0", "type", "veth", "peer", "name", "vb1"],
-                vec!["addr", "add", "192.0.2.1/24", "dev", "vb0"],
-                vec!["link", "set", "vb0", "up"],
-                vec!["link", "set", "vb1", "up"],
-                vec![
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    "192.0.2.254",
-                    "dev",
-                    "vb0",
+                &[
+                    &["tuntap", "add", "dev", "tap0", "mode", "tap"],
+                    &["addr", "add", &format!("{TAP_HOST}/24"), "dev", "tap0"],
+                    &["link", "set", "tap0", "mtu", &mtu],
+                    &["link", "set", "tap0", "up"],
                 ],
-            ] {
-                let ok = Command::new("ip")
-                    .args(["-n", &ns.name])
-                    .args(&args)
-                    .status()
-                    .unwrap();
-                assert!(ok.success(), "ip {args:?}");
-            }
+            );
+            backend = Backend::Tap("tap0");
+        }
+        Kind::Passt | Kind::PasstVhostUser => {
+            // passt takes its addresses from the namespace's routed uplink.
             // passt drops to "nobody" before it binds its socket.
             {
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o1777)).unwrap();
             }
+            let (bin, mode): (String, &[&str]) = if variant.kind == Kind::Passt {
+                ("passt".into(), &[])
+            } else {
+                (std::env::var("PASST_BIN").unwrap(), &["--vhost-user"])
+            };
             passt = Some(Server(
-                ns.command("passt")
-                    .args(["-f", "-q", "-1", "-s"])
+                ns.command(&bin)
+                    .args(mode)
+                    .args(["-f", "-q", "-1", "-m", &mtu, "-s"])
                     .arg(&passt_socket)
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -204,20 +293,26 @@ fn run_once(kind: Kind, run: usize, extra: &[(String, Vec<u8>, u32)]) -> Figures
                     .unwrap(),
             ));
             wait_for(&passt_socket);
-            Backend::Passt(&passt_socket)
+            backend = if variant.kind == Kind::Passt {
+                Backend::Passt(&passt_socket)
+            } else {
+                Backend::VhostUser(&passt_socket)
+            };
         }
-    };
-    let backend = match &daemon {
-        Some(d) => Backend::VhostUser(&d.socket),
-        None => backend,
-    };
+    }
+    if let Some(d) = &daemon {
+        backend = Backend::VhostUser(&d.socket);
+    }
     std::thread::sleep(Duration::from_millis(200));
-    let mut opts = GuestOpts::new(Path::new("/"), SCRIPT);
+    let script = variant.script();
+    let mut opts = GuestOpts::new(Path::new("/"), &script);
     opts.backend = backend;
     opts.extra_files = extra.to_vec();
     opts.timeout = Duration::from_secs(240);
+    opts.cpus = variant.cpus;
+    opts.queue_pairs = variant.pairs;
     let ns_name = ns.name.clone();
-    if kind == Kind::Slirp {
+    if matches!(variant.kind, Kind::Slirp | Kind::Tap) {
         opts.netns = Some(&ns_name);
     }
     let pid = daemon
@@ -262,7 +357,7 @@ fn run_once(kind: Kind, run: usize, extra: &[(String, Vec<u8>, u32)]) -> Figures
     if figures.up_gbit == 0.0 || figures.rr_p50_us.is_nan() {
         eprintln!(
             "{} run {run}: incomplete figures; console:\n{console}",
-            kind.name()
+            variant.name
         );
     }
     if let Some(d) = &daemon
@@ -320,19 +415,22 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     let extra = iperf3_files();
-    // BENCH_ONLY=vhost-gateway (or libslirp, passt) measures one backend.
+    // BENCH_ONLY=vg-65520,tap-65520 measures only those columns.
     let only = std::env::var("BENCH_ONLY").ok();
-    let kinds: Vec<Kind> = [Kind::VhostGateway, Kind::Slirp, Kind::Passt]
+    let mut results: Vec<(Variant, Vec<Figures>)> = variants()
         .into_iter()
-        .filter(|k| only.as_deref().is_none_or(|o| o == k.name()))
+        .filter(|v| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|n| n == v.name))
+        })
+        .map(|v| (v, Vec::new()))
         .collect();
-    let mut results: Vec<(Kind, Vec<Figures>)> = kinds.iter().map(|k| (*k, Vec::new())).collect();
-    // Interleave backends run by run, so drift in the machine's speed hits
+    // Interleave variants run by run, so drift in the machine's speed hits
     // all of them alike.
     for run in 0..runs {
-        for (kind, figures) in &mut results {
-            eprintln!("run {}/{runs}: {}", run + 1, kind.name());
-            figures.push(run_once(*kind, run, &extra));
+        for (variant, figures) in &mut results {
+            eprintln!("run {}/{runs}: {}", run + 1, variant.name);
+            figures.push(run_once(variant, run, &extra));
         }
     }
     let accel = if Path::new("/sys/module/kvm_intel").exists()
@@ -343,11 +441,12 @@ fn main() {
         "TCG"
     };
     println!(
-        "\nvhost-gateway VM benchmark: {accel} guest (1 vCPU, Debian cloud kernel), medians of {runs} runs\n"
+        "\nvhost-gateway VM benchmark: {accel} guest (Debian cloud kernel), medians of {runs} runs\n"
     );
     println!(
-        "{:<14} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}",
+        "{:<16} {:>4} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}",
         "backend",
+        "P",
         "g->h Gb/s",
         "h->g Gb/s",
         "RR p50 us",
@@ -357,8 +456,8 @@ fn main() {
         "idle MiB",
         "peak MiB"
     );
-    let mut table = Vec::new();
-    for (kind, figures) in &results {
+    let mut table: Vec<(&str, [Option<f64>; 8])> = Vec::new();
+    for (variant, figures) in &results {
         let row = [
             median_of(figures, |f| Some(f.up_gbit)),
             median_of(figures, |f| Some(f.down_gbit)),
@@ -370,8 +469,9 @@ fn main() {
             median_of(figures, |f| f.peak_rss_mib),
         ];
         println!(
-            "{:<14} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}",
-            kind.name(),
+            "{:<16} {:>4} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}",
+            variant.name,
+            variant.streams,
             cell(row[0], 2),
             cell(row[1], 2),
             cell(row[2], 0),
@@ -381,23 +481,37 @@ fn main() {
             cell(row[6], 1),
             cell(row[7], 1),
         );
-        table.push(row);
+        table.push((&variant.name, row));
     }
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
         _ => "n/a".to_owned(),
     };
-    for (other, name) in [(1, "libslirp"), (2, "passt")] {
-        if table.len() <= other {
-            break;
-        }
+    let row = |name: &str| table.iter().find(|(n, _)| *n == name).map(|(_, r)| *r);
+    println!();
+    for (ours, other) in [
+        ("vg-65520", "tap-65520"),
+        ("vg-65520", "passt-65520"),
+        ("vg-65520", "passt-vu-65520"),
+        ("vg-65520", "slirp-1500"),
+        ("vg-1500", "tap-1500"),
+        ("vg-1500", "slirp-1500"),
+        ("vg-2q-2cpu-P4", "vg-1q-2cpu-P4"),
+    ] {
+        let (Some(a), Some(b)) = (row(ours), row(other)) else {
+            continue;
+        };
         println!(
-            "vhost-gateway/{name}: g->h {}  h->g {}  RR p50 {}  CRR p50 {}  (throughput: higher is better; latency: lower is better)",
-            ratio(table[0][0], table[other][0]),
-            ratio(table[0][1], table[other][1]),
-            ratio(table[0][2], table[other][2]),
-            ratio(table[0][3], table[other][3]),
+            "{ours}/{other}: g->h {}  h->g {}  RR p50 {}  CRR p50 {}",
+            ratio(a[0], b[0]),
+            ratio(a[1], b[1]),
+            ratio(a[2], b[2]),
+            ratio(a[3], b[3]),
         );
     }
-    println!("libslirp runs inside QEMU: its CPU and memory are QEMU's and are not shown.");
+    println!(
+        "(throughput: higher is better; latency: lower is better.) vg: vhost-gateway; \
+         -1500 runs with segmentation offload (TSO) where the backend has it; \
+         libslirp and tap run inside QEMU or the kernel: no CPU or memory of their own is shown."
+    );
 }

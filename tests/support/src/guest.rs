@@ -85,6 +85,10 @@ pub enum Backend<'a> {
     Slirp,
     /// passt's socket (`-netdev stream`).
     Passt(&'a Path),
+    /// A tap interface QEMU opens itself (`vhost=off`: the kernel path
+    /// with QEMU's own virtio-net, the benchmark's ceiling); QEMU must run
+    /// in the tap's namespace.
+    Tap(&'a str),
 }
 
 impl<'a> GuestOpts<'a> {
@@ -151,6 +155,10 @@ impl Guest {
                 format!("vhost-user,id=n0,chardev=c0,queues={}", opts.queue_pairs),
             ],
             Backend::Slirp => vec!["-netdev".into(), "user,id=n0".into()],
+            Backend::Tap(ifname) => vec![
+                "-netdev".into(),
+                format!("tap,id=n0,ifname={ifname},script=no,downscript=no,vhost=off"),
+            ],
             Backend::Passt(socket) => vec![
                 "-netdev".into(),
                 format!(
