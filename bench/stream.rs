@@ -6,7 +6,9 @@
 //! throughput both ways as Gbit/s, Gbit/s per daemon core (bytes over the
 //! daemon's CPU seconds: what density depends on) and CPU seconds per GiB;
 //! then 1-byte request/response latency (p50/p99) and connections per
-//! second (connect, 1-byte exchange, close).
+//! second (connect, 1-byte exchange, close); last, memory per idle flow
+//! with STREAM_FLOWS (default 10,000) flows held at once, on first use and
+//! after churn.
 //!
 //! With STREAM_CALLGRIND=1 the daemon runs under valgrind's callgrind and
 //! each bulk row reports the daemon's user-space instructions per GiB
@@ -16,7 +18,7 @@
 //! Run: `cargo bench --bench stream`. STREAM_GIB sets the bulk size
 //! (default 2), STREAM_MODES the links (default "65520,1500+tso,1500"; +tso: segmentation offload both ways, as a Linux guest uses it), STREAM_ONLY a
 //! substring of the rows to run ("guest -> host", "host -> guest", "rr",
-//! "connections"). Nothing leaves the machine: the far end is 127.0.0.1.
+//! "connections", "idle flows"). Nothing leaves the machine: the far end is 127.0.0.1.
 #![allow(clippy::unwrap_used)]
 // a benchmark whose set-up fails should stop loudly
 // Sizes and rates here are far below the truncation bounds.
@@ -46,6 +48,8 @@ const SMALL_BUFFER: usize = 16 << 10;
 /// Round trips measured for the latency row (after a warm-up).
 const RR_ROUNDS: usize = 5_000;
 const RR_WARMUP: usize = 200;
+/// The harness's socket buffers for idle flows (the daemon's are its own).
+const IDLE_BUFFER: usize = 1024;
 /// How long the connection-rate row runs.
 const CRR_TIME: Duration = Duration::from_secs(3);
 const STALL: Duration = Duration::from_secs(60);
@@ -409,6 +413,144 @@ fn crr(daemon: &Daemon, mode: Mode, port: u16) -> (usize, f64, f64) {
     (done, t0.elapsed().as_secs_f64(), cpu_seconds(pid) - cpu0)
 }
 
+/// A server on the host's loopback that greets each connection with one
+/// byte and then holds it, unread, until `release` is set.
+fn holding_server(release: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u16 {
+    use std::sync::atomic::Ordering;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        loop {
+            if release.load(Ordering::Relaxed) {
+                held.clear();
+            }
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.write_all(b"x").unwrap();
+                    held.push(s);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    });
+    port
+}
+
+fn rss_kib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Opens `n` connections to `port` at once (a window of SYNs in flight),
+/// each taking the server's greeting byte and sending one of its own, and
+/// holds them open.
+fn open_idle(guest: &mut Guest, port: u16, n: usize) -> Vec<SocketHandle> {
+    const WINDOW: usize = 256;
+    let mut open: Vec<SocketHandle> = Vec::with_capacity(n);
+    let mut pending: Vec<SocketHandle> = Vec::new();
+    let deadline = Instant::now() + STALL;
+    while open.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "idle flows: stalled at {}",
+            open.len()
+        );
+        while pending.len() < WINDOW && open.len() + pending.len() < n {
+            let handle = guest.connect(port, IDLE_BUFFER);
+            pending.push(handle);
+        }
+        if !guest.poll() {
+            std::thread::yield_now();
+        }
+        pending.retain(|&h| {
+            let s = guest.socket(h);
+            if s.can_recv() && s.can_send() {
+                s.recv(|b| (b.len(), ())).unwrap();
+                s.send_slice(b"y").unwrap();
+                open.push(h);
+                return false;
+            }
+            assert!(s.is_open(), "idle flow {} refused", open.len());
+            true
+        });
+    }
+    // Let the last bytes and ACKs settle.
+    let settle = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < settle {
+        if !guest.poll() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    open
+}
+
+/// Memory per idle flow: the daemon's RSS growth over `n` held flows, on
+/// first use and again after all of them closed and `n` new ones opened
+/// (where allocator reuse shows). Returns (KiB/flow first, KiB/flow after
+/// churn, RSS MiB with the flows held, RSS MiB at rest before).
+fn idle_flows(daemon: &Daemon, mode: Mode, n: usize) -> (f64, f64, f64, f64) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let pid = daemon.pid();
+    let mut guest = Guest::start(daemon, mode);
+    std::thread::sleep(Duration::from_millis(300));
+    let rest = rss_kib(pid);
+    let mut per_flow = Vec::new();
+    for _round in 0..2 {
+        // A new server each round: new 4-tuples, whatever lingers.
+        let release = std::sync::Arc::new(AtomicBool::new(false));
+        let port = holding_server(release.clone());
+        let flows = open_idle(&mut guest, port, n);
+        let held = rss_kib(pid);
+        per_flow.push(((held - rest) / n as f64, held));
+        for &h in &flows {
+            guest.socket(h).abort();
+        }
+        guest.poll();
+        release.store(true, Ordering::Relaxed);
+        for h in flows {
+            guest.sockets.remove(h);
+        }
+        // The daemon drops a flow on the guest's RST; give it a moment.
+        let settle = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < settle {
+            if !guest.poll() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+    (
+        per_flow[0].0,
+        per_flow[1].0,
+        per_flow[0].1.max(per_flow[1].1) / 1024.0,
+        rest / 1024.0,
+    )
+}
+
+/// Lifts the soft fd limit to the hard one (the daemon, started after,
+/// inherits it): the idle-flow row holds thousands of sockets each side.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 /// The daemon under callgrind: counts zeroed before a row and dumped
 /// after it.
 struct Callgrind {
@@ -476,6 +618,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 }
 
 fn main() {
+    raise_fd_limit();
     let gib: f64 = std::env::var("STREAM_GIB")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -577,5 +720,28 @@ fn main() {
                 cpu / n as f64 * 1e6
             );
         }
+    }
+    if wanted("idle flows") && callgrind.is_none() {
+        let n: usize = std::env::var("STREAM_FLOWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000);
+        let mode = Mode {
+            mtu: 65520,
+            tso: false,
+        };
+        let config = format!(
+            "[network]\nmtu = 65520\n[outbound]\nallow-host-loopback = true\n\
+             [tcp]\nmax-connections = {}\n\
+             [[policy.rule]]\naction = \"allow\"\ndestination = \"group:host\"\n",
+            n + 64
+        );
+        let daemon = Daemon::start_with(None, Some(&config), &[]);
+        let (first, churned, held, rest) = idle_flows(&daemon, mode, n);
+        println!(
+            "{:<9} {:<16} {n} held: {first:.1} KiB/flow first, {churned:.1} KiB/flow after churn; RSS {rest:.1} MiB at rest, {held:.1} MiB held",
+            mode.to_string(),
+            "idle flows",
+        );
     }
 }

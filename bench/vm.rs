@@ -8,6 +8,7 @@
 //! backend offers it), and vhost-gateway with 1 and 2 queue pairs under a
 //! 2-vCPU guest running 4 streams. Prints one table with medians over
 //! BENCH_RUNS runs (default 3) and the ratios of vhost-gateway to each.
+//! BENCH_LOGS=DIR keeps each run's daemon log and guest console there.
 //!
 //! Run: `cargo bench --bench vm` as root (see README). Nothing leaves the
 //! machine: every server is on a namespace's loopback.
@@ -373,6 +374,10 @@ fn run_once(variant: &Variant, run: usize, extra: &[(String, Vec<u8>, u32)]) -> 
                 .find(|l| l.contains("counters"))
                 .unwrap_or("")
         );
+    }
+    if let (Some(d), Some(dir)) = (&daemon, std::env::var_os("BENCH_LOGS")) {
+        let path = Path::new(&dir).join(format!("{}-{run}.log", variant.name));
+        std::fs::write(&path, format!("{}\n--- console ---\n{console}", d.log())).unwrap();
     }
     drop(daemon);
     figures

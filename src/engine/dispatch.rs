@@ -24,10 +24,10 @@ use crate::names::NameSource;
 use crate::policy::Proto;
 use crate::proxy::Host;
 
-/// How often smoltcp is reminded of a guest IPv6 address (its neighbor
+/// How often smoltcp is reminded of a guest address (its neighbor
 /// entries age out after a minute).
 const TEACH_EVERY: Duration = Duration::from_secs(20);
-/// Guest IPv6 addresses remembered for that; cleared when full.
+/// Guest addresses remembered for that; cleared when full.
 const TAUGHT_MAX: usize = 64;
 /// How often a denied UDP or ICMP destination is audited at most.
 const AUDIT_REPEAT: Duration = Duration::from_secs(1);
@@ -59,8 +59,8 @@ pub struct Gateway {
     pub(super) guest: Arc<Guest>,
     /// When each denied destination was last audited (UDP and ICMP repeat).
     pub(super) audit_logged: HashMap<Subject, Instant>,
-    /// Guest IPv6 source addresses smoltcp was told about, and when.
-    pub(super) taught: HashMap<std::net::Ipv6Addr, Instant>,
+    /// Guest source addresses smoltcp was told about, and when.
+    pub(super) taught: HashMap<std::net::IpAddr, Instant>,
     pub(super) gateway_v4: std::net::Ipv4Addr,
     pub(super) guest_v4: std::net::Ipv4Addr,
 }
@@ -138,14 +138,19 @@ impl Gateway {
         }
     }
 
-    /// Keeps smoltcp's neighbor cache knowing each IPv6 address the guest
-    /// sends from. The gateway answers the guest's solicitations itself
-    /// (as a router), and the guest learns the gateway from its RAs, so
-    /// smoltcp would otherwise learn the guest only by asking — dropping
-    /// the reply (a SYN-ACK, an echo reply) that made it ask.
+    /// Keeps smoltcp's neighbor cache knowing each address the guest sends
+    /// from: its IPv4 lease and every IPv6 source. The gateway answers the
+    /// guest's solicitations itself (as a router), and the guest learns the
+    /// gateway from its RAs, so smoltcp would otherwise learn the guest
+    /// only by asking — dropping the reply (a SYN-ACK, an echo reply) that
+    /// made it ask. With several queue pairs each pair's stack must learn
+    /// it from the frames it sees: the guest's answer to one pair's query
+    /// may well go out on another pair's queue, and never reach it.
     fn teach(&mut self, frame: &[u8], now: Instant) {
-        let Some(src) = ndp::ipv6_source(frame) else {
-            return;
+        let src = match ndp::ipv6_source(frame) {
+            Some(v6) => std::net::IpAddr::V6(v6),
+            None if ipv4_source(frame) == Some(self.guest_v4) => self.guest_v4.into(),
+            None => return,
         };
         let fresh = self
             .taught
@@ -158,8 +163,15 @@ impl Gateway {
             self.taught.clear();
         }
         self.taught.insert(src, now);
-        let own = crate::wellknown::GATEWAY_LINK_LOCAL;
-        let learned = ndp::learned(src, self.guest_mac, own, self.gateway_mac);
+        let learned = match src {
+            std::net::IpAddr::V6(v6) => {
+                let own = crate::wellknown::GATEWAY_LINK_LOCAL;
+                ndp::learned(v6, self.guest_mac, own, self.gateway_mac)
+            }
+            std::net::IpAddr::V4(v4) => {
+                frames::arp_learned(v4, self.guest_mac, self.gateway_v4, self.gateway_mac)
+            }
+        };
         self.inject.push_back(learned);
     }
 
@@ -256,7 +268,7 @@ impl Gateway {
                 if matches!(open, Open::Dial(_)) && tracing::enabled!(tracing::Level::DEBUG) {
                     let names = self.guest.services.egress().pinned(dst.ip(), now);
                     let name = names.first().map_or("-", String::as_str);
-                    tracing::debug!(%src, %dst, name, "new TCP flow");
+                    tracing::debug!(%src, %dst, name, pair = self.pair, "new TCP flow");
                 }
                 self.syn(now, frame, (*src, *dst, *seq), Some(opener), gate)
             }
@@ -429,4 +441,13 @@ fn ends(
         dst: to,
         hop_limit: 64,
     }
+}
+
+/// The IPv4 source of a frame, when it is an IPv4 packet.
+fn ipv4_source(frame: &[u8]) -> Option<std::net::Ipv4Addr> {
+    const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
+    if frame.get(12..14)? != ETHERTYPE_IPV4 {
+        return None;
+    }
+    Some(<[u8; 4]>::try_from(frame.get(26..30)?).ok()?.into())
 }

@@ -1,5 +1,6 @@
 //! Frames the gateway writes itself, outside smoltcp: DHCP and RA replies,
-//! relayed UDP datagrams and echo replies, and resets for refused SYNs.
+//! relayed UDP datagrams and echo replies, and resets for refused SYNs;
+//! and the ARP reply that teaches smoltcp the guest's link address.
 //!
 //! Pure builders on smoltcp's wire types; checksums are always filled in
 //! (no checksum offload is negotiated with the guest).
@@ -9,8 +10,9 @@ use std::net::IpAddr;
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4Packet, Icmpv6Packet,
-    IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpPacket, UdpPacket,
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, Icmpv4Packet, Icmpv6Packet, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet,
+    Ipv6Repr, TcpPacket, UdpPacket,
 };
 
 const ETH_LEN: usize = 14;
@@ -185,6 +187,33 @@ pub fn tcp_reset_for_syn(ends: &Ends, src_port: u16, dst_port: u16, syn_seq: u32
     })
 }
 
+/// An ARP reply as if from the guest (`guest` at `guest_mac`) to the
+/// gateway, for smoltcp's neighbor cache (see `Gateway::teach`).
+pub fn arp_learned(
+    guest: std::net::Ipv4Addr,
+    guest_mac: EthernetAddress,
+    gateway: std::net::Ipv4Addr,
+    gateway_mac: EthernetAddress,
+) -> Vec<u8> {
+    let arp = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Reply,
+        source_hardware_addr: guest_mac,
+        source_protocol_addr: guest,
+        target_hardware_addr: gateway_mac,
+        target_protocol_addr: gateway,
+    };
+    let eth = EthernetRepr {
+        src_addr: guest_mac,
+        dst_addr: gateway_mac,
+        ethertype: EthernetProtocol::Arp,
+    };
+    let mut frame = vec![0u8; eth.buffer_len() + arp.buffer_len()];
+    let mut out = EthernetFrame::new_unchecked(&mut frame[..]);
+    eth.emit(&mut out);
+    arp.emit(&mut ArpPacket::new_unchecked(out.payload_mut()));
+    frame
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,5 +307,29 @@ mod tests {
             assert_eq!(r.ack_number, Some(smoltcp::wire::TcpSeqNumber(0)));
             assert_eq!((r.src_port, r.dst_port), (80, 40000));
         }
+    }
+
+    #[test]
+    fn arp_learned_is_a_reply_from_the_guest_to_the_gateway() {
+        let guest = std::net::Ipv4Addr::new(198, 19, 0, 2);
+        let gateway = std::net::Ipv4Addr::new(198, 19, 0, 1);
+        let guest_mac = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        let gateway_mac = EthernetAddress([2, 0x76, 0x67, 0, 0, 1]);
+        let frame = arp_learned(guest, guest_mac, gateway, gateway_mac);
+        let eth = EthernetFrame::new_checked(&frame[..]).unwrap();
+        assert_eq!(eth.src_addr(), guest_mac);
+        assert_eq!(eth.dst_addr(), gateway_mac);
+        assert_eq!(eth.ethertype(), EthernetProtocol::Arp);
+        let arp = ArpRepr::parse(&ArpPacket::new_checked(eth.payload()).unwrap()).unwrap();
+        assert_eq!(
+            arp,
+            ArpRepr::EthernetIpv4 {
+                operation: ArpOperation::Reply,
+                source_hardware_addr: guest_mac,
+                source_protocol_addr: guest,
+                target_hardware_addr: gateway_mac,
+                target_protocol_addr: gateway,
+            }
+        );
     }
 }

@@ -247,6 +247,50 @@ fn hundred_mib_each_way_over_two_queue_pairs() {
     );
 }
 
+/// With two pairs, a connection's SYN may arrive on either; each pair's
+/// stack must reach the guest at once, without first having to learn its
+/// link address (the guest's answer to a pair's ARP or NDP query may go out
+/// on the other pair's queue). Every connect, from either vCPU and either
+/// family, completes well before the guest's first SYN retransmission.
+#[test]
+fn every_queue_pair_answers_the_first_syn() {
+    let world = World::new("mqsyn");
+    let daemon = Daemon::start(&world.ns, Some("[network]\nqueue-pairs = 2\n"));
+    let script = format!(
+        r#"
+dhcp
+wait_v6
+for i in 1 2 3; do
+  for cpu in 1 2; do
+    taskset $cpu vg-probe tcp-connect {HOST_V4}:80
+    taskset $cpu vg-probe tcp-connect [2001:db8::10]:80
+  done
+done
+"#
+    );
+    let mut opts = GuestOpts::new(&daemon.socket, &script);
+    opts.cpus = 2;
+    opts.queue_pairs = 2;
+    let console = boot(&opts);
+    let connects: Vec<&str> = console
+        .lines()
+        .filter(|l| l.starts_with("VG-CONNECT"))
+        .collect();
+    assert_eq!(connects.len(), 12, "{console}");
+    for line in connects {
+        let ms: u64 = line
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("ms="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u64::MAX);
+        assert!(
+            line.contains("result=connected") && ms < 900,
+            "{line}\n{console}\n{}",
+            daemon.log()
+        );
+    }
+}
+
 /// A counter's value in the last counters line of `log` (absent: zero).
 fn counter(log: &str, name: &str) -> u64 {
     let line = log

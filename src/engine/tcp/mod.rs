@@ -377,6 +377,7 @@ impl Flows {
                     true
                 } else {
                     flow.socket = Some(sockets.add(socket));
+                    tracing::debug!(src = %key.0, dst = %key.1, "upstream connected; SYN released");
                     effects.inject.push(std::mem::take(&mut flow.held_syn));
                     flow.last_active = now;
                     effects.progress = true;
@@ -407,6 +408,7 @@ impl Flows {
             Err(TryRecvError::Empty) => false,
         };
         if refused && let Some(flow) = self.flows.get(&key) {
+            tracing::debug!(src = %key.0, dst = %key.1, "held SYN refused");
             effects.refuse.push((key.0, key.1, flow.syn_seq));
             finished.push(key);
         }
