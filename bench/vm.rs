@@ -99,10 +99,14 @@ impl Variant {
 
     fn vg_config(&self) -> String {
         let base = std::env::var("BENCH_VG_CONFIG").unwrap_or_else(|_| BENCH_CONFIG.into());
-        format!(
-            "{base}\n[network]\nmtu = {}\nqueue-pairs = {}\n",
-            self.mtu, self.pairs
-        )
+        // queue-pairs only when needed: VG_BIN may name an older build
+        // without the key, for a before/after run.
+        let pairs = if self.pairs > 1 {
+            format!("queue-pairs = {}\n", self.pairs)
+        } else {
+            String::new()
+        };
+        format!("{base}\n[network]\nmtu = {}\n{pairs}", self.mtu)
     }
 }
 
