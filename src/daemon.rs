@@ -87,6 +87,17 @@ fn fix_mmap_threshold() {
 /// Runs the daemon until a signal ends it.
 pub fn run(socket_path: &Path, config: Config) -> Result<(), Error> {
     fix_mmap_threshold();
+    let needed = crate::proxy::fdlimit::needed(&config);
+    match crate::proxy::fdlimit::raise(needed) {
+        Ok(limit) if limit.soft < needed => tracing::warn!(
+            soft = limit.soft,
+            hard = limit.hard,
+            needed,
+            "the descriptor limit is below what the flow limits need: raise LimitNOFILE"
+        ),
+        Ok(limit) => tracing::debug!(soft = limit.soft, needed, "descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the descriptor limit"),
+    }
     let wiring = Wiring::build(config)?;
     let metrics = wiring.metrics().clone();
     let (listener, id) = bind(socket_path)?;
@@ -97,6 +108,11 @@ pub fn run(socket_path: &Path, config: Config) -> Result<(), Error> {
         let vmm = match listener.accept() {
             Ok((stream, _)) => stream,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // Out of descriptors is passing (flows close): wait, serve on.
+            Err(e) if crate::proxy::fdlimit::note(&e, "accepting a VMM", Some(&metrics)) => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
             Err(e) => return Err(Error::Accept(e)),
         };
         metrics.inc(Counter::vmm_connections);

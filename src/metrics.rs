@@ -86,6 +86,8 @@ counters! {
     tcp_over_limit,
     /// Upstream dials that failed or timed out.
     tcp_connect_failed,
+    /// Sockets not opened because the process ran out of descriptors.
+    fd_limit_hit,
     /// RSTs sent to the guest for refused SYNs.
     tcp_resets_sent,
     /// Flows reset after idling past the timeout.

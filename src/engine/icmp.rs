@@ -65,6 +65,7 @@ impl Sessions {
             }
             let opened = open(dst).and_then(|socket| self.table.open(ctx.io, key, socket, now));
             if let Err(e) = opened {
+                crate::proxy::fdlimit::note(&e, "opening a ping socket", Some(metrics));
                 tracing::debug!(%dst, error = %e, "cannot open ping socket");
                 metrics.inc(Counter::icmp_unavailable);
                 return;

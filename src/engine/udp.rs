@@ -54,6 +54,7 @@ impl Sessions {
             let opened = crate::proxy::udp::open(upstream)
                 .and_then(|socket| self.table.open(ctx.io, key, socket, now));
             if let Err(e) = opened {
+                crate::proxy::fdlimit::note(&e, "opening a UDP session", Some(metrics));
                 tracing::debug!(%dst, error = %e, "cannot open a UDP session");
                 metrics.inc(Counter::udp_send_failed);
                 return;

@@ -1,14 +1,16 @@
-//! The host side: tokio tasks that carry guest flows over real host sockets.
+//! The host side: real host sockets for guest flows, and the tokio tasks
+//! for what is slow by nature.
 //!
-//! One task per TCP flow, UDP session and ICMP echo session, spawned by the
-//! engine thread through a runtime [`tokio::runtime::Handle`] (spawning is
-//! synchronous, so the engine never awaits). Tasks and engine meet only in
-//! bounded channels: the engine uses `try_send`/`try_recv`, a task awaits, and
-//! every task message is followed by a [`Wake`] of the engine's eventfd. A full
-//! channel means the side that feeds it stops reading its source, which is how
-//! backpressure reaches the guest's TCP window or the host socket. Tasks never
-//! touch smoltcp.
+//! Dials of new TCP flows (the task hands the connected socket to the
+//! engine's thread and ends), published ports' listeners, and the host's
+//! address watcher run on the runtime; the engine spawns them through a
+//! [`tokio::runtime::Handle`] (spawning is synchronous, so the engine never
+//! awaits). UDP and ICMP sockets are opened here and owned by the engine.
+//! Tasks and engine meet in bounded channels, each message followed by a
+//! [`Wake`] of the engine's eventfd. The process's descriptor limit and
+//! running out of descriptors: [`fdlimit`].
 
+pub mod fdlimit;
 pub mod hostaddrs;
 pub mod icmp;
 pub mod publish;

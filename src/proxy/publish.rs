@@ -169,8 +169,15 @@ async fn accept_tcp(
     metrics: Arc<Metrics>,
 ) {
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // The connection stays queued while we are out of
+                // descriptors: retrying at once would spin.
+                super::fdlimit::note(&e, "accepting on a published port", Some(&metrics));
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         // The engine owns accepted connections; a socket tokio cannot give
         // up is closed like a refused one.

@@ -96,7 +96,10 @@ pub fn spawn_outbound(host: &Host, dst: SocketAddr, connect_timeout: Duration) -
                 Ok(stream) => FromHost::Connected(Some(stream)),
                 Err(e) => FromHost::Failed(e.kind()),
             },
-            Ok(Err(e)) => FromHost::Failed(e.kind()),
+            Ok(Err(e)) => {
+                super::fdlimit::note(&e, "dialling an upstream", None);
+                FromHost::Failed(e.kind())
+            }
             Err(_) => FromHost::Failed(io::ErrorKind::TimedOut),
         };
         // The engine may have dropped the flow meanwhile; nobody to tell.

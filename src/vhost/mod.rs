@@ -80,6 +80,30 @@ struct Pair {
 pub struct NetBackend {
     shared: Arc<Shared>,
     pairs: Vec<Mutex<Pair>>,
+    /// The read ends of the workers' exit eventfds. vhost-user-backend
+    /// 0.24 adds each to its worker's epoll through `into_raw_fd` and never
+    /// closes it: one descriptor lost per VMM connection (and per liveness
+    /// probe of the socket) unless we close them, which [`Drop`] does once
+    /// the workers and their epoll sets are gone (they hold this backend).
+    exit_consumers: Mutex<Vec<std::os::fd::RawFd>>,
+}
+
+impl Drop for NetBackend {
+    fn drop(&mut self) {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let fds = std::mem::take(
+            self.exit_consumers
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for fd in fds {
+            // SAFETY: `fd` is a read end we created in `exit_event`; the
+            // crate took it as a bare number and never closes it, and every
+            // worker handler that used it held this backend, so none is
+            // left. Closing it here is its one close.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
 }
 
 impl NetBackend {
@@ -107,7 +131,11 @@ impl NetBackend {
                 timer: nonblocking_timer().map_err(Error::CreateEvents)?,
             }));
         }
-        Ok(Self { shared, pairs })
+        Ok(Self {
+            shared,
+            pairs,
+            exit_consumers: Mutex::new(Vec::new()),
+        })
     }
 
     /// Adds pair `index`'s engine timer, host-side wake eventfd and epoll
@@ -288,7 +316,11 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+        use std::os::fd::AsRawFd;
+        let (consumer, notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        lock_consumers(&self.exit_consumers).push(consumer.as_raw_fd());
+        Some((consumer, notifier))
     }
 
     fn handle_event(
@@ -352,6 +384,13 @@ fn engines(
         .enumerate()
         .map(|(i, (host, io))| Engine::new(shared, guest.clone(), i, host, io))
         .collect()
+}
+
+fn lock_consumers(
+    m: &Mutex<Vec<std::os::fd::RawFd>>,
+) -> std::sync::MutexGuard<'_, Vec<std::os::fd::RawFd>> {
+    // A list of numbers stays valid whatever panicked while holding it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A monotonic timerfd that reads without blocking: an expiry seen by epoll

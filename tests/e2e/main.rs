@@ -454,3 +454,127 @@ fn json_logs_are_one_object_per_line() {
         assert!(v["fields"]["message"].is_string(), "{line}");
     }
 }
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+/// Waits until the daemon has logged `n` disconnects (its per-connection
+/// threads and descriptors are gone once the log line is written).
+fn wait_disconnects(daemon: &Daemon, n: usize) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while daemon.log().matches("VMM disconnected").count() < n {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A long-lived daemon serves a sandbox that reboots its VM over and over:
+/// after each VMM goes (cleanly or killed mid-session), and after a second
+/// daemon's liveness probe of the socket, the daemon's descriptors and
+/// threads are back to exactly what they were.
+#[test]
+fn reconnects_and_probes_leave_no_descriptors_or_threads() {
+    let daemon = Daemon::start_with(None, None, &[]);
+    let pid = daemon.pid();
+    // The first session builds what lives for the daemon's whole life.
+    let mut vmm = Vmm::qemu_start(&daemon.socket, true);
+    exercise_gateway(&mut vmm);
+    drop(vmm);
+    wait_disconnects(&daemon, 1);
+    std::thread::sleep(Duration::from_millis(200));
+    let (fds, tasks) = (open_fds(pid), threads(pid));
+    for i in 0..30 {
+        let mut vmm = Vmm::qemu_start(&daemon.socket, i % 2 == 0);
+        if i % 3 == 0 {
+            exercise_gateway(&mut vmm);
+        }
+        drop(vmm);
+        wait_disconnects(&daemon, i + 2);
+    }
+    for _ in 0..5 {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-gateway"))
+            .arg("--socket-path")
+            .arg(&daemon.socket)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        (open_fds(pid), threads(pid)),
+        (fds, tasks),
+        "descriptors and threads after 30 sessions and 5 probes (baseline first)"
+    );
+    // And the next VMM is still served.
+    let mut vmm = Vmm::qemu_start(&daemon.socket, true);
+    exercise_gateway(&mut vmm);
+}
+
+/// A UDP datagram from the guest to the gateway's `dst_port`.
+fn udp_to_gateway(src_port: u16, dst_port: u16) -> Vec<u8> {
+    let payload = b"ping";
+    let udp = UdpRepr { src_port, dst_port };
+    let ip = Ipv4Repr {
+        src_addr: GUEST,
+        dst_addr: GW,
+        next_header: IpProtocol::Udp,
+        payload_len: 8 + payload.len(),
+        hop_limit: 64,
+    };
+    let mut frame = ethernet(
+        GW_MAC,
+        EthernetProtocol::Ipv4,
+        ip.buffer_len() + 8 + payload.len(),
+    );
+    let caps = ChecksumCapabilities::default();
+    let mut packet = Ipv4Packet::new_unchecked(&mut frame[14..]);
+    ip.emit(&mut packet, &caps);
+    let mut u = UdpPacket::new_unchecked(packet.payload_mut());
+    udp.emit(
+        &mut u,
+        &GUEST.into(),
+        &GW.into(),
+        payload.len(),
+        |b| b.copy_from_slice(payload),
+        &caps,
+    );
+    frame
+}
+
+/// Under a descriptor limit below what the config's flow limits need, the
+/// daemon says so at start, and when sockets then fail for want of
+/// descriptors it logs why and counts it, and keeps serving the guest.
+#[test]
+fn running_out_of_descriptors_is_logged_and_counted() {
+    let config = "[outbound]\nallow-host-loopback = true\n\
+                  [[policy.rule]]\naction = \"allow\"\ndestination = \"group:host\"\n";
+    let daemon = Daemon::start_wrapped(Some(config), &["prlimit", "--nofile=64:64"]);
+    assert!(
+        daemon.wait_log("descriptor limit is below", WAIT),
+        "{}",
+        daemon.log()
+    );
+    let mut vmm = Vmm::qemu_start(&daemon.socket, true);
+    vmm.post_rx(64);
+    // Each datagram from a new source port opens a session socket.
+    for i in 0..100 {
+        vmm.send_frame(&udp_to_gateway(40_000 + i, 9));
+    }
+    assert!(
+        daemon.wait_log("out of file descriptors", WAIT),
+        "{}",
+        daemon.log()
+    );
+    exercise_gateway(&mut vmm);
+    daemon.signal("USR1");
+    assert!(daemon.wait_log("fd_limit_hit=", WAIT), "{}", daemon.log());
+}
