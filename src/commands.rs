@@ -59,7 +59,7 @@ fn ca_generate(out: &Path, name: &str, days: u32) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("vhost-gateway: {e}");
+            eprintln!("vhost-gateway: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -71,7 +71,7 @@ fn check_config(file: &Path) -> ExitCode {
             if c.tls.enabled {
                 crate::tls::install_provider();
                 if let Err(e) = crate::tls::intercept::Interceptor::new(&c.tls) {
-                    eprintln!("{}: tls: {e}", file.display());
+                    eprintln!("{}: tls: {}", file.display(), error_chain(&e));
                     return ExitCode::FAILURE;
                 }
             }

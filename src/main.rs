@@ -43,8 +43,9 @@ fn main() -> ExitCode {
     match vhost_gateway::daemon::run(&socket_path, config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // Logging goes to stderr already: one line, not two (under
+            // systemd both would land in the journal).
             tracing::error!(error = %error_chain(&e), "stopped");
-            eprintln!("vhost-gateway: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -88,7 +88,9 @@ impl Dns {
 
 /// (line number, name) of each entry of a block-list file: one name per
 /// line, or hosts-file lines (`0.0.0.0 name [name...]`), `#` comments;
-/// hosts files' own names (localhost and friends) are skipped.
+/// hosts files' own names (localhost and friends) are skipped. A line of
+/// several words that does not start with an address is neither format:
+/// it comes back whole, to be reported rather than read as several names.
 pub(super) fn block_file_entries(text: &str) -> Vec<(usize, &str)> {
     const HOSTS_OWN: &[&str] = &[
         "localhost",
@@ -112,6 +114,10 @@ pub(super) fn block_file_entries(text: &str) -> Vec<(usize, &str)> {
             .is_some_and(|w| w.parse::<std::net::IpAddr>().is_ok())
         {
             words.next();
+        } else if line.split_whitespace().nth(1).is_some() {
+            // Not a name (names have no spaces): the grammar check reports it.
+            out.push((i + 1, line));
+            continue;
         }
         for name in words {
             if !HOSTS_OWN.contains(&name) {

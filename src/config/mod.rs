@@ -170,19 +170,44 @@ impl Config {
         })?;
         let mut config = Self::from_toml(&text)?;
         let mut problems = Vec::new();
+        let key_line = locate_key(&text, "dns.block-files");
         for file in config.dns.block_files.clone() {
-            let list = std::fs::read_to_string(&file).map_err(|source| Error::Read {
-                path: file.display().to_string(),
-                source,
-            })?;
+            let list = match std::fs::read_to_string(&file) {
+                Ok(list) => list,
+                Err(e) => {
+                    problems.push(Problem {
+                        key: "dns.block-files".into(),
+                        line: key_line,
+                        message: format!("cannot read {}: {e}", file.display()),
+                    });
+                    continue;
+                }
+            };
             for (line, name) in dns::block_file_entries(&list) {
                 match crate::names::Pattern::parse(name).map(drop) {
                     Ok(()) => config.dns.block.push(name.to_owned()),
                     Err(e) => problems.push(Problem {
                         key: "dns.block-files".into(),
-                        line: None,
+                        line: key_line,
                         message: format!("{}:{line}: {name:?}: {e}", file.display()),
                     }),
+                }
+            }
+        }
+        if config.tls.enabled {
+            for (key, path) in [
+                ("tls.ca-cert", &config.tls.ca_cert),
+                ("tls.ca-key", &config.tls.ca_key),
+            ] {
+                if let Some(Err(e)) = path.as_ref().map(std::fs::File::open) {
+                    let path = path
+                        .as_ref()
+                        .map_or(String::new(), |p| p.display().to_string());
+                    problems.push(Problem {
+                        key: key.into(),
+                        line: locate_key(&text, key),
+                        message: format!("cannot read {path}: {e}"),
+                    });
                 }
             }
         }
@@ -307,6 +332,10 @@ mod tests {
                 "[network]\ndomain-search = [\"bad..name\"]\n",
                 "network.domain-search",
             ),
+            (
+                "[network]\nipv6-gateway = \"fd76:6761:7465::\"\n",
+                "network.ipv6-gateway",
+            ),
             ("[tls]\nports = [443, 853]\n", "tls.ports"),
             ("[tls]\nleaf-validity-days = 0\n", "tls.leaf-validity-days"),
             ("[tls]\nmax-cached-certs = 0\n", "tls.max-cached-certs"),
@@ -322,6 +351,73 @@ mod tests {
             };
             assert!(
                 problems.iter().any(|p| p.key == *key && p.line == Some(2)),
+                "{text:?}: {problems:?}"
+            );
+        }
+    }
+
+    /// The guest's IPv6 prefix must be one SLAAC can live in: every prefix
+    /// that is, holds or lies in loopback, unspecified, link-local,
+    /// multicast, metadata, or that is outside global unicast and unique
+    /// local, or embeds IPv4, is refused, however it is spelled; and the
+    /// same for the IPv4 subnet.
+    #[test]
+    fn guest_prefixes_that_cannot_be_a_link_are_refused() {
+        let bad_v6 = [
+            ("fe80::", "fe80::1"),
+            ("FE80:0000::", "fe80::1"),
+            ("febf:ffff:ffff:ffff::", "febf:ffff:ffff:ffff::1"),
+            ("::", "::1"),
+            ("::", "::2"),
+            ("0:0:0:0::", "::1"),
+            ("ff02::", "ff02::1"),
+            ("fd00:ec2::", "fd00:ec2::1"),
+            ("64:ff9b::", "64:ff9b::1"),
+            ("2002:c000:201::", "2002:c000:201::1"),
+            ("2001::", "2001::1"),
+            ("100::", "100::1"),
+            ("fec0::", "fec0::1"),
+        ];
+        for (prefix, gateway) in bad_v6 {
+            let text =
+                format!("[network]\nipv6-prefix = \"{prefix}/64\"\nipv6-gateway = \"{gateway}\"\n");
+            let Err(Error::Invalid(problems)) = Config::from_toml(&text) else {
+                panic!("{text:?} should be rejected")
+            };
+            assert!(
+                problems.iter().any(|p| p.key == "network.ipv6-prefix"),
+                "{text:?}: {problems:?}"
+            );
+        }
+        for (prefix, gateway) in [
+            ("fd76:6761:7465::", "fd76:6761:7465::1"),
+            ("2001:db8:1::", "2001:db8:1::1"),
+            ("2a00:1450:1::", "2a00:1450:1::53"),
+        ] {
+            let text =
+                format!("[network]\nipv6-prefix = \"{prefix}/64\"\nipv6-gateway = \"{gateway}\"\n");
+            assert!(Config::from_toml(&text).is_ok(), "{text:?}");
+        }
+        for (gateway, guest, len) in [
+            ("169.254.0.1", "169.254.0.2", 24),
+            ("169.254.169.1", "169.254.169.2", 24),
+            ("127.0.0.2", "127.0.0.3", 24),
+            ("0.1.0.1", "0.1.0.2", 24),
+            ("10.0.0.1", "10.0.0.2", 8),
+        ] {
+            let text = format!(
+                "[network]\nipv4-gateway = \"{gateway}\"\nipv4-guest = \"{guest}\"\nipv4-prefix-len = {len}\n"
+            );
+            let verdict = Config::from_toml(&text);
+            if gateway.starts_with("10.") {
+                assert!(verdict.is_ok(), "{text:?}: {verdict:?}");
+                continue;
+            }
+            let Err(Error::Invalid(problems)) = verdict else {
+                panic!("{text:?} should be rejected")
+            };
+            assert!(
+                problems.iter().any(|p| p.key == "network.ipv4-gateway"),
                 "{text:?}: {problems:?}"
             );
         }
@@ -371,9 +467,60 @@ mod tests {
             panic!("bad entry accepted")
         };
         assert!(problems[0].message.contains("list.txt:2"), "{problems:?}");
+        // A line of several words without an address is one bad entry,
+        // not three names.
+        std::fs::write(&list, "good.test\nbad name here\n").unwrap();
+        let Err(Error::Invalid(problems)) = Config::load(&cfg) else {
+            panic!("a line of three words was accepted")
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].message.contains("list.txt:2")
+                && problems[0].message.contains("bad name here")
+                && problems[0].key == "dns.block-files"
+                && problems[0].line == Some(2),
+            "{problems:?}"
+        );
+        // A missing file names the key and its line.
+        let missing = dir.join("missing.txt");
+        std::fs::write(&cfg, format!("[dns]\nblock-files = [{missing:?}]\n")).unwrap();
+        let Err(Error::Invalid(problems)) = Config::load(&cfg) else {
+            panic!("a missing block file was accepted")
+        };
+        assert!(
+            problems[0].key == "dns.block-files"
+                && problems[0].line == Some(2)
+                && problems[0].message.contains("missing.txt"),
+            "{problems:?}"
+        );
+        std::fs::write(&cfg, format!("[dns]\nblock-files = [{:?}]\n", list)).unwrap();
         std::fs::write(&list, "good.test\n").unwrap();
         let c = Config::load(&cfg).unwrap();
         assert_eq!(c.dns.block, vec!["good.test".to_owned()]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn missing_ca_files_name_their_key_and_line() {
+        let dir = std::env::temp_dir().join(format!("vg-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("c.toml");
+        std::fs::write(
+            &cfg,
+            "[tls]\nenabled = true\nca-cert = \"/nonexistent/ca.pem\"\nca-key = \"/nonexistent/ca.key\"\n",
+        )
+        .unwrap();
+        let Err(Error::Invalid(problems)) = Config::load(&cfg) else {
+            panic!("missing CA files accepted")
+        };
+        let found: Vec<(&str, Option<usize>)> =
+            problems.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert_eq!(
+            found,
+            vec![("tls.ca-cert", Some(3)), ("tls.ca-key", Some(4))],
+            "{problems:?}"
+        );
+        assert!(problems[0].message.contains("/nonexistent/ca.pem"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

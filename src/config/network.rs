@@ -2,7 +2,7 @@
 //! invariants the engine relies on for them.
 #![forbid(unsafe_code)]
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::Deserialize;
 
@@ -174,8 +174,23 @@ impl Network {
                     format!("{} is not inside {}", self.ipv6_gateway, self.ipv6_prefix),
                 );
             }
+            let net = IpAddr::V6(self.ipv6_prefix.addr);
+            if let Some(why) = crate::policy::addr::subnet_conflict(net, self.ipv6_prefix.len) {
+                bad(
+                    "ipv6-prefix",
+                    format!("{} cannot be the guest's prefix: {why}", self.ipv6_prefix),
+                );
+            }
             if self.ipv6_gateway.is_multicast() || self.ipv6_gateway.is_unspecified() {
                 bad("ipv6-gateway", "must be a unicast address".into());
+            } else if u128::from(self.ipv6_gateway) & u128::from(u64::MAX) == 0 {
+                bad(
+                    "ipv6-gateway",
+                    format!(
+                        "{} has an all-zero interface ID (the subnet-router anycast address)",
+                        self.ipv6_gateway
+                    ),
+                );
             }
         }
         if self.dns_ipv4.len() > 3 {
@@ -229,6 +244,16 @@ impl Network {
                     format!("{addr} is the network or broadcast address of its subnet"),
                 );
             }
+        }
+        let net = IpAddr::V4(Ipv4Addr::from(self.ipv4_network(self.ipv4_gateway)));
+        if let Some(why) = crate::policy::addr::subnet_conflict(net, self.ipv4_prefix_len) {
+            bad(
+                "ipv4-gateway",
+                format!(
+                    "subnet {net}/{} cannot be the guest's link: {why}",
+                    self.ipv4_prefix_len
+                ),
+            );
         }
         if self.ipv4_network(self.ipv4_gateway) != self.ipv4_network(self.ipv4_guest) {
             bad(

@@ -370,6 +370,41 @@ pub fn reaches_local_host(ip: IpAddr) -> bool {
         .any(|f| matches!(special_group(*f).0, Group::Loopback | Group::Host))
 }
 
+/// Why the subnet `net/len` cannot be the guest's link, or None: it holds
+/// (or lies inside) a range that is the host itself, loopback, link-local,
+/// cloud metadata or multicast; for IPv6 it must also be global unicast
+/// (2000::/3) or unique local (fc00::/7) and not embed IPv4 (6to4, Teredo
+/// and the like), since SLAAC addresses are made inside it. Every special
+/// range is compared by overlap, so no spelling of the prefix slips by.
+pub fn subnet_conflict(net: IpAddr, len: u8) -> Option<&'static str> {
+    use super::rule::in_prefix;
+    let conflicting = SPECIAL.iter().find(|(range, range_len, group, _)| {
+        matches!(
+            group,
+            Group::Host | Group::Loopback | Group::LinkLocal | Group::Metadata | Group::Multicast
+        ) && in_prefix(net, *range, (*range_len).min(len))
+    });
+    if let Some((_, _, _, why)) = conflicting {
+        return Some(why);
+    }
+    if let IpAddr::V6(v6) = net {
+        let any = IpAddr::V6(Ipv6Addr::from(u128::from(v6) | 1));
+        let global = in_prefix(net, v6_net(0x2000), 3.min(len));
+        let unique_local = in_prefix(net, v6_net(0xfc00), 7.min(len));
+        if !((global && len >= 3) || (unique_local && len >= 7)) {
+            return Some("neither global unicast (2000::/3) nor unique local (fc00::/7)");
+        }
+        if forms(any).is_embedding(any) {
+            return Some("addresses in it embed IPv4 (6to4, Teredo, ...)");
+        }
+    }
+    None
+}
+
+fn v6_net(first: u16) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(first, 0, 0, 0, 0, 0, 0, 0))
+}
+
 /// The metadata addresses, for callers that name them.
 pub const METADATA: [IpAddr; 2] = [IpAddr::V4(METADATA_V4), IpAddr::V6(METADATA_V6)];
 

@@ -23,8 +23,9 @@ use rustls::sign::CertifiedKey;
 /// Errors loading or using the CA.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    /// A file could not be read or written (the cause is the source, so
+    /// an error chain names it once).
+    #[error("{path}")]
     Io {
         /// The file.
         path: String,
