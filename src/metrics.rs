@@ -82,8 +82,11 @@ counters! {
     tcp_inbound,
     /// SYNs refused because the destination is not allowed.
     tcp_denied,
-    /// SYNs refused at max-connections.
+    /// SYNs refused at max-connections (every flow established).
     tcp_over_limit,
+    /// Dialling flows reset at max-connections to make room for a new SYN
+    /// (the oldest first), so a SYN flood cannot lock new flows out.
+    tcp_dial_evicted,
     /// Upstream dials that failed or timed out.
     tcp_connect_failed,
     /// Sockets not opened because the process ran out of descriptors.

@@ -333,6 +333,18 @@ fn counter_for(drop: virtio::Drop) -> Counter {
     }
 }
 
+/// Copies a frame that is not in the TX ring (handed over by another pair,
+/// or injected) into the buffer smoltcp reads guest frames from; the
+/// buffer is grown, never shrunk (see `virtio::read_tx_chain`).
+fn stage(buf: &mut Vec<u8>, frame: &[u8]) -> Option<std::ops::Range<usize>> {
+    if buf.len() < frame.len() {
+        buf.resize(frame.len(), 0);
+    }
+    let range = 0..frame.len();
+    buf.get_mut(range.clone())?.copy_from_slice(frame);
+    Some(range)
+}
+
 /// The transmit token over a [`Device`]'s fields, borrowed one by one so a
 /// receive token can borrow `from_guest` beside it.
 macro_rules! tx_token {
@@ -371,26 +383,11 @@ impl<M: GuestMemory> Device<'_, M> {
             };
             self.budget -= 1;
             if !self.gateway.intercept(&frame, self.now, true) {
-                if self.from_guest.len() < frame.len() {
-                    self.from_guest.resize(frame.len(), 0);
-                }
-                let range = 0..frame.len();
-                self.from_guest
-                    .get_mut(range.clone())?
-                    .copy_from_slice(&frame);
-                return Some(range);
+                return stage(self.from_guest, &frame);
             }
         }
         if let Some(frame) = self.gateway.inject.pop_front() {
-            // Grown, never shrunk (see `virtio::read_tx_chain`).
-            if self.from_guest.len() < frame.len() {
-                self.from_guest.resize(frame.len(), 0);
-            }
-            let range = 0..frame.len();
-            self.from_guest
-                .get_mut(range.clone())?
-                .copy_from_slice(&frame);
-            return Some(range);
+            return stage(self.from_guest, &frame);
         }
         loop {
             if self.budget == 0 {

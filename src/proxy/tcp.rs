@@ -90,7 +90,13 @@ pub fn spawn_outbound(host: &Host, dst: SocketAddr, connect_timeout: Duration) -
     let (channels, _rx, tx) = pair();
     let host = host.clone();
     host.runtime.clone().spawn(async move {
-        let dialled = tokio::time::timeout(connect_timeout, host.upstream.connect(dst)).await;
+        let dial = tokio::time::timeout(connect_timeout, host.upstream.connect(dst));
+        // A flow the engine dropped (reset, evicted, guest gone) ends its
+        // dial at once: the half-open socket must not outlive it.
+        let dialled = tokio::select! {
+            dialled = dial => dialled,
+            () = tx.closed() => return,
+        };
         let message = match dialled {
             Ok(Ok(stream)) => match stream.into_std() {
                 Ok(stream) => FromHost::Connected(Some(stream)),

@@ -578,3 +578,131 @@ fn running_out_of_descriptors_is_logged_and_counted() {
     daemon.signal("USR1");
     assert!(daemon.wait_log("fd_limit_hit=", WAIT), "{}", daemon.log());
 }
+
+/// A TCP SYN from the guest (`src_port`) to `dst`, checksums filled.
+fn syn_to(dst: std::net::SocketAddrV4, src_port: u16) -> Vec<u8> {
+    use smoltcp::wire::{TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
+    let tcp = TcpRepr {
+        src_port,
+        dst_port: dst.port(),
+        control: TcpControl::Syn,
+        seq_number: TcpSeqNumber(1000),
+        ack_number: None,
+        window_len: 64_240,
+        window_scale: None,
+        max_seg_size: Some(1460),
+        sack_permitted: false,
+        sack_ranges: [None, None, None],
+        timestamp: None,
+        payload: &[],
+    };
+    let ip = Ipv4Repr {
+        src_addr: GUEST,
+        dst_addr: *dst.ip(),
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp.buffer_len(),
+        hop_limit: 64,
+    };
+    let mut frame = ethernet(
+        GW_MAC,
+        EthernetProtocol::Ipv4,
+        ip.buffer_len() + tcp.buffer_len(),
+    );
+    let caps = ChecksumCapabilities::default();
+    let mut packet = Ipv4Packet::new_unchecked(&mut frame[14..]);
+    ip.emit(&mut packet, &caps);
+    tcp.emit(
+        &mut TcpPacket::new_unchecked(packet.payload_mut()),
+        &GUEST.into(),
+        &(*dst.ip()).into(),
+        &caps,
+    );
+    frame
+}
+
+/// Whether a frame for the guest is a SYN-ACK from `from` to `to_port`.
+fn is_syn_ack(frame: &[u8], from: std::net::SocketAddrV4, to_port: u16) -> bool {
+    use smoltcp::wire::TcpPacket;
+    let Ok(eth) = EthernetFrame::new_checked(frame) else {
+        return false;
+    };
+    let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+        return false;
+    };
+    let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
+        return false;
+    };
+    ip.src_addr() == *from.ip()
+        && tcp.src_port() == from.port()
+        && tcp.dst_port() == to_port
+        && tcp.syn()
+        && tcp.ack()
+}
+
+/// A flood of SYNs to distinct silent destinations (each dial waits for
+/// the connect timeout) fills max-connections; a connection the guest
+/// opens during the flood is still answered at once, since dialling flows
+/// give way to new SYNs, oldest first, and their dials end with them (the
+/// daemon's descriptors stay bounded). Runs inside a namespace: the silent
+/// destinations are on its uplink's subnet, where nothing answers ARP.
+#[test]
+fn a_syn_flood_does_not_lock_new_connections_out() {
+    let ns = kit::Netns::new("synflood");
+    let listener = ns.enter(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let config = "[tcp]\nmax-connections = 64\n\
+                  [outbound]\nallow-host-loopback = true\n\
+                  [policy]\npreset = \"allow-all\"\n\
+                  [[policy.rule]]\naction = \"allow\"\ndestination = \"group:host\"\n";
+    let daemon = Daemon::start(&ns, Some(config));
+    let pid = daemon.pid();
+    let mut vmm = Vmm::qemu_start(&daemon.socket, true);
+    vmm.post_rx(256);
+    for i in 0..2_000u16 {
+        let dst = std::net::SocketAddrV4::new(
+            Ipv4Addr::new(198, 51, 100, 10 + u8::try_from(i % 200).unwrap()),
+            1000 + i / 200,
+        );
+        // Two descriptors a frame on a 256-entry ring; the evicted flows'
+        // resets come back and need RX buffers.
+        while vmm.tx_inflight() >= 100 {
+            vmm.recv_frames();
+            let used = vmm.rx_consumed();
+            vmm.post_rx(used);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        vmm.send_frame(&syn_to(dst, 20_000 + i));
+    }
+    vmm.recv_frames();
+    let used = vmm.rx_consumed();
+    vmm.post_rx(used);
+    let probe = std::net::SocketAddrV4::new(GW, port);
+    let start = std::time::Instant::now();
+    vmm.send_frame(&syn_to(probe, 40_000));
+    // The flood's resets are still coming back: keep RX buffers posted.
+    let deadline = start + Duration::from_secs(1);
+    let mut answered = false;
+    while !answered && std::time::Instant::now() < deadline {
+        answered = vmm
+            .recv_frames()
+            .iter()
+            .any(|f| is_syn_ack(f, probe, 40_000));
+        let used = vmm.rx_consumed();
+        vmm.post_rx(used);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        answered,
+        "no SYN-ACK within 1 s during the flood\n{}",
+        daemon.log()
+    );
+    let fds = open_fds(pid);
+    assert!(fds < 64 + 64, "{fds} descriptors open for 64 flows");
+    daemon.signal("USR1");
+    assert!(
+        daemon.wait_log("tcp_dial_evicted=", WAIT),
+        "{}",
+        daemon.log()
+    );
+    eprintln!("probe answered in {:?}, {fds} fds", start.elapsed());
+}
