@@ -63,6 +63,18 @@ enum ConnectionError {
     Session(vhost_user_backend::Error),
 }
 
+/// Sets `no_new_privs` on the main thread before any other thread exists,
+/// so every thread inherits it: nothing the daemon ever runs can gain
+/// privileges through setuid/setgid or file capabilities. The systemd unit
+/// sets it too; this holds wherever the daemon is started.
+fn set_no_new_privs() {
+    // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integer arguments only.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    if rc != 0 {
+        tracing::warn!(error = %io::Error::last_os_error(), "cannot set no_new_privs");
+    }
+}
+
 /// Pins glibc's mmap threshold at its default, 128 KiB, which also turns
 /// off its dynamic raising. Every flow allocates its socket buffers (by
 /// default 1 MiB each way) zeroed, and only the pages that data touches
@@ -86,6 +98,7 @@ fn fix_mmap_threshold() {
 
 /// Runs the daemon until a signal ends it.
 pub fn run(socket_path: &Path, config: Config) -> Result<(), Error> {
+    set_no_new_privs();
     fix_mmap_threshold();
     let needed = crate::proxy::fdlimit::needed(&config);
     match crate::proxy::fdlimit::raise(needed) {

@@ -84,8 +84,9 @@ counters! {
     tcp_denied,
     /// SYNs refused at max-connections (every flow established).
     tcp_over_limit,
-    /// Dialling flows reset at max-connections to make room for a new SYN
-    /// (the oldest first), so a SYN flood cannot lock new flows out.
+    /// Dialling flows dropped at max-connections to make room for a new
+    /// SYN (the oldest first, no reset: the client's retransmission gets a
+    /// new chance), so a SYN flood cannot lock new flows out.
     tcp_dial_evicted,
     /// Upstream dials that failed or timed out.
     tcp_connect_failed,

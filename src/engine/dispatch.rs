@@ -349,10 +349,6 @@ impl Gateway {
         let ctx = Ctx::new(&self.host, &self.io, &self.metrics, &self.setup, now);
         match self.tcp.on_syn(&ctx, frame, (src, dst), seq, opener, gate) {
             tcp::Syn::Held => true,
-            tcp::Syn::HeldEvicting((guest, remote, old_seq)) => {
-                self.refuse(guest, remote, old_seq);
-                true
-            }
             tcp::Syn::Pass => false,
             tcp::Syn::Refuse => {
                 self.refuse(src, dst, seq);

@@ -384,6 +384,21 @@ fn ready_notification_and_clean_sigterm() {
     assert!(!daemon.socket.exists());
 }
 
+/// The running daemon can gain no privileges (no_new_privs is set on
+/// every thread before any other starts).
+#[test]
+fn daemon_runs_with_no_new_privs() {
+    let daemon = Daemon::start_with(None, None, &[]);
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", daemon.pid())).unwrap();
+    let mut seen = 0;
+    for task in tasks {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+        seen += 1;
+    }
+    assert!(seen > 1, "threads: {seen}");
+}
+
 #[test]
 fn live_socket_is_refused() {
     let daemon = Daemon::start_with(None, None, &[]);

@@ -86,9 +86,6 @@ pub enum Opener {
 pub enum Syn {
     /// Taken: held for a new flow, or a retransmission of a held one.
     Held,
-    /// Held, in the place of a dialling flow (guest end, other end, its
-    /// SYN's sequence) that was dropped for it and must be reset.
-    HeldEvicting((SocketAddr, SocketAddr, u32)),
     /// The flow has a socket: let smoltcp see it.
     Pass,
     /// Refused: answer with a RST.
@@ -204,23 +201,25 @@ impl Flows {
         let Some(opener) = opener else {
             return Syn::Refuse;
         };
-        let mut evicted = None;
         if self.flows.len() >= self.config.max_connections {
             // Flows still dialling (a flood's SYNs to silent destinations
             // sit here for the whole connect timeout) give way to new ones,
-            // oldest first; established flows never do.
+            // oldest first; established flows never do. The evicted flow is
+            // dropped without a reset, as if its SYN had been lost: a real
+            // client retransmits and gets a new chance, and a flood's
+            // resets would only crowd the guest's RX queue ahead of the
+            // frames that matter.
             let oldest = self
                 .flows
                 .iter()
                 .filter(|(_, f)| f.socket.is_none())
                 .min_by_key(|(_, f)| f.last_active)
                 .map(|(k, _)| *k);
-            let Some(old) = oldest.and_then(|k| self.flows.remove(&k).map(|f| (k, f))) else {
+            if oldest.and_then(|k| self.flows.remove(&k)).is_none() {
                 metrics.inc(Counter::tcp_over_limit);
                 return Syn::Refuse;
-            };
+            }
             metrics.inc(Counter::tcp_dial_evicted);
-            evicted = Some((old.0.0, old.0.1, old.1.syn_seq));
         }
         let timeout = Duration::from_millis(self.config.connect_timeout_ms);
         let channels = match opener {
@@ -233,10 +232,7 @@ impl Flows {
         flow.held_syn = frame.to_vec();
         flow.syn_seq = seq;
         self.flows.insert((src, dst), flow);
-        match evicted {
-            Some(old) => Syn::HeldEvicting(old),
-            None => Syn::Held,
-        }
+        Syn::Held
     }
 
     /// Opens a connection from the gateway (`local_ip`, an ephemeral port)

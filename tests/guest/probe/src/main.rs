@@ -15,7 +15,8 @@ fn usage() -> ! {
          | tcp-hold ADDR SECS | dns ADDR NAME udp|tcp \
          | tls-hello ADDR SNI | https-get ADDR SNI CAFILE PATH [HOST] \
          | dot ADDR SNI CAFILE NAME | https-crr ADDR SNI CAFILE N \
-         | tcp-script ADDR HEX[,HEX...] | raw-syn IFACE GWMAC SRCIP DSTIP PORT"
+         | tcp-script ADDR HEX[,HEX...] | raw-syn IFACE GWMAC SRCIP DSTIP PORT \
+         | syn-flood IFACE GWMAC SRCIP COUNT"
     );
     std::process::exit(2)
 }
@@ -69,6 +70,12 @@ fn main() {
             &arg::<String>(&args, 4),
         ),
         Some("tcp-script") => tcp_script(arg(&args, 2), &arg::<String>(&args, 3)),
+        Some("syn-flood") => syn_flood(
+            &arg::<String>(&args, 2),
+            &arg::<String>(&args, 3),
+            arg(&args, 4),
+            arg(&args, 5),
+        ),
         Some("raw-syn") => raw_syn(
             &arg::<String>(&args, 2),
             &arg::<String>(&args, 3),
@@ -130,26 +137,17 @@ fn tcp_script(addr: SocketAddr, parts: &str) {
     );
 }
 
-/// Sends one TCP SYN to DSTIP:PORT as a raw Ethernet frame out of IFACE
-/// (to the gateway's MAC), for destinations the guest's own stack would
-/// never put on the wire (127.0.0.1, ::ffff:127.0.0.1, ...), and reports
-/// the gateway's answer: synack, rst or none.
-fn raw_syn(iface: &str, gw_mac: &str, src: std::net::IpAddr, dst: std::net::IpAddr, port: u16) {
+/// An Ethernet frame carrying a TCP SYN from `src`:`sport` to
+/// `dst`:`port`, from `own_mac` to `gw`, checksums filled.
+fn syn_frame(
+    own_mac: [u8; 6],
+    gw: [u8; 6],
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    sport: u16,
+    port: u16,
+) -> Vec<u8> {
     use std::net::IpAddr;
-    let mac_of = |text: &str| -> [u8; 6] {
-        let mut m = [0u8; 6];
-        for (i, part) in text.split(':').enumerate().take(6) {
-            m[i] = u8::from_str_radix(part, 16).unwrap_or_else(|_| usage());
-        }
-        m
-    };
-    let own_mac = mac_of(
-        std::fs::read_to_string(format!("/sys/class/net/{iface}/address"))
-            .unwrap_or_default()
-            .trim(),
-    );
-    let gw = mac_of(gw_mac);
-    let sport: u16 = 40000 + (std::process::id() % 20000) as u16;
     let mut tcp = vec![0u8; 20];
     tcp[0..2].copy_from_slice(&sport.to_be_bytes());
     tcp[2..4].copy_from_slice(&port.to_be_bytes());
@@ -203,6 +201,77 @@ fn raw_syn(iface: &str, gw_mac: &str, src: std::net::IpAddr, dst: std::net::IpAd
     frame.extend_from_slice(&own_mac);
     frame.extend_from_slice(&ethertype.to_be_bytes());
     frame.extend_from_slice(&ip);
+    frame
+}
+
+/// Sends one TCP SYN to DSTIP:PORT as a raw Ethernet frame out of IFACE
+/// (to the gateway's MAC), for destinations the guest's own stack would
+/// never put on the wire (127.0.0.1, ::ffff:127.0.0.1, ...), and reports
+/// the gateway's answer: synack, rst or none.
+fn mac_of(text: &str) -> [u8; 6] {
+    let mut m = [0u8; 6];
+    for (i, part) in text.split(':').enumerate().take(6) {
+        m[i] = u8::from_str_radix(part, 16).unwrap_or_else(|_| usage());
+    }
+    m
+}
+
+fn iface_mac(iface: &str) -> [u8; 6] {
+    mac_of(
+        std::fs::read_to_string(format!("/sys/class/net/{iface}/address"))
+            .unwrap_or_default()
+            .trim(),
+    )
+}
+
+/// Sends COUNT TCP SYNs as fast as the link takes them, each to a distinct
+/// destination in 198.51.100.10-249 (port 1000 up) from a distinct source
+/// port, as raw frames out of IFACE to the gateway's MAC; prints how many
+/// went out and how long it took.
+fn syn_flood(iface: &str, gw_mac: &str, src: std::net::IpAddr, count: u32) {
+    let own_mac = iface_mac(iface);
+    let gw = mac_of(gw_mac);
+    let t = Instant::now();
+    let mut sent = 0u32;
+    // SAFETY: plain socket syscalls on a fresh AF_PACKET socket; every
+    // buffer passed is live and sized as told.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from((libc::ETH_P_ALL as u16).to_be()));
+        if fd < 0 {
+            println!("VG-FLOOD sent=0 error=nosocket");
+            return;
+        }
+        let name = std::ffi::CString::new(iface).unwrap_or_default();
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&gw);
+        for i in 0..count {
+            let dst = std::net::Ipv4Addr::new(198, 51, 100, 10 + (i % 240) as u8);
+            let port = 1000 + (i / 240) as u16;
+            let sport = 1024 + (i % 60000) as u16;
+            let frame = syn_frame(own_mac, gw, src, dst.into(), sport, port);
+            // A full device queue (ENOBUFS): give the link a moment, retry.
+            for _ in 0..100 {
+                let n = libc::sendto(fd, frame.as_ptr() as *const libc::c_void, frame.len(), 0, &addr as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32);
+                if n > 0 {
+                    sent += 1;
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        libc::close(fd);
+    }
+    println!("VG-FLOOD sent={sent} ms={}", t.elapsed().as_millis());
+}
+
+fn raw_syn(iface: &str, gw_mac: &str, src: std::net::IpAddr, dst: std::net::IpAddr, port: u16) {
+    let own_mac = iface_mac(iface);
+    let gw = mac_of(gw_mac);
+    let sport: u16 = 40000 + (std::process::id() % 20000) as u16;
+    let frame = syn_frame(own_mac, gw, src, dst, sport, port);
     // SAFETY: plain socket syscalls on a fresh AF_PACKET socket; every
     // buffer passed is live and sized as told.
     let result = unsafe {
