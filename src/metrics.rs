@@ -100,8 +100,10 @@ counters! {
     udp_sessions,
     /// UDP datagrams to destinations that are not allowed.
     udp_denied,
-    /// UDP datagrams dropped at max-sessions.
+    /// UDP datagrams dropped at max-sessions (every session in use).
     udp_over_limit,
+    /// UDP sessions quiet for a second that gave way at max-sessions.
+    udp_session_evicted,
     /// Guest replies at published UDP ports dropped because the port's send
     /// queue was full.
     udp_queue_full,
@@ -114,8 +116,10 @@ counters! {
     icmp_unavailable,
     /// Echo requests to destinations that are not allowed.
     icmp_denied,
-    /// Echo requests dropped at max-sessions.
+    /// Echo requests dropped at max-sessions (every session in use).
     icmp_over_limit,
+    /// Echo sessions quiet for a second that gave way at max-sessions.
+    icmp_session_evicted,
     /// Echo sends that failed.
     icmp_send_failed,
     /// Echo replies the kernel dropped because the guest did not take them

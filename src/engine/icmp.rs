@@ -57,10 +57,12 @@ impl Sessions {
         }
         let key = (echo.src, dst, echo.ident);
         if !self.table.contains(&key) {
-            if !self
-                .table
-                .admits(self.config.max_sessions, metrics, Counter::icmp_over_limit)
-            {
+            if !self.table.admits(
+                self.config.max_sessions,
+                now,
+                metrics,
+                (Counter::icmp_over_limit, Counter::icmp_session_evicted),
+            ) {
                 return;
             }
             let opened = open(dst).and_then(|socket| self.table.open(ctx.io, key, socket, now));

@@ -26,6 +26,9 @@ use crate::metrics::{Counter, Metrics};
 const MAX_DATAGRAM: usize = 65_535;
 /// Bits of a token that say which table it belongs to.
 pub const TAG_SHIFT: u32 = 60;
+/// How long a session must have been quiet to give way to a new one at
+/// the limit.
+pub const EVICT_IDLE: Duration = Duration::from_secs(1);
 /// Socket errors passed over in one read before giving the pass back.
 const MAX_ERRORS_PER_READ: usize = 64;
 
@@ -86,13 +89,40 @@ impl<K: Copy + Eq + Hash> Datagrams<K> {
         self.by_key.contains_key(key)
     }
 
-    /// Whether one more session fits under `max`; counts `full` when not.
-    pub fn admits(&self, max: usize, metrics: &Metrics, full: Counter) -> bool {
-        let room = self.by_key.len() < max;
-        if !room {
-            metrics.inc(full);
+    /// Whether one more session fits under `max`. At the limit the
+    /// session idle longest gives way if it has been quiet for
+    /// [`EVICT_IDLE`] (counted as `evicted`): a flood of one-datagram
+    /// sessions would otherwise hold every slot for the idle timeout and
+    /// lock the guest's new sessions out, while sessions in use keep
+    /// theirs. Counts `full` when nothing gives way.
+    pub fn admits(
+        &mut self,
+        max: usize,
+        now: Instant,
+        metrics: &Metrics,
+        (full, evicted): (Counter, Counter),
+    ) -> bool {
+        if self.by_key.len() < max {
+            return true;
         }
-        room
+        let quietest = self
+            .by_token
+            .iter()
+            .min_by_key(|(_, s)| s.last_active)
+            .filter(|(_, s)| now.saturating_duration_since(s.last_active) >= EVICT_IDLE)
+            .map(|(token, _)| *token);
+        match quietest.and_then(|token| self.by_token.remove(&token).map(|s| (token, s))) {
+            Some((token, session)) => {
+                self.by_key.remove(&session.key);
+                self.readable.remove(&token);
+                metrics.inc(evicted);
+                true
+            }
+            None => {
+                metrics.inc(full);
+                false
+            }
+        }
     }
 
     /// Adds a session on `socket` (connected, nonblocking), watched in `io`.
@@ -221,6 +251,34 @@ impl<K: Copy + Eq + Hash> Datagrams<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn at_the_limit_the_quietest_session_gives_way_after_a_second() {
+        let io = HostIo::new().unwrap();
+        let metrics = Metrics::default();
+        let counters = (Counter::udp_over_limit, Counter::udp_session_evicted);
+        let mut table: Datagrams<u8> = Datagrams::new(1, Counter::udp_reply_dropped);
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let t0 = Instant::now();
+        for key in [1, 2] {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket.connect(peer.local_addr().unwrap()).unwrap();
+            table.open(&io, key, socket, t0).unwrap();
+        }
+        // Both fresh: nothing gives way.
+        assert!(!table.admits(2, t0, &metrics, counters));
+        assert_eq!(metrics.get(Counter::udp_over_limit), 1);
+        // Session 2 stays in use; 1 has been quiet for over a second.
+        let later = t0 + EVICT_IDLE + Duration::from_millis(100);
+        assert!(table.send(&2, b"still here", later));
+        assert!(table.admits(2, later, &metrics, counters));
+        assert!(!table.contains(&1) && table.contains(&2));
+        assert_eq!(table.len(), 1);
+        assert_eq!(metrics.get(Counter::udp_session_evicted), 1);
+        // Below the limit nothing is touched.
+        assert!(table.admits(2, later, &metrics, counters));
+        assert!(table.contains(&2));
+    }
 
     #[test]
     fn open_send_receive_and_expire() {

@@ -45,10 +45,12 @@ impl Sessions {
                 metrics.inc(Counter::udp_denied);
                 return;
             };
-            if !self
-                .table
-                .admits(self.config.max_sessions, metrics, Counter::udp_over_limit)
-            {
+            if !self.table.admits(
+                self.config.max_sessions,
+                now,
+                metrics,
+                (Counter::udp_over_limit, Counter::udp_session_evicted),
+            ) {
                 return;
             }
             let opened = crate::proxy::udp::open(upstream)

@@ -579,6 +579,29 @@ vg-probe tcp-connect {HOST_V4}:80
     assert!(counter(&log, "tcp_dial_evicted") > 0, "{log}");
 }
 
+/// A flood of one-datagram UDP sessions (5,000 destinations against the
+/// default 512 sessions) does not lock the guest's next session out for
+/// the idle timeout: a second later, sessions that went quiet give way and
+/// a UDP exchange with a real host works.
+#[test]
+fn udp_session_flood_leaves_new_sessions_possible() {
+    let world = World::new("udpfl");
+    let daemon = Daemon::start(&world.ns, None);
+    let script = format!(
+        r#"
+dhcp
+vg-probe udp-flood 5000
+sleep 2
+vg-probe udp-echo {HOST_V4}:7 5 100
+"#
+    );
+    let console = boot(&GuestOpts::new(&daemon.socket, &script));
+    assert!(console.contains("VG-UDPFLOOD sent=5000"), "{console}");
+    assert!(console.contains("VG-UDP sent=5 ok=5"), "{console}");
+    let log = daemon_counters(&daemon);
+    assert!(counter(&log, "udp_session_evicted") > 0, "{log}");
+}
+
 fn daemon_counters(daemon: &Daemon) -> String {
     daemon.signal("USR1");
     daemon.wait_log("counters", Duration::from_secs(5));

@@ -16,7 +16,7 @@ fn usage() -> ! {
          | tls-hello ADDR SNI | https-get ADDR SNI CAFILE PATH [HOST] \
          | dot ADDR SNI CAFILE NAME | https-crr ADDR SNI CAFILE N \
          | tcp-script ADDR HEX[,HEX...] | raw-syn IFACE GWMAC SRCIP DSTIP PORT \
-         | syn-flood IFACE GWMAC SRCIP COUNT"
+         | syn-flood IFACE GWMAC SRCIP COUNT | udp-flood COUNT"
     );
     std::process::exit(2)
 }
@@ -70,6 +70,7 @@ fn main() {
             &arg::<String>(&args, 4),
         ),
         Some("tcp-script") => tcp_script(arg(&args, 2), &arg::<String>(&args, 3)),
+        Some("udp-flood") => udp_flood(arg(&args, 2)),
         Some("syn-flood") => syn_flood(
             &arg::<String>(&args, 2),
             &arg::<String>(&args, 3),
@@ -265,6 +266,23 @@ fn syn_flood(iface: &str, gw_mac: &str, src: std::net::IpAddr, count: u32) {
         libc::close(fd);
     }
     println!("VG-FLOOD sent={sent} ms={}", t.elapsed().as_millis());
+}
+
+/// Sends one UDP datagram to each of COUNT distinct destinations in
+/// 198.51.100.10-249 (port 1000 up) from one socket: as many sessions as
+/// datagrams for a gateway that tracks them.
+fn udp_flood(count: u32) {
+    let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+    let t = Instant::now();
+    let mut sent = 0u32;
+    for i in 0..count {
+        let dst = std::net::Ipv4Addr::new(198, 51, 100, 10 + (i % 240) as u8);
+        let port = 1000 + (i / 240) as u16;
+        if sock.send_to(b"flood", (dst, port)).is_ok() {
+            sent += 1;
+        }
+    }
+    println!("VG-UDPFLOOD sent={sent} ms={}", t.elapsed().as_millis());
 }
 
 fn raw_syn(iface: &str, gw_mac: &str, src: std::net::IpAddr, dst: std::net::IpAddr, port: u16) {
