@@ -68,32 +68,39 @@ fn is_arp_reply(frame: &[u8]) -> bool {
     )
 }
 
+/// An IPv4 frame from the guest to `dst` carrying `l4_len` bytes of
+/// `proto`, which `fill` writes (given the IP payload and the checksum
+/// capabilities: everything computed).
+fn from_guest(
+    dst: Ipv4Addr,
+    proto: IpProtocol,
+    l4_len: usize,
+    fill: impl FnOnce(&mut [u8], &ChecksumCapabilities),
+) -> Vec<u8> {
+    let ip = Ipv4Repr {
+        src_addr: GUEST,
+        dst_addr: dst,
+        next_header: proto,
+        payload_len: l4_len,
+        hop_limit: 64,
+    };
+    let mut frame = ethernet(GW_MAC, EthernetProtocol::Ipv4, ip.buffer_len() + l4_len);
+    let caps = ChecksumCapabilities::default();
+    let mut packet = Ipv4Packet::new_unchecked(&mut frame[14..]);
+    ip.emit(&mut packet, &caps);
+    fill(packet.payload_mut(), &caps);
+    frame
+}
+
 fn ping(dst: Ipv4Addr, seq: u16, payload: &[u8]) -> Vec<u8> {
     let icmp = Icmpv4Repr::EchoRequest {
         ident: 0x4242,
         seq_no: seq,
         data: payload,
     };
-    let ip = Ipv4Repr {
-        src_addr: GUEST,
-        dst_addr: dst,
-        next_header: IpProtocol::Icmp,
-        payload_len: icmp.buffer_len(),
-        hop_limit: 64,
-    };
-    let mut frame = ethernet(
-        GW_MAC,
-        EthernetProtocol::Ipv4,
-        ip.buffer_len() + icmp.buffer_len(),
-    );
-    let caps = ChecksumCapabilities::default();
-    let mut packet = Ipv4Packet::new_unchecked(&mut frame[14..]);
-    ip.emit(&mut packet, &caps);
-    icmp.emit(
-        &mut Icmpv4Packet::new_unchecked(packet.payload_mut()),
-        &caps,
-    );
-    frame
+    from_guest(dst, IpProtocol::Icmp, icmp.buffer_len(), |b, caps| {
+        icmp.emit(&mut Icmpv4Packet::new_unchecked(b), caps);
+    })
 }
 
 fn echo_reply_seq(frame: &[u8]) -> Option<(Ipv4Addr, u16, usize)> {
@@ -399,16 +406,22 @@ fn daemon_runs_with_no_new_privs() {
     assert!(seen > 1, "threads: {seen}");
 }
 
-#[test]
-fn live_socket_is_refused() {
-    let daemon = Daemon::start_with(None, None, &[]);
+/// A second daemon started on a live daemon's socket: it probes the
+/// socket, is refused, and says why on stderr (returned).
+fn second_daemon_on(socket: &std::path::Path) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-gateway"))
         .arg("--socket-path")
-        .arg(&daemon.socket)
+        .arg(socket)
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn live_socket_is_refused() {
+    let daemon = Daemon::start_with(None, None, &[]);
+    let stderr = second_daemon_on(&daemon.socket);
     assert!(stderr.contains("in use by a running process"), "{stderr}");
 }
 
@@ -516,12 +529,7 @@ fn reconnects_and_probes_leave_no_descriptors_or_threads() {
         wait_disconnects(&daemon, i + 2);
     }
     for _ in 0..5 {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-gateway"))
-            .arg("--socket-path")
-            .arg(&daemon.socket)
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
+        second_daemon_on(&daemon.socket);
     }
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
@@ -538,31 +546,16 @@ fn reconnects_and_probes_leave_no_descriptors_or_threads() {
 fn udp_to_gateway(src_port: u16, dst_port: u16) -> Vec<u8> {
     let payload = b"ping";
     let udp = UdpRepr { src_port, dst_port };
-    let ip = Ipv4Repr {
-        src_addr: GUEST,
-        dst_addr: GW,
-        next_header: IpProtocol::Udp,
-        payload_len: 8 + payload.len(),
-        hop_limit: 64,
-    };
-    let mut frame = ethernet(
-        GW_MAC,
-        EthernetProtocol::Ipv4,
-        ip.buffer_len() + 8 + payload.len(),
-    );
-    let caps = ChecksumCapabilities::default();
-    let mut packet = Ipv4Packet::new_unchecked(&mut frame[14..]);
-    ip.emit(&mut packet, &caps);
-    let mut u = UdpPacket::new_unchecked(packet.payload_mut());
-    udp.emit(
-        &mut u,
-        &GUEST.into(),
-        &GW.into(),
-        payload.len(),
-        |b| b.copy_from_slice(payload),
-        &caps,
-    );
-    frame
+    from_guest(GW, IpProtocol::Udp, 8 + payload.len(), |b, caps| {
+        udp.emit(
+            &mut UdpPacket::new_unchecked(b),
+            &GUEST.into(),
+            &GW.into(),
+            payload.len(),
+            |p| p.copy_from_slice(payload),
+            caps,
+        );
+    })
 }
 
 /// Under a descriptor limit below what the config's flow limits need, the
@@ -611,28 +604,14 @@ fn syn_to(dst: std::net::SocketAddrV4, src_port: u16) -> Vec<u8> {
         timestamp: None,
         payload: &[],
     };
-    let ip = Ipv4Repr {
-        src_addr: GUEST,
-        dst_addr: *dst.ip(),
-        next_header: IpProtocol::Tcp,
-        payload_len: tcp.buffer_len(),
-        hop_limit: 64,
-    };
-    let mut frame = ethernet(
-        GW_MAC,
-        EthernetProtocol::Ipv4,
-        ip.buffer_len() + tcp.buffer_len(),
-    );
-    let caps = ChecksumCapabilities::default();
-    let mut packet = Ipv4Packet::new_unchecked(&mut frame[14..]);
-    ip.emit(&mut packet, &caps);
-    tcp.emit(
-        &mut TcpPacket::new_unchecked(packet.payload_mut()),
-        &GUEST.into(),
-        &(*dst.ip()).into(),
-        &caps,
-    );
-    frame
+    from_guest(*dst.ip(), IpProtocol::Tcp, tcp.buffer_len(), |b, caps| {
+        tcp.emit(
+            &mut TcpPacket::new_unchecked(b),
+            &GUEST.into(),
+            &(*dst.ip()).into(),
+            caps,
+        );
+    })
 }
 
 /// Whether a frame for the guest is a SYN-ACK from `from` to `to_port`.
