@@ -8,6 +8,8 @@ bash tests/setup.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --all-features -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --document-private-items --quiet
+# Supply chain: licences, bans, sources (deny.toml).
+bash tests/deny.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast
 else
