@@ -602,6 +602,32 @@ vg-probe udp-echo {HOST_V4}:7 5 100
     assert!(counter(&log, "udp_session_evicted") > 0, "{log}");
 }
 
+/// The same for echo sessions: 2,000 (destination, identifier) pairs
+/// against the default 64, and two seconds later a ping to a real host
+/// gets all its replies.
+#[test]
+fn echo_session_flood_leaves_new_pings_possible() {
+    let world = World::new("icmpfl");
+    let daemon = Daemon::start(&world.ns, None);
+    let script = format!(
+        r#"
+dhcp
+vg-probe icmp-flood 2000
+sleep 2
+echo VG-PING-AFTER; ping -c 3 -W 2 {HOST_V4}
+"#
+    );
+    let console = boot(&GuestOpts::new(&daemon.socket, &script));
+    assert!(console.contains("VG-ICMPFLOOD sent=2000"), "{console}");
+    assert_eq!(
+        kit::guest::ping_result(&console, "VG-PING-AFTER"),
+        Some((3, 3)),
+        "{console}"
+    );
+    let log = daemon_counters(&daemon);
+    assert!(counter(&log, "icmp_session_evicted") > 0, "{log}");
+}
+
 fn daemon_counters(daemon: &Daemon) -> String {
     daemon.signal("USR1");
     daemon.wait_log("counters", Duration::from_secs(5));

@@ -16,7 +16,7 @@ fn usage() -> ! {
          | tls-hello ADDR SNI | https-get ADDR SNI CAFILE PATH [HOST] \
          | dot ADDR SNI CAFILE NAME | https-crr ADDR SNI CAFILE N \
          | tcp-script ADDR HEX[,HEX...] | raw-syn IFACE GWMAC SRCIP DSTIP PORT \
-         | syn-flood IFACE GWMAC SRCIP COUNT | udp-flood COUNT"
+         | syn-flood IFACE GWMAC SRCIP COUNT | udp-flood COUNT | icmp-flood COUNT"
     );
     std::process::exit(2)
 }
@@ -71,6 +71,7 @@ fn main() {
         ),
         Some("tcp-script") => tcp_script(arg(&args, 2), &arg::<String>(&args, 3)),
         Some("udp-flood") => udp_flood(arg(&args, 2)),
+        Some("icmp-flood") => icmp_flood(arg(&args, 2)),
         Some("syn-flood") => syn_flood(
             &arg::<String>(&args, 2),
             &arg::<String>(&args, 3),
@@ -283,6 +284,50 @@ fn udp_flood(count: u32) {
         }
     }
     println!("VG-UDPFLOOD sent={sent} ms={}", t.elapsed().as_millis());
+}
+
+/// Sends one ICMP echo request to each of COUNT distinct (destination,
+/// identifier) pairs in 198.51.100.10-249 through a raw socket: as many
+/// echo sessions as requests for a gateway that tracks them.
+fn icmp_flood(count: u32) {
+    let t = Instant::now();
+    let mut sent = 0u32;
+    // SAFETY: plain socket syscalls; every buffer passed is live and sized
+    // as told.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
+        if fd < 0 {
+            println!("VG-ICMPFLOOD sent=0 error=nosocket");
+            return;
+        }
+        for i in 0..count {
+            let ident = (i / 240) as u16;
+            let mut msg = [8u8, 0, 0, 0, 0, 0, 0, 1, b'f', b'l', b'o', b'o', b'd', 0, 0, 0];
+            msg[4..6].copy_from_slice(&ident.to_be_bytes());
+            let mut acc: u32 = 0;
+            for pair in msg.chunks(2) {
+                acc += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+            }
+            while acc > 0xffff {
+                acc = (acc & 0xffff) + (acc >> 16);
+            }
+            msg[2..4].copy_from_slice(&(!(acc as u16)).to_be_bytes());
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as u16;
+            addr.sin_addr.s_addr = u32::from_ne_bytes([198, 51, 100, 10 + (i % 240) as u8]);
+            // A full socket or device queue (ENOBUFS): a moment, retry.
+            for _ in 0..100 {
+                let n = libc::sendto(fd, msg.as_ptr() as *const libc::c_void, msg.len(), 0, &addr as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_in>() as u32);
+                if n > 0 {
+                    sent += 1;
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        libc::close(fd);
+    }
+    println!("VG-ICMPFLOOD sent={sent} ms={}", t.elapsed().as_millis());
 }
 
 fn raw_syn(iface: &str, gw_mac: &str, src: std::net::IpAddr, dst: std::net::IpAddr, port: u16) {
