@@ -251,6 +251,7 @@ fn private_pair() -> io::Result<(Listener, UnixStream)> {
         let ours = UnixStream::connect(&path)?;
         Ok((Listener::from(listener), ours))
     });
+    // Test scratch under the temp dir: a leftover harms nothing.
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_dir(&dir);
     result

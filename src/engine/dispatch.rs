@@ -391,8 +391,9 @@ impl Gateway {
     }
 
     /// Replies from the UDP, DNS and ICMP relays, as far as there is room.
-    pub(super) fn relay_replies(&mut self, now: Instant) -> bool {
-        let udp = self.drain(|gw| {
+    /// They only wait for RX buffers: queued, they need no new poll.
+    pub(super) fn relay_replies(&mut self, now: Instant) {
+        self.drain(|gw| {
             // The reply borrows the session table's buffer: frame it
             // before anything else of the gateway is touched.
             let (macs, udp) = ((gw.gateway_mac, gw.guest_mac), &mut gw.udp);
@@ -400,31 +401,27 @@ impl Gateway {
             let ends = ends(macs, remote.ip(), guest.ip());
             Some(frames::udp(&ends, remote.port(), guest.port(), payload))
         });
-        let dns = self.drain(|gw| {
+        self.drain(|gw| {
             let (guest, asked, answer) = gw.dns.next_answer()?;
             let ends = gw.to_guest(asked.ip(), guest.ip());
             Some(frames::udp(&ends, asked.port(), guest.port(), &answer))
         });
-        let icmp = self.drain(|gw| {
+        self.drain(|gw| {
             let (macs, icmp) = ((gw.gateway_mac, gw.guest_mac), &mut gw.icmp);
             let (guest, remote, ident, seq, data) = icmp.next_reply(now, &gw.metrics)?;
             let ends = ends(macs, remote, guest);
             Some(frames::echo_reply(&ends, ident, seq, data))
         });
-        udp || dns || icmp
     }
 
-    /// Queues the frames `next` builds while there is room; true when any.
-    fn drain(&mut self, mut next: impl FnMut(&mut Self) -> Option<Vec<u8>>) -> bool {
-        let mut any = false;
+    /// Queues the frames `next` builds while there is room.
+    fn drain(&mut self, mut next: impl FnMut(&mut Self) -> Option<Vec<u8>>) {
         while self.has_room() {
             let Some(frame) = next(self) else {
                 break;
             };
             self.queue(frame);
-            any = true;
         }
-        any
     }
 }
 

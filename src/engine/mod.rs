@@ -339,7 +339,7 @@ impl Engine {
         for (guest, remote, seq) in effects.refuse {
             self.gateway.refuse(guest, remote, seq);
         }
-        let relayed = self.gateway.relay_replies(now);
+        self.gateway.relay_replies(now);
         let opened = self.inbound(now);
         if now >= self.next_expiry {
             self.gateway.udp.expire(now);
@@ -353,8 +353,6 @@ impl Engine {
             }
             self.next_expiry = now + EXPIRY_TICK;
         }
-        // Relayed replies only wait for RX buffers; they need no new poll.
-        let _ = relayed;
         injected || effects.progress || opened
     }
 

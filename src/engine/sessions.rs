@@ -252,6 +252,14 @@ impl<K: Copy + Eq + Hash> Datagrams<K> {
 mod tests {
     use super::*;
 
+    /// A loopback peer and a socket connected to it (a session's socket).
+    fn connected_socket() -> (std::net::UdpSocket, std::net::UdpSocket) {
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.connect(peer.local_addr().unwrap()).unwrap();
+        (peer, socket)
+    }
+
     #[test]
     fn at_the_limit_the_quietest_session_gives_way_after_a_second() {
         let io = HostIo::new().unwrap();
@@ -285,9 +293,7 @@ mod tests {
         let io = HostIo::new().unwrap();
         let metrics = Metrics::default();
         let mut table: Datagrams<u8> = Datagrams::new(1, Counter::udp_reply_dropped);
-        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket.connect(peer.local_addr().unwrap()).unwrap();
+        let (peer, socket) = connected_socket();
         let now = Instant::now();
         table.open(&io, 7, socket, now).unwrap();
         assert!(table.contains(&7));
@@ -328,9 +334,7 @@ mod tests {
         let io = HostIo::new().unwrap();
         let metrics = Metrics::default();
         let mut table: Datagrams<u8> = Datagrams::new(1, Counter::udp_reply_dropped);
-        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket.connect(peer.local_addr().unwrap()).unwrap();
+        let (peer, socket) = connected_socket();
         // The smallest receive buffer: a burst overflows it.
         setsockopt(&socket, sockopt::RcvBuf, &1).unwrap();
         let to = socket.local_addr().unwrap();

@@ -28,6 +28,9 @@ use crate::proxy::Wake;
 
 /// Frames waiting in one pair's inbox at most.
 pub const INBOX_FRAMES: usize = 512;
+/// Bytes waiting in one pair's inbox at most: a guest sending 64 KiB
+/// segments on the wrong queue must not park 32 MiB per pair.
+pub const INBOX_BYTES: usize = 4 << 20;
 
 /// A flow or session as the guest's frames name it: guest side first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -107,7 +110,8 @@ pub enum Owner {
 }
 
 struct Inbox {
-    frames: Mutex<VecDeque<Vec<u8>>>,
+    /// The frames, and their total length.
+    frames: Mutex<(VecDeque<Vec<u8>>, usize)>,
     wake: Arc<Wake>,
 }
 
@@ -134,7 +138,7 @@ impl Steer {
             inboxes: wakes
                 .into_iter()
                 .map(|wake| Inbox {
-                    frames: Mutex::new(VecDeque::new()),
+                    frames: Mutex::new((VecDeque::new(), 0)),
                     wake,
                 })
                 .collect(),
@@ -180,11 +184,13 @@ impl Steer {
             return;
         };
         let mut frames = lock(&inbox.frames);
-        if frames.len() >= INBOX_FRAMES {
+        let (queued, bytes) = &mut *frames;
+        if queued.len() >= INBOX_FRAMES || *bytes + frame.len() > INBOX_BYTES {
             metrics.inc(Counter::steer_inbox_full);
             return;
         }
-        frames.push_back(frame.to_vec());
+        queued.push_back(frame.to_vec());
+        *bytes += frame.len();
         drop(frames);
         metrics.inc(Counter::steer_handed_over);
         inbox.wake.wake();
@@ -192,7 +198,10 @@ impl Steer {
 
     /// The next frame handed to `pair`.
     pub fn take(&self, pair: usize) -> Option<Vec<u8>> {
-        lock(&self.inboxes.get(pair)?.frames).pop_front()
+        let mut frames = lock(&self.inboxes.get(pair)?.frames);
+        let frame = frames.0.pop_front()?;
+        frames.1 = frames.1.saturating_sub(frame.len());
+        Some(frame)
     }
 
     /// How many pairs there are.
@@ -235,9 +244,28 @@ mod tests {
     }
 
     #[test]
+    fn an_inbox_holds_at_most_its_bytes() {
+        let wakes = (0..2).map(|_| Arc::new(Wake::new().unwrap())).collect();
+        let steer = Steer::new(wakes, 16);
+        let metrics = Metrics::default();
+        let segment = vec![0u8; 64 << 10];
+        for _ in 0..100 {
+            steer.hand_over(1, &segment, &metrics);
+        }
+        let held = INBOX_BYTES / segment.len();
+        assert_eq!(metrics.get(Counter::steer_handed_over), held as u64);
+        assert_eq!(metrics.get(Counter::steer_inbox_full), (100 - held) as u64);
+        assert!(steer.take(1).is_some());
+        steer.hand_over(1, &segment, &metrics);
+        assert_eq!(metrics.get(Counter::steer_handed_over), held as u64 + 1);
+        assert!(steer.take(0).is_none());
+    }
+
+    #[test]
     fn truncated_and_mutated_frames_never_panic() {
         let e = ends("198.19.0.2", "192.0.2.1");
         let frame = frames::udp(&e, 5000, 4000, b"payload");
+        // Any answer will do; the point is that none of these panics.
         for cut in 0..frame.len() {
             let _ = key(&frame[..cut]);
         }

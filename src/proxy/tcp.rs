@@ -250,6 +250,7 @@ async fn engine_to_host(
                 }
             }
             Some(ToHost::Fin) => {
+                // A host already gone shows as a reset on the read side.
                 let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
                 return;
             }
