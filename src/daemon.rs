@@ -16,10 +16,11 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::config::Config;
+use crate::config::{Config, SeccompMode};
+use crate::confine::{self, Landlocked};
 use crate::metrics::{Counter, Metrics};
 use crate::vhost::compat;
-use crate::wiring::Wiring;
+use crate::wiring::{Prepared, Wiring};
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,12 @@ pub enum Error {
     /// The daemon's parts could not be built.
     #[error(transparent)]
     Build(#[from] crate::wiring::Error),
+    /// The private directory for handler sockets could not be made.
+    #[error("cannot create the private handler directory")]
+    HandlerDir(#[source] io::Error),
+    /// The daemon could not confine itself.
+    #[error(transparent)]
+    Confine(confine::Error),
     /// Accepting a VMM connection failed.
     #[error("cannot accept a VMM connection")]
     Accept(#[source] io::Error),
@@ -97,6 +104,13 @@ fn fix_mmap_threshold() {
 }
 
 /// Runs the daemon until a signal ends it.
+///
+/// The order is what confinement needs: everything that needs a
+/// capability or a file the daemon will not touch again happens on the
+/// main thread first (published ports, the CA, the vhost socket); then
+/// capabilities go and landlock closes the filesystem, before any thread
+/// exists, so every thread inherits both; then the threads start; then the
+/// seccomp filter goes on all of them at once.
 pub fn run(socket_path: &Path, config: Config) -> Result<(), Error> {
     set_no_new_privs();
     fix_mmap_threshold();
@@ -111,10 +125,33 @@ pub fn run(socket_path: &Path, config: Config) -> Result<(), Error> {
         Ok(limit) => tracing::debug!(soft = limit.soft, needed, "descriptor limit"),
         Err(e) => tracing::warn!(error = %e, "cannot read the descriptor limit"),
     }
-    let wiring = Wiring::build(config)?;
-    let metrics = wiring.metrics().clone();
+    let prepared = Wiring::prepare(config)?;
     let (listener, id) = bind(socket_path)?;
-    spawn_signal_thread((socket_path.to_owned(), id), metrics.clone())?;
+    let handlers = match HandlerDir::create() {
+        Ok(dir) => dir,
+        Err(e) => {
+            remove_if_ours(socket_path, id);
+            return Err(Error::HandlerDir(e));
+        }
+    };
+    let cleanup = Cleanup {
+        socket: socket_path.to_owned(),
+        id,
+        handlers,
+    };
+    let wiring = match confine_and_start(prepared, &cleanup) {
+        Ok(wiring) => wiring,
+        Err(e) => {
+            cleanup.run();
+            return Err(e);
+        }
+    };
+    let metrics = wiring.metrics().clone();
+    let handlers = cleanup.handlers.path.clone();
+    spawn_signal_thread(cleanup, metrics.clone())?;
+    if let Err(e) = confine::seccomp(seccomp_mode(wiring.config())) {
+        return Err(Error::Confine(e));
+    }
     tracing::info!(socket = %socket_path.display(), config = %wiring.config().summary(), "listening");
     notify_systemd("READY=1");
     loop {
@@ -130,13 +167,119 @@ pub fn run(socket_path: &Path, config: Config) -> Result<(), Error> {
         };
         metrics.inc(Counter::vmm_connections);
         tracing::info!("VMM connected");
-        match serve(vmm, &wiring) {
+        match serve(vmm, &wiring, &handlers) {
             Ok(()) => {
                 tracing::info!(counters = %metrics.snapshot(), "VMM disconnected; guest state reset")
             }
             Err(e) => {
                 tracing::warn!(error = %error_chain(&e), "VMM session ended with an error; guest state reset")
             }
+        }
+    }
+}
+
+fn seccomp_mode(config: &Config) -> confine::Seccomp {
+    match config.confinement.seccomp {
+        SeccompMode::Enforce => confine::Seccomp::Enforce,
+        SeccompMode::Log => confine::Seccomp::Log,
+        SeccompMode::Off => confine::Seccomp::Off,
+    }
+}
+
+/// Drops capabilities and applies landlock on the main thread (no other
+/// thread exists yet), then starts the threads, which inherit both.
+fn confine_and_start(prepared: Prepared, cleanup: &Cleanup) -> Result<Wiring, Error> {
+    confine::drop_capabilities().map_err(Error::Confine)?;
+    let config = prepared.config();
+    if config.confinement.landlock {
+        let paths = landlock_paths(config, cleanup);
+        match confine::landlock(&paths).map_err(Error::Confine)? {
+            Landlocked::Fully => tracing::info!("landlock: filesystem confined"),
+            Landlocked::Partly => {
+                tracing::info!(
+                    "landlock: filesystem confined as far as this kernel's landlock goes"
+                )
+            }
+            Landlocked::Not => tracing::warn!(
+                "this kernel has no landlock (Linux >= 5.13 with lsm=landlock): \
+                 the filesystem is not confined"
+            ),
+        }
+    }
+    Ok(prepared.start()?)
+}
+
+/// What the daemon still touches once started: its socket's directory (to
+/// remove the socket at exit), its handler directory, and the host's
+/// resolver list when the DNS upstreams come from it.
+fn landlock_paths(config: &Config, cleanup: &Cleanup) -> confine::Paths {
+    let mut paths = confine::Paths::default();
+    if let Some(dir) = cleanup.socket.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        paths.remove_in.push(dir.to_owned());
+    }
+    paths.sockets_in.push(cleanup.handlers.path.clone());
+    if let Some(parent) = cleanup.handlers.path.parent() {
+        paths.remove_dirs_in.push(parent.to_owned());
+    }
+    if config.dns.upstreams.is_empty() {
+        let resolv = PathBuf::from(crate::dns::resolv::RESOLV_CONF);
+        // A resolver manager replaces the file by renaming a new one onto
+        // it (systemd-resolved, resolvconf): a rule on the file would hold
+        // the old one only, so its real directory is readable too, unless
+        // that is /etc itself.
+        if let Ok(real) = std::fs::canonicalize(&resolv)
+            && let Some(dir) = real.parent()
+            && dir != Path::new("/etc")
+        {
+            paths.read.push(dir.to_owned());
+        }
+        paths.read.push(resolv);
+    }
+    paths
+}
+
+/// What the daemon removes when it ends: its socket (if still its own) and
+/// its handler directory.
+struct Cleanup {
+    socket: PathBuf,
+    id: FileId,
+    handlers: HandlerDir,
+}
+
+impl Cleanup {
+    fn run(&self) {
+        remove_if_ours(&self.socket, self.id);
+        self.handlers.remove();
+    }
+}
+
+/// A private 0700 directory where each VMM connection's handler socket
+/// pair meets (see [`private_pair`]); made once at start, so landlock can
+/// allow sockets there and nowhere else.
+struct HandlerDir {
+    path: PathBuf,
+}
+
+impl HandlerDir {
+    fn create() -> io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = std::env::temp_dir().join(format!("vhost-gateway-{}", std::process::id()));
+        // A leftover from a crashed daemon with our pid: ours now.
+        if std::fs::symlink_metadata(&path).is_ok() {
+            std::fs::remove_dir_all(&path)?;
+        }
+        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+        Ok(Self { path })
+    }
+
+    fn remove(&self) {
+        if let Err(e) = std::fs::remove_dir(&self.path) {
+            tracing::debug!(dir = %self.path.display(), error = %e, "cannot remove the handler directory");
         }
     }
 }
@@ -196,7 +339,7 @@ fn remove_if_ours(path: &Path, id: FileId) {
 }
 
 /// Serves one VMM connection to its end.
-fn serve(vmm: UnixStream, wiring: &Wiring) -> Result<(), ConnectionError> {
+fn serve(vmm: UnixStream, wiring: &Wiring, handlers: &Path) -> Result<(), ConnectionError> {
     let backend = Arc::new(wiring.backend()?);
     let mut daemon = VhostUserDaemon::new(
         "vhost-gateway".to_owned(),
@@ -208,7 +351,7 @@ fn serve(vmm: UnixStream, wiring: &Wiring) -> Result<(), ConnectionError> {
     for (pair, handler) in daemon.get_epoll_handlers().iter().enumerate() {
         backend.register(pair, handler)?;
     }
-    let (mut inner, to_handler) = private_pair().map_err(ConnectionError::PrivateSocket)?;
+    let (mut inner, to_handler) = private_pair(handlers).map_err(ConnectionError::PrivateSocket)?;
     daemon.start(&mut inner).map_err(ConnectionError::Daemon)?;
     let relay = std::thread::Builder::new()
         .name("vhost-relay".into())
@@ -235,33 +378,28 @@ fn serve(vmm: UnixStream, wiring: &Wiring) -> Result<(), ConnectionError> {
 
 /// A connected pair: the backend handler's listener (already holding our
 /// connection in its backlog) and our end. vhost-user-backend only accepts
-/// from a listener, so the pair meets on a socket in a fresh 0700 directory
-/// that is removed at once; nobody else can reach it.
-fn private_pair() -> io::Result<(Listener, UnixStream)> {
-    use std::os::unix::fs::DirBuilderExt;
+/// from a listener, so the pair meets on a socket in the daemon's private
+/// 0700 directory, removed at once; nobody else can reach it.
+fn private_pair(dir: &Path) -> io::Result<(Listener, UnixStream)> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "vhost-gateway-{}-{}",
-        std::process::id(),
+    let path = dir.join(format!(
+        "handler-{}.sock",
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    let path = dir.join("handler.sock");
     let result = UnixListener::bind(&path).and_then(|listener| {
         let ours = UnixStream::connect(&path)?;
         Ok((Listener::from(listener), ours))
     });
-    // Test scratch under the temp dir: a leftover harms nothing.
-    let _ = std::fs::remove_file(&path);
-    let _ = std::fs::remove_dir(&dir);
+    // The name is not needed once connected; a failed removal leaves a
+    // dead socket in our private directory, removed with it at exit.
+    if let Err(e) = std::fs::remove_file(&path) {
+        tracing::debug!(path = %path.display(), error = %e, "cannot remove a handler socket");
+    }
     result
 }
 
 /// SIGTERM/SIGINT remove the socket and exit; SIGUSR1 logs the counters.
-fn spawn_signal_thread(
-    (socket_path, id): (PathBuf, FileId),
-    metrics: Arc<Metrics>,
-) -> Result<(), Error> {
+fn spawn_signal_thread(cleanup: Cleanup, metrics: Arc<Metrics>) -> Result<(), Error> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1]).map_err(Error::Signals)?;
@@ -274,7 +412,7 @@ fn spawn_signal_thread(
                     continue;
                 }
                 tracing::info!(signal, counters = %metrics.snapshot(), "exiting");
-                remove_if_ours(&socket_path, id);
+                cleanup.run();
                 std::process::exit(0);
             }
         })
@@ -349,16 +487,11 @@ mod tests {
 
     #[test]
     fn private_pair_leaves_nothing_behind() {
-        let (_l, _s) = private_pair().unwrap();
-        let leftovers = std::fs::read_dir(std::env::temp_dir())
-            .unwrap()
-            .filter_map(Result::ok)
-            .filter(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .starts_with(&format!("vhost-gateway-{}-", std::process::id()))
-            })
-            .count();
-        assert_eq!(leftovers, 0);
+        let dir = std::env::temp_dir().join(format!("vg-pair-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (_l, _s) = private_pair(&dir).unwrap();
+        let (_l2, _s2) = private_pair(&dir).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        std::fs::remove_dir(&dir).unwrap();
     }
 }

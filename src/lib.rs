@@ -26,7 +26,7 @@
 //! | [`config`] | schema per table, validation, line locator; compiles the policy |
 //! | [`policy`] | pure egress decisions ([`policy::Policy::judge`]) |
 //! | [`sniff`] | names from a flow's first bytes |
-//! | [`names`], [`wellknown`], [`virtio`], [`metrics`], [`audit`], [`cli`] | leaves |
+//! | [`names`], [`wellknown`], [`virtio`], [`metrics`], [`audit`], [`cli`], [`confine`] | leaves ([`confine`]: capabilities, landlock, the seccomp allow-list) |
 //!
 //! # Threads
 //!
@@ -48,6 +48,7 @@ pub mod audit;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod confine;
 pub mod daemon;
 pub mod dns;
 pub mod egress;

@@ -43,23 +43,66 @@ pub struct Wiring {
     shared: Arc<Shared>,
 }
 
-impl Wiring {
-    /// Builds everything that outlives a VMM connection. Published ports
-    /// are bound and the TLS CA checked here, before the vhost socket
-    /// exists: a daemon that cannot serve as configured does not start.
-    pub fn build(config: Config) -> Result<Self, Error> {
-        let metrics = Arc::new(Metrics::default());
+/// The parts that need no thread: built before the daemon confines itself,
+/// while it may still bind privileged ports and read any file.
+pub struct Prepared {
+    config: Config,
+    metrics: Arc<Metrics>,
+    publish: Option<crate::proxy::publish::Bound>,
+    tls: Option<Arc<Interceptor>>,
+    icmp_available: bool,
+}
+
+impl Prepared {
+    /// The configuration being prepared.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Starts the threads: the host-side runtime with the published ports'
+    /// tasks, and the watch on the host's addresses.
+    pub fn start(self) -> Result<Wiring, Error> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(HOST_THREADS)
             .thread_name("vg-host")
             .enable_all()
             .build()
             .map_err(Error::Runtime)?;
-        let publisher = if config.publish.is_empty() {
+        let publisher = match self.publish {
+            Some(bound) => Some(Arc::new(bound.start(runtime.handle(), &self.metrics)?)),
+            None => None,
+        };
+        let policy = Arc::new(self.config.policy());
+        crate::proxy::hostaddrs::watch(policy.host_set().clone()).map_err(Error::HostAddrs)?;
+        tracing::info!(
+            addresses = policy.host_set().live().len(),
+            "the host's own addresses are the policy's host group"
+        );
+        let shared = Shared {
+            policy,
+            config: Arc::new(self.config),
+            metrics: self.metrics,
+            tls: self.tls,
+            publisher,
+            icmp_available: self.icmp_available,
+        };
+        Ok(Wiring {
+            runtime,
+            shared: Arc::new(shared),
+        })
+    }
+}
+
+impl Wiring {
+    /// Builds what needs no thread: published ports are bound and the TLS
+    /// CA checked here, before the vhost socket exists, so a daemon that
+    /// cannot serve as configured does not start.
+    pub fn prepare(config: Config) -> Result<Prepared, Error> {
+        let metrics = Arc::new(Metrics::default());
+        let publish = if config.publish.is_empty() {
             None
         } else {
-            let publisher = Publisher::start(runtime.handle(), &config.publish, &metrics)?;
-            Some(Arc::new(publisher))
+            Some(Publisher::bind(&config.publish)?)
         };
         let tls = if config.tls.enabled {
             crate::tls::install_provider();
@@ -76,24 +119,19 @@ impl Wiring {
                  guest pings to outside hosts will be dropped and counted"
             );
         }
-        let policy = Arc::new(config.policy());
-        crate::proxy::hostaddrs::watch(policy.host_set().clone()).map_err(Error::HostAddrs)?;
-        tracing::info!(
-            addresses = policy.host_set().live().len(),
-            "the host's own addresses are the policy's host group"
-        );
-        let shared = Shared {
-            policy,
-            config: Arc::new(config),
+        Ok(Prepared {
+            config,
             metrics,
+            publish,
             tls,
-            publisher,
             icmp_available,
-        };
-        Ok(Self {
-            runtime,
-            shared: Arc::new(shared),
         })
+    }
+
+    /// [`Wiring::prepare`] then [`Prepared::start`], for callers that do
+    /// not confine the process in between (tests, benches).
+    pub fn build(config: Config) -> Result<Self, Error> {
+        Self::prepare(config)?.start()
     }
 
     /// The configuration the daemon runs with.

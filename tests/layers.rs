@@ -25,7 +25,15 @@ const LAYERS: &[&[&str]] = &[
     &["config"],
     &["policy"],
     &["sniff"],
-    &["audit", "cli", "metrics", "names", "virtio", "wellknown"],
+    &[
+        "audit",
+        "cli",
+        "confine",
+        "metrics",
+        "names",
+        "virtio",
+        "wellknown",
+    ],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

@@ -9,6 +9,7 @@
 //! Imports only the layers below it (`policy` and the leaves).
 #![forbid(unsafe_code)]
 
+pub mod confinement;
 pub mod dns;
 pub mod flows;
 mod locate;
@@ -21,6 +22,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+pub use confinement::{Confinement, SeccompMode};
 pub use dns::{BlockedAnswer, Dns};
 pub use flows::{Icmp, Outbound, Protocol, Publish, Tcp, Udp};
 pub use network::{MAX_MTU, Network};
@@ -103,6 +105,9 @@ pub struct Config {
     /// TLS interception.
     #[serde(default)]
     pub tls: Tls,
+    /// How the daemon confines itself once started.
+    #[serde(default)]
+    pub confinement: Confinement,
 }
 
 /// Problems found by validation, as (dotted key, message) pairs.

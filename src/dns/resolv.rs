@@ -5,9 +5,12 @@ use std::net::SocketAddr;
 
 use crate::wellknown::DNS_PORT;
 
+/// Where the host lists its resolvers.
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+
 /// The host's resolvers from /etc/resolv.conf, port 53.
 pub fn host_resolvers() -> Vec<SocketAddr> {
-    std::fs::read_to_string("/etc/resolv.conf")
+    std::fs::read_to_string(RESOLV_CONF)
         .map(|text| parse_resolv_conf(&text))
         .unwrap_or_default()
 }

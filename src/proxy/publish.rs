@@ -90,26 +90,34 @@ pub struct Publisher {
     udp: Vec<(u16, UdpOut)>,
 }
 
-impl Publisher {
-    /// Binds every entry and starts its task on `runtime`.
+/// A published entry's socket, bound and not yet served.
+enum BoundSocket {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
+
+/// Every published entry bound, before any thread exists (binding a
+/// privileged port needs a capability the daemon drops once started).
+pub struct Bound(Vec<(Publish, BoundSocket)>);
+
+impl Bound {
+    /// Starts every entry's task on `runtime`.
     pub fn start(
+        self,
         runtime: &tokio::runtime::Handle,
-        entries: &[Publish],
         metrics: &Arc<Metrics>,
-    ) -> Result<Self, Error> {
+    ) -> Result<Publisher, Error> {
         let _enter = runtime.enter();
         let slot: Arc<Mutex<Option<Inbox>>> = Arc::default();
         let mut udp = Vec::new();
-        for entry in entries {
+        for (entry, socket) in self.0 {
             let bind_error = |source| Error::Bind {
                 protocol: entry.protocol,
                 addr: entry.host,
                 source,
             };
-            match entry.protocol {
-                Protocol::Tcp => {
-                    let std = std::net::TcpListener::bind(entry.host).map_err(bind_error)?;
-                    std.set_nonblocking(true).map_err(bind_error)?;
+            match socket {
+                BoundSocket::Tcp(std) => {
                     let listener = TcpListener::from_std(std).map_err(bind_error)?;
                     runtime.spawn(accept_tcp(
                         listener,
@@ -118,9 +126,7 @@ impl Publisher {
                         metrics.clone(),
                     ));
                 }
-                Protocol::Udp => {
-                    let std = std::net::UdpSocket::bind(entry.host).map_err(bind_error)?;
-                    std.set_nonblocking(true).map_err(bind_error)?;
+                BoundSocket::Udp(std) => {
                     let socket = UdpSocket::from_std(std).map_err(bind_error)?;
                     let (out, out_rx) = mpsc::channel(UDP_OUT_DEPTH);
                     runtime.spawn(relay_udp(
@@ -135,7 +141,35 @@ impl Publisher {
             }
             tracing::info!(protocol = ?entry.protocol, host = %entry.host, guest_port = entry.guest_port, "published");
         }
-        Ok(Self { slot, udp })
+        Ok(Publisher { slot, udp })
+    }
+}
+
+impl Publisher {
+    /// Binds every entry; nothing is served until [`Bound::start`].
+    pub fn bind(entries: &[Publish]) -> Result<Bound, Error> {
+        let mut bound = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let bind_error = |source| Error::Bind {
+                protocol: entry.protocol,
+                addr: entry.host,
+                source,
+            };
+            let socket = match entry.protocol {
+                Protocol::Tcp => {
+                    let std = std::net::TcpListener::bind(entry.host).map_err(bind_error)?;
+                    std.set_nonblocking(true).map_err(bind_error)?;
+                    BoundSocket::Tcp(std)
+                }
+                Protocol::Udp => {
+                    let std = std::net::UdpSocket::bind(entry.host).map_err(bind_error)?;
+                    std.set_nonblocking(true).map_err(bind_error)?;
+                    BoundSocket::Udp(std)
+                }
+            };
+            bound.push((entry.clone(), socket));
+        }
+        Ok(Bound(bound))
     }
 
     /// Makes the engine woken by `wake` the receiver of everything inbound,

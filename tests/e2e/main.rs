@@ -391,16 +391,29 @@ fn ready_notification_and_clean_sigterm() {
     assert!(!daemon.socket.exists());
 }
 
-/// The running daemon can gain no privileges (no_new_privs is set on
-/// every thread before any other starts).
+/// The running daemon, started as root, can gain no privileges and holds
+/// none: no_new_privs, no capabilities in any set, the seccomp filter on
+/// every thread.
 #[test]
-fn daemon_runs_with_no_new_privs() {
+fn daemon_runs_confined() {
     let daemon = Daemon::start_with(None, None, &[]);
+    // The socket exists before the filter goes on; "listening" comes after.
+    assert!(daemon.wait_log("listening", Duration::from_secs(10)));
     let tasks = std::fs::read_dir(format!("/proc/{}/task", daemon.pid())).unwrap();
     let mut seen = 0;
     for task in tasks {
         let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
-        assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+        for line in [
+            "NoNewPrivs:\t1",
+            "Seccomp:\t2",
+            "CapInh:\t0000000000000000",
+            "CapPrm:\t0000000000000000",
+            "CapEff:\t0000000000000000",
+            "CapBnd:\t0000000000000000",
+            "CapAmb:\t0000000000000000",
+        ] {
+            assert!(status.contains(line), "{line}: {status}");
+        }
         seen += 1;
     }
     assert!(seen > 1, "threads: {seen}");

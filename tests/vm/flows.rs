@@ -162,6 +162,91 @@ vg-probe tcp-many {HOST_V4}:7 200
     );
 }
 
+/// (thread name, /proc status) of every thread of `pid`.
+fn task_statuses(pid: u32) -> Vec<(String, String)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .map(|status| {
+            let name = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Name:\t"))
+                .unwrap_or("")
+                .to_owned();
+            (name, status)
+        })
+        .collect()
+}
+
+/// The daemon as the systemd unit runs it, unprivileged, serves a guest
+/// with every thread confined: the per-VMM threads (vring worker, relay)
+/// are read while the guest is up. Traffic of every kind runs under the
+/// filter and landlock, and nothing is denied.
+#[test]
+fn an_unprivileged_confined_daemon_serves_the_guest() {
+    let world = World::new("confined");
+    let daemon = Daemon::start_unprivileged(&world.ns, None);
+    let pid = daemon.pid();
+    let watcher = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        loop {
+            let tasks = task_statuses(pid);
+            let has = |name: &str| tasks.iter().any(|(n, _)| n == name);
+            if (has("vring_worker") && has("vhost-relay")) || std::time::Instant::now() > deadline {
+                return tasks;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let script = format!(
+        r#"
+dhcp
+wait_v6
+echo VG-GET4; wget -q -O - http://{HOST_V4}/small
+echo VG-GET6; wget -q -O - http://[{HOST_V6}]/small
+vg-probe udp-echo {HOST_V4}:7 20 1000
+echo VG-PING-HOST; ping -c 3 -W 2 {HOST_V4}
+"#
+    );
+    let console = boot(&GuestOpts::new(&daemon.socket, &script));
+    let tasks = watcher.join().unwrap();
+    let names: Vec<&str> = tasks.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.contains(&"vring_worker"), "{names:?}");
+    assert!(names.contains(&"vhost-relay"), "{names:?}");
+    for (name, status) in &tasks {
+        for line in [
+            "Uid:\t65534\t65534\t65534\t65534",
+            "NoNewPrivs:\t1",
+            "Seccomp:\t2",
+            "CapPrm:\t0000000000000000",
+            "CapEff:\t0000000000000000",
+        ] {
+            assert!(status.contains(line), "{name} lacks {line}: {status}");
+        }
+    }
+    let after = |m: &str| console.split(m).nth(1).unwrap_or("").to_owned();
+    assert!(
+        after("VG-GET4").contains("hello from the namespace"),
+        "{console}"
+    );
+    assert!(
+        after("VG-GET6").contains("hello from the namespace"),
+        "{console}"
+    );
+    assert!(console.contains("sent=20 ok=20"), "{console}");
+    assert_eq!(
+        kit::guest::ping_result(&console, "VG-PING-HOST"),
+        Some((3, 3)),
+        "{console}"
+    );
+    let log = daemon.log();
+    assert!(log.contains("landlock: filesystem confined"), "{log}");
+    assert!(!log.contains("seccomp"), "{log}");
+}
+
 /// 100 MiB each way through a guest with `config` and `pairs` queue pairs
 /// (and as many vCPUs), sha256-checked at both ends; returns the daemon's
 /// counters afterwards. With more than one pair the two transfers run at

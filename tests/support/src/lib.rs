@@ -239,6 +239,24 @@ impl Daemon {
         Self::spawn(Some(ns), config, &[], args)
     }
 
+    /// Starts the daemon inside `ns` as the unprivileged user `nobody`
+    /// (uid and gid 65534, no supplementary groups), as the systemd unit
+    /// runs it under a user of its own.
+    pub fn start_unprivileged(ns: &Netns, config: Option<&str>) -> Self {
+        Self::spawn_wrapped(
+            Some(ns),
+            config,
+            &[],
+            &[],
+            &[
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+            ],
+        )
+    }
+
     /// Starts the daemon, in a namespace or not, with extra environment.
     pub fn start_with(ns: Option<&Netns>, config: Option<&str>, env: &[(&str, &str)]) -> Self {
         Self::spawn(ns, config, env, &[])
@@ -269,8 +287,17 @@ impl Daemon {
         let dir = TempDir::new("daemon");
         let socket = dir.0.join("vhost.sock");
         let bin = daemon_bin();
+        if !wrapper.is_empty() {
+            // The wrapper may drop to another user: it must create the socket.
+            std::os::unix::fs::chown(&dir.0, Some(65534), Some(65534)).unwrap();
+        }
         let mut cmd = match (ns, wrapper.split_first()) {
-            (Some(ns), _) => ns.command(bin),
+            (Some(ns), Some((program, rest))) => {
+                let mut cmd = ns.command(program);
+                cmd.args(rest).arg(bin);
+                cmd
+            }
+            (Some(ns), None) => ns.command(bin),
             (None, Some((program, rest))) => {
                 let mut cmd = Command::new(program);
                 cmd.args(rest).arg(bin);
