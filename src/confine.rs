@@ -611,4 +611,53 @@ mod tests {
         });
         assert_eq!(status.code(), Some(0), "{status:?}");
     }
+
+    #[test]
+    fn landlock_leaves_only_the_given_paths() {
+        let dir = std::env::temp_dir().join(format!("vg-landlock-{}", std::process::id()));
+        let sockets = dir.join("sockets");
+        std::fs::create_dir_all(&sockets).unwrap();
+        let allowed = dir.join("allowed");
+        let other = dir.join("other");
+        std::fs::write(&allowed, "yes").unwrap();
+        std::fs::write(&other, "no").unwrap();
+        let paths = Paths {
+            read: vec![allowed.clone()],
+            sockets_in: vec![sockets.clone()],
+            ..Paths::default()
+        };
+        let status = in_child(|| {
+            match landlock(&paths) {
+                Ok(Landlocked::Fully) => {}
+                // No landlock in this kernel: nothing to prove here.
+                Ok(_) => return 9,
+                Err(_) => return 2,
+            }
+            let read_allowed = std::fs::read_to_string(&allowed).is_ok();
+            let read_other = std::fs::read_to_string(&other).is_ok();
+            let write_allowed = std::fs::write(&allowed, "x").is_ok();
+            let passwd = std::fs::read_to_string("/etc/passwd").is_ok();
+            let socket = std::os::unix::net::UnixListener::bind(sockets.join("s")).is_ok();
+            let socket_elsewhere = std::os::unix::net::UnixListener::bind(dir.join("s")).is_ok();
+            let removed = std::fs::remove_file(sockets.join("s")).is_ok();
+            let removed_other = std::fs::remove_file(&other).is_ok();
+            let expected = [true, false, false, false, true, false, true, false];
+            let got = [
+                read_allowed,
+                read_other,
+                write_allowed,
+                passwd,
+                socket,
+                socket_elsewhere,
+                removed,
+                removed_other,
+            ];
+            if got == expected { 0 } else { 3 }
+        });
+        std::fs::remove_dir_all(&dir).unwrap();
+        match status.code() {
+            Some(9) => eprintln!("this kernel has no landlock; skipped"),
+            code => assert_eq!(code, Some(0), "{status:?}"),
+        }
+    }
 }
