@@ -6,7 +6,8 @@
 //! Each harness feeds hostile input to one boundary and checks what must
 //! hold whatever the input: nothing panics, hangs or grows without bound,
 //! and where a property is stated it holds. They run on the calling thread
-//! and touch no socket. Where a harness writes `let _ =`, the value or
+//! and touch no socket but the local socket pairs of the relay harness.
+//! Where a harness writes `let _ =`, the value or
 //! error is what the input deserves and is not the point: the call must
 //! return without panicking (a refused chain, an unparsable message).
 #![forbid(unsafe_code)]
@@ -34,6 +35,10 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("first_bytes", first_bytes),
     ("dns_message", dns_message),
     ("config_policy", config_policy),
+    ("dhcp_ndp", dhcp_ndp),
+    ("fragments", fragments),
+    ("vhost_relay", vhost_relay),
+    ("block_file", block_file),
 ];
 
 /// Guest memory of the virtqueue harness.
@@ -300,5 +305,226 @@ pub fn config_policy(data: &[u8]) {
                 claim: crate::policy::Claim::Unread,
             });
         }
+    }
+}
+
+/// Guest messages with valid framing and checksums, so the fuzzer reaches
+/// the servers rather than the checksum checks: the first byte picks a
+/// DHCP request (UDP 68 -> 67), a Router Solicitation or a Neighbor
+/// Solicitation for the gateway (ICMPv6, hop limit 255), the rest is the
+/// message. Each goes through [`frame`] and its server: DHCP replies stay
+/// within the frame size, the advertiser answers at most once per
+/// solicitation burst.
+pub fn dhcp_ndp(data: &[u8]) {
+    use crate::engine::{frames, ndp};
+    use smoltcp::wire::EthernetAddress;
+    let Some((&pick, body)) = data.split_first() else {
+        return;
+    };
+    let guest_mac = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+    let gateway_mac = EthernetAddress([0x52, 0x54, 0, 0, 0, 1]);
+    let config = Config::embedded();
+    let now = Instant::now();
+    match pick % 3 {
+        0 => {
+            let ends = frames::Ends {
+                src_mac: guest_mac,
+                dst_mac: EthernetAddress::BROADCAST,
+                src: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                dst: IpAddr::V4(Ipv4Addr::BROADCAST),
+                hop_limit: 64,
+            };
+            let built = frames::udp(&ends, 68, crate::wellknown::DHCP_SERVER_PORT, body);
+            frame(&built);
+            let mut server = dhcp::Server::new(&config.network);
+            for _ in 0..2 {
+                if let dhcp::Outcome::Reply(reply) = server.handle(body, now) {
+                    assert!(reply.len() <= 1514, "DHCP reply of {} bytes", reply.len());
+                }
+            }
+        }
+        kind => {
+            let own = own();
+            let (gateway, link_local) = own
+                .v6
+                .unwrap_or((Ipv6Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED));
+            let (dst, icmp_type) = if kind == 1 {
+                (Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2), 133)
+            } else {
+                (gateway, 135)
+            };
+            let mut message = vec![icmp_type, 0, 0, 0];
+            message.extend_from_slice(body);
+            if icmp_type == 135 && message.len() >= 24 {
+                // Mostly ask for one of the gateway's addresses.
+                let target = if pick & 0x80 != 0 {
+                    link_local
+                } else {
+                    gateway
+                };
+                message[8..24].copy_from_slice(&target.octets());
+            }
+            let ends = frames::Ends {
+                src_mac: guest_mac,
+                dst_mac: gateway_mac,
+                src: IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0x5054, 0xff, 0xfe12, 0x3456)),
+                dst: IpAddr::V6(dst),
+                hop_limit: 255,
+            };
+            let built = frames::icmp_v6(&ends, &message);
+            frame(&built);
+            match classify::classify(&built, &own) {
+                Kind::RouterSolicit => {
+                    if let Some(mut ra) = ndp::Advertiser::new(&config.network) {
+                        assert!(
+                            ra.solicited(now).is_some(),
+                            "a solicitation goes unanswered"
+                        );
+                        let _ = ra.solicited(now);
+                    }
+                }
+                Kind::NeighborSolicit { src, target } => {
+                    assert!(own.is_own(IpAddr::V6(target)), "NS for {target} taken");
+                    let na = ndp::neighbor_advert(gateway_mac, src, guest_mac, target);
+                    assert!(na.len() <= 1514);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Fragments with valid IP headers whose offsets, flags, identifications
+/// and lengths the input chooses, IPv4 and IPv6, into a reassembler with a
+/// small budget: the budget holds after every piece, and what comes out
+/// is one whole datagram the usual path sees as no fragment.
+pub fn fragments(data: &[u8]) {
+    use crate::engine::reasm::{Limits, Outcome, Reassembler};
+    use crate::metrics::Metrics;
+    let limits = Limits {
+        max_bytes: 96 << 10,
+        max_bytes_per_source: 80 << 10,
+        timeout: std::time::Duration::from_secs(15),
+    };
+    let metrics = Metrics::default();
+    let mut reassembler = Reassembler::new(limits);
+    let start = Instant::now();
+    let mut rest = data;
+    // Per piece: flags (family, more, time step), offset (2), id, length.
+    while let [flags, o0, o1, id, len, tail @ ..] = rest {
+        let len = usize::from(*len) * 8 + usize::from(flags & 7);
+        let (payload, next) = tail.split_at(tail.len().min(len));
+        rest = next;
+        let v6 = flags & 0x80 != 0;
+        let more = flags & 0x40 != 0;
+        let offset = u16::from_be_bytes([*o0, *o1]) & 0x1fff;
+        let piece = fragment_frame(v6, more, offset, *id, payload);
+        let now = start + std::time::Duration::from_secs(u64::from(flags >> 3 & 7));
+        if let Outcome::Complete(whole) = reassembler.offer(&piece, now, &metrics) {
+            assert!(whole.len() <= 14 + 40 + 65_535, "{} bytes", whole.len());
+            assert!(
+                !matches!(classify::classify(&whole, &own()), Kind::Fragment),
+                "a reassembled datagram is still a fragment"
+            );
+            assert_eq!(
+                reassembler.offer(&whole, now, &metrics),
+                Outcome::NotFragment
+            );
+        }
+        assert!(reassembler.used() <= limits.max_bytes_per_source);
+    }
+}
+
+/// A UDP fragment from the guest to a test host, with a correct header.
+fn fragment_frame(v6: bool, more: bool, offset_units: u16, id: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x52, 0x54, 0, 0, 0, 1, 0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    let field = offset_units << 3;
+    if v6 {
+        frame.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+        let len = u16::try_from(8 + payload.len()).unwrap_or(u16::MAX);
+        frame.extend_from_slice(&len.to_be_bytes());
+        frame.extend_from_slice(&[44, 64]);
+        frame.extend_from_slice(&Ipv6Addr::new(0xfd76, 0x6761, 0x7465, 0, 0, 0, 0, 2).octets());
+        frame.extend_from_slice(&Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10).octets());
+        frame.extend_from_slice(&[17, 0]);
+        frame.extend_from_slice(&(field | u16::from(more)).to_be_bytes());
+        frame.extend_from_slice(&[0, 0, 0, id]);
+    } else {
+        frame.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+        let len = u16::try_from(20 + payload.len()).unwrap_or(u16::MAX);
+        frame.extend_from_slice(&len.to_be_bytes());
+        frame.extend_from_slice(&[0, id]);
+        let flags = (offset_units & 0x1fff) | if more { 0x2000 } else { 0 };
+        frame.extend_from_slice(&flags.to_be_bytes());
+        frame.extend_from_slice(&[64, 17, 0, 0, 198, 19, 0, 2, 192, 0, 2, 10]);
+        let mut ip = smoltcp::wire::Ipv4Packet::new_unchecked(&mut frame[14..]);
+        ip.fill_checksum();
+    }
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// A VMM's byte stream through the message relay to a backend that reads
+/// everything: whatever the messages (sizes, early enables, garbage), the
+/// relay ends when the VMM closes, and never forwards a message larger
+/// than the protocol's limit.
+pub fn vhost_relay(data: &[u8]) {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    // Within the socket buffer: the writes below cannot block.
+    let data = data.get(..64 * 1024).unwrap_or(data);
+    let Ok((mut vmm, relay_vmm)) = UnixStream::pair() else {
+        return;
+    };
+    let Ok((relay_backend, mut backend)) = UnixStream::pair() else {
+        return;
+    };
+    if vmm.write_all(data).is_err() || vmm.shutdown(std::net::Shutdown::Write).is_err() {
+        return;
+    }
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        // The relay closes its end when it stops: end of stream.
+        let _ = backend.read_to_end(&mut seen);
+        seen
+    });
+    // Input the relay refuses (a message over the size limit, a short
+    // one) ends it with an error, which is its answer to such a VMM.
+    let _ = crate::vhost::compat::relay(relay_vmm, relay_backend);
+    let forwarded = reader.join().unwrap_or_default();
+    // What the backend got parses as whole messages within the limit.
+    let mut at = 0;
+    while let Some(header) = forwarded.get(at..at + 12) {
+        let size = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+        let size = usize::try_from(size).unwrap_or(usize::MAX);
+        assert!(
+            size <= vhost::vhost_user::message::MAX_MSG_SIZE,
+            "forwarded a {size}-byte message"
+        );
+        at += 12 + size;
+    }
+    assert_eq!(at, forwarded.len(), "a partial message was forwarded");
+}
+
+/// A block-list file as the config reads it: every entry's line is one of
+/// the file's; each entry that parses as a pattern blocks the name it
+/// names (and, for `*.name`, the names under it), through the set the
+/// forwarder uses as through the pattern itself.
+pub fn block_file(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let lines = text.lines().count();
+    for (line, name) in crate::config::dns::block_file_entries(&text) {
+        assert!((1..=lines).contains(&line), "line {line} of {lines}");
+        assert!(!name.contains('#') && !name.trim().is_empty(), "{name:?}");
+        let Ok(pattern) = crate::names::Pattern::parse(name) else {
+            continue;
+        };
+        let set = crate::names::NameSet::new([name]);
+        let probe = match &pattern {
+            crate::names::Pattern::Exact(n) => n.clone(),
+            crate::names::Pattern::Under(n) => format!("x.{n}"),
+        };
+        assert!(pattern.matches(&probe), "{pattern} does not match {probe}");
+        assert!(set.contains(&probe), "the set of {pattern} misses {probe}");
     }
 }

@@ -74,8 +74,26 @@ counters! {
     vmm_connections,
     /// ARP requests and Neighbor Solicitations for addresses not ours.
     neighbor_not_ours,
-    /// IPv4 fragments of UDP or ICMP (not reassembled).
+    /// IPv4 fragments the gateway does not reassemble (TCP: guests set DF
+    /// and follow the path MTU).
     drop_fragment,
+    /// Fragments of UDP and ICMP datagrams from the guest.
+    fragments_from_guest,
+    /// Datagrams reassembled from them.
+    fragments_reassembled,
+    /// Fragments that were empty, not a multiple of 8 bytes before the
+    /// last, or past the largest datagram.
+    drop_fragment_bad,
+    /// Fragments overlapping another of their datagram, and the later
+    /// fragments of such a datagram.
+    drop_fragment_overlap,
+    /// Partial datagrams not completed in time.
+    drop_fragment_timeout,
+    /// Partial datagrams (or pieces) dropped to stay within the
+    /// reassembly budget.
+    drop_fragment_evicted,
+    /// Fragments the gateway sent to the guest (datagrams over its MTU).
+    fragments_to_guest,
     /// Outbound TCP flows opened (SYN held, upstream dialled).
     tcp_flows,
     /// Inbound TCP flows opened for published ports.

@@ -91,7 +91,7 @@ impl Dns {
 /// hosts files' own names (localhost and friends) are skipped. A line of
 /// several words that does not start with an address is neither format:
 /// it comes back whole, to be reported rather than read as several names.
-pub(super) fn block_file_entries(text: &str) -> Vec<(usize, &str)> {
+pub fn block_file_entries(text: &str) -> Vec<(usize, &str)> {
     const HOSTS_OWN: &[&str] = &[
         "localhost",
         "localhost.localdomain",

@@ -78,6 +78,49 @@ impl Default for Icmp {
     }
 }
 
+/// The `[fragments]` table: reassembly of the guest's fragmented UDP and
+/// ICMP datagrams.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Fragments {
+    /// Budget for all datagrams being reassembled (bytes, plus 256 per
+    /// datagram).
+    pub max_bytes: usize,
+    /// The same budget for one source address.
+    pub max_bytes_per_source: usize,
+    /// A datagram not complete this long after its first fragment is
+    /// dropped.
+    pub timeout_seconds: u64,
+}
+
+impl Default for Fragments {
+    fn default() -> Self {
+        Self {
+            max_bytes: 4 << 20,
+            max_bytes_per_source: 1 << 20,
+            timeout_seconds: 15,
+        }
+    }
+}
+
+impl Fragments {
+    pub(super) fn validate(&self, out: &mut Checks) {
+        // Room for at least one whole 64 KiB datagram.
+        out.range("fragments.max-bytes", self.max_bytes, 66_048..=1 << 30);
+        out.range(
+            "fragments.max-bytes-per-source",
+            self.max_bytes_per_source,
+            66_048..=1 << 30,
+        );
+        out.check(
+            "fragments.max-bytes-per-source",
+            self.max_bytes_per_source <= self.max_bytes,
+            || "must not exceed fragments.max-bytes".into(),
+        );
+        out.range("fragments.timeout-seconds", self.timeout_seconds, 1..=120);
+    }
+}
+
 /// Transport of a published port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -24,7 +24,7 @@ use serde::Deserialize;
 
 pub use confinement::{Confinement, SeccompMode};
 pub use dns::{BlockedAnswer, Dns};
-pub use flows::{Icmp, Outbound, Protocol, Publish, Tcp, Udp};
+pub use flows::{Fragments, Icmp, Outbound, Protocol, Publish, Tcp, Udp};
 pub use network::{MAX_MTU, Network};
 pub use policy::{PolicyConfig, PortSpec, Preset, RuleConfig};
 pub use tls::{Fallback, Tls, UpstreamRoots};
@@ -93,6 +93,9 @@ pub struct Config {
     /// ICMP echo session limits.
     #[serde(default)]
     pub icmp: Icmp,
+    /// Reassembly of the guest's fragmented datagrams.
+    #[serde(default)]
+    pub fragments: Fragments,
     /// Host ports published to guest ports.
     #[serde(default)]
     pub publish: Vec<Publish>,
@@ -236,6 +239,7 @@ impl Config {
         self.tcp.validate(&mut out);
         self.udp.validate(&mut out);
         self.icmp.validate(&mut out);
+        self.fragments.validate(&mut out);
         self.dns.validate(&mut out);
         self.policy.validate(&mut out);
         self.tls.validate(&mut out);

@@ -99,7 +99,8 @@ pub enum Kind<'a> {
     },
     /// An echo request to an address that is not the gateway's: the relay.
     Echo(Echo<'a>),
-    /// An IPv4 fragment of UDP or ICMP: we do not reassemble; dropped.
+    /// An IPv4 fragment that reassembly (`reasm`, which runs first and
+    /// takes UDP and ICMP) left: TCP, whose guests set DF. Dropped.
     Fragment,
     /// Everything else: smoltcp (ARP and NDP for us, pings to us, TCP
     /// segments of known flows, and what it drops or resets).
@@ -152,10 +153,9 @@ fn ipv4<'a>(packet: &'a [u8], own: &Own) -> Kind<'a> {
     let dst = IpAddr::V4(ip.dst_addr());
     let fragment = ip.more_frags() || ip.frag_offset() != 0;
     match ip.next_header() {
-        IpProtocol::Udp if fragment => Kind::Fragment,
-        IpProtocol::Icmp if fragment => Kind::Fragment,
+        _ if fragment => Kind::Fragment,
         IpProtocol::Udp => udp(body, src, dst),
-        IpProtocol::Tcp if !fragment => tcp(body, src, dst),
+        IpProtocol::Tcp => tcp(body, src, dst),
         IpProtocol::Icmp => {
             let Ok(icmp) = Icmpv4Packet::new_checked(body) else {
                 return Kind::Stack;

@@ -270,6 +270,11 @@ impl ToGuest {
         self.frames.push_back((frame, mss));
     }
 
+    /// How many more frames fit.
+    pub fn room(&self) -> usize {
+        MAX_WAITING.saturating_sub(self.frames.len())
+    }
+
     /// Whether there is room for more.
     pub fn has_room(&self) -> bool {
         self.frames.len() < MAX_WAITING

@@ -18,7 +18,7 @@ use super::guest::{Guest, lock};
 use super::police::{self, Facts, Subject, Verdict};
 use super::route::{self, Open, Route, Setup};
 use super::steer::{self, FlowKey, Owner};
-use super::{Ctx, classify, device, dhcp, dns, frames, gate, icmp, ndp, publish, tcp, udp};
+use super::{Ctx, classify, device, dhcp, dns, frames, gate, icmp, ndp, publish, reasm, tcp, udp};
 use crate::metrics::{Counter, Metrics};
 use crate::names::NameSource;
 use crate::policy::Proto;
@@ -63,6 +63,12 @@ pub struct Gateway {
     pub(super) taught: HashMap<std::net::IpAddr, Instant>,
     pub(super) gateway_v4: std::net::Ipv4Addr,
     pub(super) guest_v4: std::net::Ipv4Addr,
+    /// The guest's fragmented datagrams being put back together.
+    pub(super) fragments: super::reasm::Reassembler,
+    /// The guest's MTU: larger datagrams go to it in fragments.
+    pub(super) ip_mtu: usize,
+    /// Identification of the next datagram the gateway fragments.
+    pub(super) next_ip_id: u32,
 }
 
 impl Gateway {
@@ -74,6 +80,19 @@ impl Gateway {
             let mac = EthernetAddress(src);
             if mac.is_unicast() {
                 self.guest_mac = mac;
+            }
+        }
+        match self.fragments.offer(frame, now, &self.metrics) {
+            reasm::Outcome::NotFragment => {}
+            reasm::Outcome::Taken => return true,
+            reasm::Outcome::Complete(whole) => {
+                // The whole datagram takes the usual path. One that none
+                // of the relays takes (a large ping to the gateway itself)
+                // would reach smoltcp over the MTU: dropped instead.
+                if !self.intercept(&whole, now, steered) {
+                    self.metrics.inc(Counter::drop_fragment);
+                }
+                return true;
             }
         }
         if !steered && self.hand_over(frame) {
@@ -368,8 +387,26 @@ impl Gateway {
         self.queue(rst);
     }
 
+    /// Queues a frame for the guest; a datagram over the guest's MTU goes
+    /// in fragments, all or none.
     pub(super) fn queue(&mut self, frame: Vec<u8>) {
-        self.pending.push(frame, Instant::now(), &self.metrics);
+        let now = Instant::now();
+        if frame.len() > self.ip_mtu + crate::virtio::ETH_HDR_LEN
+            && let Some(pieces) = reasm::fragment(&frame, self.ip_mtu, self.next_ip_id)
+        {
+            self.next_ip_id = self.next_ip_id.wrapping_add(1);
+            if self.pending.room() < pieces.len() {
+                self.metrics.inc(Counter::drop_pending_full);
+                return;
+            }
+            self.metrics
+                .add(Counter::fragments_to_guest, pieces.len() as u64);
+            for piece in pieces {
+                self.pending.push(piece, now, &self.metrics);
+            }
+            return;
+        }
+        self.pending.push(frame, now, &self.metrics);
     }
 
     pub(super) fn has_room(&self) -> bool {

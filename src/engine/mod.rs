@@ -31,6 +31,7 @@ pub mod icmp;
 pub mod ndp;
 pub mod police;
 pub mod publish;
+pub mod reasm;
 pub mod route;
 pub mod sessions;
 pub mod steer;
@@ -209,6 +210,13 @@ impl Engine {
                 taught: HashMap::new(),
                 gateway_v4: net.ipv4_gateway,
                 guest_v4: net.ipv4_guest,
+                fragments: reasm::Reassembler::new(reasm::Limits {
+                    max_bytes: config.fragments.max_bytes,
+                    max_bytes_per_source: config.fragments.max_bytes_per_source,
+                    timeout: Duration::from_secs(config.fragments.timeout_seconds),
+                }),
+                ip_mtu: usize::from(net.mtu),
+                next_ip_id: 0,
             },
             layout,
             max_frame,
@@ -344,6 +352,7 @@ impl Engine {
         if now >= self.next_expiry {
             self.gateway.udp.expire(now);
             self.gateway.icmp.expire(now);
+            self.gateway.fragments.expire(now, &self.metrics);
             if let Some(p) = self.gateway.published.as_mut() {
                 p.expire(now);
             }

@@ -162,6 +162,60 @@ vg-probe tcp-many {HOST_V4}:7 200
     );
 }
 
+/// A guest at MTU 1500 sends 4 and 8 KiB UDP datagrams and 6 KB pings, over
+/// IPv4 and IPv6: its fragments are reassembled, decided, relayed, and the
+/// echoes of the same size come back to it in fragments.
+#[test]
+fn fragmented_datagrams_go_both_ways_at_mtu_1500() {
+    let world = World::new("frag");
+    let daemon = Daemon::start(&world.ns, Some("[network]\nmtu = 1500\n"));
+    let script = format!(
+        r#"
+dhcp
+wait_v6
+echo VG-MTU $(cat /sys/class/net/eth0/mtu)
+vg-probe udp-echo {HOST_V4}:7 10 4000
+vg-probe udp-echo {HOST_V4}:7 10 8000
+vg-probe udp-echo [{HOST_V6}]:7 10 4000
+vg-probe udp-echo [{HOST_V6}]:7 10 8000
+echo VG-PING-BIG; ping -c 3 -W 2 -s 6000 {HOST_V4}
+echo VG-PING-BIG6; ping6 -c 3 -W 2 -s 6000 {HOST_V6}
+"#
+    );
+    let console = boot(&GuestOpts::new(&daemon.socket, &script));
+    assert!(console.contains("VG-MTU 1500"), "{console}");
+    let udp: Vec<&str> = console
+        .lines()
+        .filter(|l| l.contains("VG-UDP sent="))
+        .collect();
+    assert_eq!(udp, ["VG-UDP sent=10 ok=10"; 4], "{console}");
+    for marker in ["VG-PING-BIG", "VG-PING-BIG6"] {
+        assert_eq!(
+            kit::guest::ping_result(&console, marker),
+            Some((3, 3)),
+            "{marker}: {console}"
+        );
+    }
+    let counters = daemon_counters(&daemon);
+    // 40 datagrams and 6 pings each way, at least 3 fragments each.
+    assert!(
+        counter(&counters, "fragments_reassembled") >= 46,
+        "{counters}"
+    );
+    assert!(
+        counter(&counters, "fragments_to_guest") >= 3 * 46,
+        "{counters}"
+    );
+    for drop in [
+        "drop_fragment_bad",
+        "drop_fragment_overlap",
+        "drop_fragment_evicted",
+        "drop_pending_full",
+    ] {
+        assert_eq!(counter(&counters, drop), 0, "{drop}: {counters}");
+    }
+}
+
 /// (thread name, /proc status) of every thread of `pid`.
 fn task_statuses(pid: u32) -> Vec<(String, String)> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
