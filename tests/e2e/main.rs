@@ -23,6 +23,9 @@ const GW: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 const GUEST: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
 const WAIT: Duration = Duration::from_secs(5);
 
+#[path = "../common/stack.rs"]
+mod stack;
+
 fn ethernet(dst: EthernetAddress, ethertype: EthernetProtocol, payload_len: usize) -> Vec<u8> {
     let mut frame = vec![0u8; 14 + payload_len];
     EthernetRepr {
@@ -553,6 +556,119 @@ fn reconnects_and_probes_leave_no_descriptors_or_threads() {
     // And the next VMM is still served.
     let mut vmm = Vmm::qemu_start(&daemon.socket, true);
     exercise_gateway(&mut vmm);
+}
+
+/// Host peers on loopback for transfers that never end by themselves: a
+/// sink that reads each connection until it goes, and a source that
+/// writes to each until it goes. Returns (sink port, source port).
+fn sink_and_source() -> (u16, u16) {
+    use std::io::{Read, Write};
+    let sink = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let source = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ports = (
+        sink.local_addr().unwrap().port(),
+        source.local_addr().unwrap().port(),
+    );
+    std::thread::spawn(move || {
+        for mut conn in sink.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    std::thread::spawn(move || {
+        for mut conn in source.incoming().flatten() {
+            std::thread::spawn(move || {
+                let buf = vec![0x5au8; 1 << 16];
+                while conn.write_all(&buf).is_ok() {}
+            });
+        }
+    });
+    ports
+}
+
+/// A session whose VMM goes away in the middle of moving `bytes` each way
+/// on two flows at once: the harness drops its connection with both flows
+/// open and data in flight, as a killed QEMU does.
+fn killed_mid_transfer(daemon: &Daemon, (sink, source): (u16, u16), bytes: usize) {
+    let mode = stack::Mode {
+        mtu: 65520,
+        tso: false,
+    };
+    let mut guest = stack::Guest::start(daemon, mode);
+    let up = guest.connect(sink, 1 << 20);
+    let down = guest.connect(source, 1 << 20);
+    let (mut sent, mut got) = (0, 0);
+    guest.until("both directions moving", |g| {
+        let s = g.socket(up);
+        while s.can_send() {
+            match s.send(|b| (b.len(), b.len())) {
+                Ok(n) if n > 0 => sent += n,
+                _ => break,
+            }
+        }
+        let d = g.socket(down);
+        while d.can_recv() {
+            match d.recv(|b| (b.len(), b.len())) {
+                Ok(n) if n > 0 => got += n,
+                _ => break,
+            }
+        }
+        sent >= bytes && got >= bytes
+    });
+    drop(guest);
+}
+
+/// A daemon whose VMM is killed mid-transfer 100 times in a row, both
+/// directions at once, then connected and disconnected cleanly 1,000
+/// times: every next VMM is served, descriptors and threads return exactly
+/// to their baseline and memory stays flat.
+#[test]
+fn a_hundred_kills_mid_transfer_and_a_thousand_sessions_leave_the_daemon_as_it_was() {
+    let config = "[outbound]\nallow-host-loopback = true\n\
+                  [[policy.rule]]\naction = \"allow\"\ndestination = \"group:host\"\n";
+    // Quiet logs: a thousand sessions at debug level is a lot of text to
+    // search for each disconnect.
+    let daemon = Daemon::start_args(None, Some(config), &["--log-level", "info"]);
+    let pid = daemon.pid();
+    let peers = sink_and_source();
+    // The first session builds what lives for the daemon's whole life.
+    killed_mid_transfer(&daemon, peers, 1 << 20);
+    let mut sessions = 1;
+    wait_disconnects(&daemon, sessions);
+    std::thread::sleep(Duration::from_millis(300));
+    let (fds, tasks, rss) = (open_fds(pid), threads(pid), rss_kib(pid));
+    for _ in 0..100 {
+        killed_mid_transfer(&daemon, peers, 1 << 20);
+        sessions += 1;
+        wait_disconnects(&daemon, sessions);
+    }
+    for i in 0..1000 {
+        drop(Vmm::qemu_start(&daemon.socket, i % 2 == 0));
+        sessions += 1;
+        wait_disconnects(&daemon, sessions);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        (open_fds(pid), threads(pid)),
+        (fds, tasks),
+        "descriptors and threads after 100 kills and 1,000 sessions (baseline first)"
+    );
+    let grown = rss_kib(pid).saturating_sub(rss);
+    eprintln!("baseline {fds} fds, {tasks} threads, {rss} KiB; after: RSS +{grown} KiB");
+    assert!(grown < 4096, "RSS grew {grown} KiB from {rss} KiB");
+    killed_mid_transfer(&daemon, peers, 1 << 20);
+}
+
+/// The daemon's resident memory.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
 }
 
 /// A UDP datagram from the guest to the gateway's `dst_port`.

@@ -216,6 +216,71 @@ echo VG-PING-BIG6; ping6 -c 3 -W 2 -s 6000 {HOST_V6}
     }
 }
 
+/// Real QEMU killed (SIGKILL) five times in a row while its guest moves
+/// data both ways: each next guest is served, and the daemon's descriptors
+/// and threads are back to their baseline afterwards. (The e2e suite does
+/// the same 100 times with the harness VMM, plus 1,000 clean sessions.)
+#[test]
+fn qemu_killed_mid_transfer_leaves_the_daemon_as_it_was() {
+    let world = World::new("kills");
+    let big = world.www.0.join("big");
+    let made = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=200", "status=none"])
+        .arg(format!("of={}", big.display()))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let daemon = Daemon::start(&world.ns, None);
+    let pid = daemon.pid();
+    let resets = |d: &Daemon| d.log().matches("guest state reset").count();
+    // The first guest builds what lives for the daemon's whole life.
+    let check = format!("dhcp\necho VG-GET; wget -q -O - http://{HOST_V4}/small\n");
+    let console = boot(&GuestOpts::new(&daemon.socket, &check));
+    assert!(console.contains("hello from the namespace"), "{console}");
+    assert!(daemon.wait_log("guest state reset", Duration::from_secs(10)));
+    std::thread::sleep(Duration::from_millis(300));
+    let baseline = (open_fds(pid), task_statuses(pid).len());
+    let moving = format!(
+        r#"
+dhcp
+dd if=/dev/zero of=/tmp/blob bs=1M count=100 2>/dev/null
+wget -q -O /dev/null http://{HOST_V4}/big &
+vg-probe tcp-send-file {HOST_V4}:5001 /tmp/blob &
+sleep 1
+echo VG-MOVING
+sleep 600
+"#
+    );
+    for round in 1..=5 {
+        let guest = Guest::spawn(&GuestOpts::new(&daemon.socket, &moving), "VG-MOVING");
+        assert!(
+            guest.wait_marker(Duration::from_secs(120)),
+            "round {round}: {}",
+            guest.console()
+        );
+        guest.kill();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while resets(&daemon) < round + 1 {
+            assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        (open_fds(pid), task_statuses(pid).len()),
+        baseline,
+        "descriptors and threads after 5 kills (baseline first)"
+    );
+    let console = boot(&GuestOpts::new(&daemon.socket, &check));
+    assert!(console.contains("hello from the namespace"), "{console}");
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
 /// (thread name, /proc status) of every thread of `pid`.
 fn task_statuses(pid: u32) -> Vec<(String, String)> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {

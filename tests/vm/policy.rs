@@ -204,7 +204,7 @@ destination = "www.other.test"
 protocols = ["tcp"]
 ports = [443]
 "#;
-    let daemon = Daemon::start_args(&ns, Some(config), &["--log-format", "json"]);
+    let daemon = Daemon::start_args(Some(&ns), Some(config), &["--log-format", "json"]);
     // First with no DNS answer for the addresses (names from the flows'
     // own bytes), then after the guest resolved them (names from pins).
     let script = r#"

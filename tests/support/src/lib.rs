@@ -234,9 +234,10 @@ impl Daemon {
         Self::start_with(Some(ns), config, &[])
     }
 
-    /// Starts the daemon inside `ns` with extra command-line arguments.
-    pub fn start_args(ns: &Netns, config: Option<&str>, args: &[&str]) -> Self {
-        Self::spawn(Some(ns), config, &[], args)
+    /// Starts the daemon, inside `ns` or not, with extra command-line
+    /// arguments (a `--log-level` of their own replaces the default debug).
+    pub fn start_args(ns: Option<&Netns>, config: Option<&str>, args: &[&str]) -> Self {
+        Self::spawn(ns, config, &[], args)
     }
 
     /// Starts the daemon inside `ns` as the unprivileged user `nobody`
@@ -305,11 +306,11 @@ impl Daemon {
             }
             (None, None) => Command::new(bin),
         };
-        cmd.arg("--socket-path")
-            .arg(&socket)
-            .args(["--log-level", "debug"])
-            .args(args)
-            .envs(env.iter().copied());
+        cmd.arg("--socket-path").arg(&socket);
+        if !args.contains(&"--log-level") {
+            cmd.args(["--log-level", "debug"]);
+        }
+        cmd.args(args).envs(env.iter().copied());
         if let Some(text) = config {
             let path = dir.0.join("config.toml");
             std::fs::write(&path, text).unwrap();
