@@ -162,8 +162,14 @@ counters! {
     dns_servfail,
     /// DNS queries that could not be parsed (FORMERR or dropped).
     dns_malformed,
-    /// DNS queries refused at the in-flight bound.
+    /// DNS queries refused at the in-flight bound (every slot held an
+    /// answer not yet delivered).
     dns_over_limit,
+    /// DNS queries cancelled at the in-flight bound to make room for a
+    /// newer one.
+    dns_evicted,
+    /// DNS answers lost because the engine's answer queue was full.
+    dns_answers_dropped,
     /// DNS answers with internal addresses removed (rebind protection).
     dns_rebind_stripped,
     /// DNS-over-TLS connections and DNS-over-QUIC datagrams refused.

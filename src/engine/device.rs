@@ -270,6 +270,11 @@ impl ToGuest {
         self.frames.push_back((frame, mss));
     }
 
+    /// Frames waiting.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
     /// How many more frames fit.
     pub fn room(&self) -> usize {
         MAX_WAITING.saturating_sub(self.frames.len())

@@ -451,9 +451,10 @@ impl Gateway {
         });
     }
 
-    /// Queues the frames `next` builds while there is room.
+    /// Queues the frames `next` builds while fewer than
+    /// [`RELAYED_WAITING`] frames wait.
     fn drain(&mut self, mut next: impl FnMut(&mut Self) -> Option<Vec<u8>>) {
-        while self.has_room() {
+        while self.pending.len() < RELAYED_WAITING {
             let Some(frame) = next(self) else {
                 break;
             };
@@ -461,6 +462,16 @@ impl Gateway {
         }
     }
 }
+
+/// Relayed datagrams (UDP and echo replies, DNS answers) are queued for the
+/// guest only while fewer frames than this wait. smoltcp's frames go out
+/// only once every waiting frame is written (the guest sees one order), so
+/// a reply stream that kept the queue full would hold a TCP handshake back
+/// for as long as the stream lasts; a short queue lets smoltcp in each time
+/// the guest frees buffers, and is still deeper than one burst of RX
+/// buffers. What is left waits in the session sockets (and the kernel's
+/// receive buffers) and the answer channel.
+const RELAYED_WAITING: usize = 64;
 
 /// The ends of a frame from the gateway (`macs`: gateway's, guest's).
 fn ends(

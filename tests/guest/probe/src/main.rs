@@ -16,7 +16,8 @@ fn usage() -> ! {
          | tls-hello ADDR SNI | https-get ADDR SNI CAFILE PATH [HOST] \
          | dot ADDR SNI CAFILE NAME | https-crr ADDR SNI CAFILE N \
          | tcp-script ADDR HEX[,HEX...] | raw-syn IFACE GWMAC SRCIP DSTIP PORT \
-         | syn-flood IFACE GWMAC SRCIP COUNT | udp-flood COUNT | icmp-flood COUNT"
+         | syn-flood IFACE GWMAC SRCIP COUNT | udp-flood COUNT | icmp-flood COUNT \
+         | dns-flood ADDR COUNT | dns-a ADDR NAME"
     );
     std::process::exit(2)
 }
@@ -71,6 +72,8 @@ fn main() {
         ),
         Some("tcp-script") => tcp_script(arg(&args, 2), &arg::<String>(&args, 3)),
         Some("udp-flood") => udp_flood(arg(&args, 2)),
+        Some("dns-flood") => dns_flood(arg(&args, 2), arg(&args, 3)),
+        Some("dns-a") => dns_a(arg(&args, 2), &arg::<String>(&args, 3)),
         Some("icmp-flood") => icmp_flood(arg(&args, 2)),
         Some("syn-flood") => syn_flood(
             &arg::<String>(&args, 2),
@@ -598,6 +601,82 @@ fn tcp_hold(addr: SocketAddr, secs: u64) {
         }
     }
     println!("VG-HELD bytes={total}");
+}
+
+/// A DNS query message (A, IN, recursion desired) for `name`.
+fn a_query(id: u16, name: &str) -> Vec<u8> {
+    let mut query = id.to_be_bytes().to_vec();
+    query.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    query
+}
+
+/// COUNT A queries for distinct names (fN.flood.test) as fast as the
+/// guest can send them, from a new source port every 64 queries, answers
+/// ignored: a query flood no per-port limit stops. Runs at nice 19, so the
+/// probes that time the gateway during the flood are not also timing the
+/// guest scheduler's share for a busy loop on one vCPU.
+fn dns_flood(addr: SocketAddr, count: u32) {
+    // SAFETY: setpriority on this process with integer arguments.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    let t = Instant::now();
+    let mut sent = 0u32;
+    let mut sock = None;
+    for i in 0..count {
+        if i % 64 == 0 {
+            let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            s.set_nonblocking(true).unwrap();
+            sock = Some(s);
+        }
+        let query = a_query(i as u16, &format!("f{i}.flood.test"));
+        let Some(s) = &sock else { continue };
+        // As fast as the link takes them: a full transmit queue says
+        // ENOBUFS, and sending on into it would only drop the guest's own
+        // packets (the probes' among them) before they reach the gateway.
+        loop {
+            match s.send_to(&query, addr) {
+                Ok(_) => {
+                    sent += 1;
+                    break;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) || e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    println!("VG-DNSFLOOD sent={sent} ms={}", t.elapsed().as_millis());
+}
+
+/// One A query, timed: its rcode and answer count, or a timeout after 3 s.
+fn dns_a(addr: SocketAddr, name: &str) {
+    let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let query = a_query(0x4242, name);
+    let t = Instant::now();
+    sock.send_to(&query, addr).unwrap();
+    let mut buf = vec![0u8; 4096];
+    while t.elapsed() < Duration::from_secs(3) {
+        let Ok((n, _)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        if n < 12 || buf[..2] != query[..2] {
+            continue;
+        }
+        let count = u16::from_be_bytes([buf[6], buf[7]]);
+        println!(
+            "VG-DNSA {name} rcode={} answers={count} ms={}",
+            buf[3] & 0x0f,
+            t.elapsed().as_millis()
+        );
+        return;
+    }
+    println!("VG-DNSA {name} result=timeout ms={}", t.elapsed().as_millis());
 }
 
 /// One TXT query over UDP (no EDNS: 512-byte answers) or TCP; prints the
