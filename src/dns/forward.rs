@@ -160,10 +160,9 @@ impl Forwarder {
         }
         for _ in 0..self.attempts {
             for upstream in &self.upstreams {
-                let id = parsed.metadata.id;
                 let asked = match transport {
-                    Transport::Udp => self.ask(*upstream, query, id).await,
-                    Transport::Tcp => self.ask_tcp(*upstream, query, id).await,
+                    Transport::Udp => self.ask(*upstream, query, &parsed).await,
+                    Transport::Tcp => self.ask_tcp(*upstream, query, &parsed).await,
                 };
                 if let Some(answer) = asked {
                     let (answer, outcome) = match self.rebind.as_ref().map(|r| r.filter(&answer)) {
@@ -221,7 +220,7 @@ impl Forwarder {
         })
     }
 
-    async fn ask(&self, upstream: SocketAddr, query: &[u8], id: u16) -> Option<Vec<u8>> {
+    async fn ask(&self, upstream: SocketAddr, query: &[u8], asked: &Message) -> Option<Vec<u8>> {
         let bind: SocketAddr = if upstream.is_ipv4() {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         } else {
@@ -238,14 +237,20 @@ impl Forwarder {
                 .ok()?
                 .ok()?;
             let answer = buf.get(..n)?;
-            // Only an answer to this query counts (RFC 5452 9.1: id match).
-            if answer.len() >= HEADER_BYTES && answer.get(..2) == Some(&id.to_be_bytes()[..]) {
+            // Anything else (a late or spoofed datagram) is ignored and the
+            // real answer still awaited.
+            if answers(asked, answer) {
                 return Some(answer.to_vec());
             }
         }
     }
 
-    async fn ask_tcp(&self, upstream: SocketAddr, query: &[u8], id: u16) -> Option<Vec<u8>> {
+    async fn ask_tcp(
+        &self,
+        upstream: SocketAddr,
+        query: &[u8],
+        asked: &Message,
+    ) -> Option<Vec<u8>> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let exchange = async {
             let mut stream = tokio::net::TcpStream::connect(upstream).await.ok()?;
@@ -258,8 +263,7 @@ impl Forwarder {
             stream.read_exact(&mut len).await.ok()?;
             let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
             stream.read_exact(&mut answer).await.ok()?;
-            (answer.len() >= HEADER_BYTES && answer.get(..2) == Some(&id.to_be_bytes()[..]))
-                .then_some(answer)
+            answers(asked, &answer).then_some(answer)
         };
         tokio::time::timeout(self.timeout, exchange).await.ok()?
     }
@@ -320,6 +324,35 @@ fn query_id() -> u16 {
     u16::try_from(v & 0xffff).unwrap_or_default()
 }
 
+/// Whether `answer` answers `asked` (RFC 5452 9.1): a response with the
+/// same id and the same question (name, case aside; type; class). Only the
+/// header and the question are read, so an answer whose records do not
+/// parse still counts here and is judged by the rebind filter.
+fn answers(asked: &Message, answer: &[u8]) -> bool {
+    use hickory_proto::op::{Header, Query};
+    use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+    if answer.len() < HEADER_BYTES {
+        return false;
+    }
+    let mut decoder = BinDecoder::new(answer);
+    let Ok(header) = Header::read(&mut decoder) else {
+        return false;
+    };
+    if header.metadata.id != asked.metadata.id
+        || header.metadata.message_type != MessageType::Response
+        || usize::from(header.counts.queries) != asked.queries.len()
+    {
+        return false;
+    }
+    asked.queries.iter().all(|want| {
+        Query::read(&mut decoder).is_ok_and(|got| {
+            got.name() == want.name()
+                && got.query_type() == want.query_type()
+                && got.query_class() == want.query_class()
+        })
+    })
+}
+
 /// REFUSED for a query we will not take (the in-flight bound).
 pub fn refused(query: &[u8]) -> Option<Vec<u8>> {
     error_reply(query, ResponseCode::Refused)
@@ -358,6 +391,34 @@ mod tests {
         m.metadata.recursion_desired = true;
         m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
         m.to_vec().unwrap()
+    }
+
+    /// A response to `name` with `id`, one A record.
+    fn response(id: u16, name: &str) -> Vec<u8> {
+        let mut m = Message::response(id, OpCode::Query);
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        m.add_answer(Record::from_rdata(
+            Name::from_ascii(name).unwrap(),
+            60,
+            RData::A(A(Ipv4Addr::new(192, 0, 2, 66))),
+        ));
+        m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn only_a_response_to_the_same_question_answers() {
+        let asked = Message::from_vec(&query("example.test.")).unwrap();
+        assert!(answers(&asked, &response(0x4242, "example.test.")));
+        assert!(answers(&asked, &response(0x4242, "EXAMPLE.Test.")));
+        // Another id, another name (an answer that would pin a name the
+        // guest never asked for), the query echoed, garbage.
+        assert!(!answers(&asked, &response(0x4243, "example.test.")));
+        assert!(!answers(&asked, &response(0x4242, "other.test.")));
+        assert!(!answers(&asked, &query("example.test.")));
+        let mut garbage = response(0x4242, "example.test.");
+        garbage.truncate(14);
+        assert!(!answers(&asked, &garbage));
+        assert!(!answers(&asked, &[0x42, 0x42, 0x80]));
     }
 
     fn allow_all() -> Policy {

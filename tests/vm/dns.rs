@@ -331,3 +331,125 @@ sleep 2
     assert!(counters.contains("dns_evicted="), "{counters}");
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB");
 }
+
+/// The question section of a query (after the 12-byte header): its name
+/// (uncompressed labels) and type/class.
+fn question(query: &[u8]) -> Option<(String, &[u8])> {
+    let mut at = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = usize::from(*query.get(at)?);
+        at += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(query.get(at..at + len)?).into_owned());
+        at += len;
+    }
+    Some((labels.join("."), query.get(12..at + 4)?))
+}
+
+/// An upstream that misbehaves per name: for garbage.test it sends noise,
+/// a response with another id, a response with the right id and another
+/// question, and never the answer; for badrecords.test the right header
+/// and question followed by a record that overruns the message; for
+/// good.test a proper answer (192.0.2.10).
+fn hostile_upstream(ns: &Netns) {
+    ns.add_addr("192.0.2.53/32");
+    let socket = ns.net_enter(|| std::net::UdpSocket::bind("192.0.2.53:53").unwrap());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let q = &buf[..n];
+            let Some((name, section)) = question(q) else {
+                continue;
+            };
+            let header = |id: &[u8], answers: u8| {
+                let mut h = id.to_vec();
+                h.extend_from_slice(&[0x81, 0x80, 0, 1, 0, answers, 0, 0, 0, 0]);
+                h
+            };
+            let a_record = |addr: [u8; 4]| {
+                let mut r = vec![0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4];
+                r.extend_from_slice(&addr);
+                r
+            };
+            let replies: Vec<Vec<u8>> = match name.as_str() {
+                "garbage.test" => {
+                    let mut other_id = header(&[q[0] ^ 0xff, q[1]], 1);
+                    other_id.extend_from_slice(section);
+                    other_id.extend(a_record([192, 0, 2, 66]));
+                    let mut other_question = header(&q[..2], 1);
+                    other_question.extend_from_slice(b"\x05other\x04test\x00\x00\x01\x00\x01");
+                    other_question.extend(a_record([192, 0, 2, 66]));
+                    vec![
+                        (0..200u8).map(|i| i.wrapping_mul(37)).collect(),
+                        other_id,
+                        other_question,
+                    ]
+                }
+                "badrecords.test" => {
+                    let mut bad = header(&q[..2], 1);
+                    bad.extend_from_slice(section);
+                    // rdlength 200 with 4 bytes of data.
+                    bad.extend_from_slice(&[
+                        0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 200, 1, 2, 3, 4,
+                    ]);
+                    vec![bad]
+                }
+                "good.test" => {
+                    let mut good = header(&q[..2], 1);
+                    good.extend_from_slice(section);
+                    good.extend(a_record([192, 0, 2, 10]));
+                    vec![good]
+                }
+                _ => Vec::new(),
+            };
+            for reply in replies {
+                // A lost reply is what a misbehaving upstream may do anyway.
+                socket.send_to(&reply, from).ok();
+            }
+        }
+    });
+}
+
+/// An upstream that answers garbage: noise, another id, another question
+/// (which must not be taken as the answer, nor pin a name the guest never
+/// asked), records that overrun the message. The guest gets SERVFAIL each
+/// time, never the garbage or the other question's address, and a good
+/// answer after all of it.
+#[test]
+fn an_upstream_answering_garbage_gets_the_guest_servfail() {
+    let ns = Netns::new("dnsjunk");
+    ns.add_addr("192.0.2.10/32");
+    hostile_upstream(&ns);
+    let daemon = Daemon::start(
+        &ns,
+        Some("[dns]\nupstreams = [\"192.0.2.53\"]\ntimeout-ms = 500\nattempts = 1\n"),
+    );
+    let script = r#"
+dhcp
+vg-probe dns-a 198.19.0.1:53 garbage.test
+vg-probe dns-a 198.19.0.1:53 badrecords.test
+vg-probe dns-a 198.19.0.1:53 good.test
+"#;
+    let console = boot(&GuestOpts::new(&daemon.socket, script));
+    let line = |name: &str| {
+        kit::guest::line_after(&console, &format!("VG-DNSA {name} "))
+            .unwrap_or("none")
+            .to_owned()
+    };
+    // SERVFAIL is rcode 2; the other question's answer would be rcode 0.
+    for name in ["garbage.test", "badrecords.test"] {
+        assert!(
+            line(name).starts_with("rcode=2 answers=0"),
+            "{name}: {console}"
+        );
+    }
+    assert!(
+        line("good.test").starts_with("rcode=0 answers=1"),
+        "{console}"
+    );
+    daemon.signal("USR1");
+    assert!(daemon.wait_log("counters", std::time::Duration::from_secs(5)));
+}

@@ -281,6 +281,86 @@ fn open_fds(pid: u32) -> usize {
         .count()
 }
 
+/// A host peer on `addr` that, per connection, sends `send` bytes or reads
+/// `read` bytes and then resets the connection (SO_LINGER 0).
+fn resetting_peer(ns: &Netns, addr: &'static str, send: usize, read: usize) {
+    use std::io::{Read, Write};
+    let listener = ns.net_enter(move || TcpListener::bind(addr).unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let chunk = vec![0x42u8; 64 * 1024];
+                let mut sent = 0;
+                while sent < send && conn.write_all(&chunk).is_ok() {
+                    sent += chunk.len();
+                }
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut got = 0;
+                while got < read {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got += n,
+                    }
+                }
+                let socket = socket2::Socket::from(conn);
+                // A failed linger leaves a FIN instead: the test would see it.
+                socket.set_linger(Some(Duration::ZERO)).ok();
+                drop(socket);
+            });
+        }
+    });
+}
+
+/// Host peers that reset a connection, while sending to the guest and
+/// while the guest sends: the guest sees a reset (never a clean end that
+/// would pass a truncated transfer off as complete), promptly, and the
+/// daemon goes on serving.
+#[test]
+fn a_peer_that_resets_is_a_reset_for_the_guest() {
+    let world = World::new("resets");
+    resetting_peer(&world.ns, "192.0.2.10:5002", 1 << 20, 0);
+    resetting_peer(&world.ns, "192.0.2.10:5003", 0, 1 << 20);
+    let daemon = Daemon::start(&world.ns, None);
+    let script = format!(
+        r#"
+dhcp
+vg-probe tcp-read {HOST_V4}:5002
+vg-probe tcp-write {HOST_V4}:5003 64
+vg-probe tcp-read {HOST_V4}:5002
+echo VG-GET; wget -q -O - http://{HOST_V4}/small
+"#
+    );
+    let console = boot(&GuestOpts::new(&daemon.socket, &script));
+    let reads: Vec<&str> = console.lines().filter(|l| l.contains("VG-READ")).collect();
+    assert_eq!(reads.len(), 2, "{console}");
+    for line in reads {
+        let ms: u64 = line
+            .split("ms=")
+            .nth(1)
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(u64::MAX);
+        assert!(line.contains("end=reset") && ms < 5000, "{line}\n{console}");
+    }
+    let write = line_after(&console, "VG-WRITE").unwrap_or("");
+    let ms: u64 = write
+        .split("ms=")
+        .nth(1)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(
+        (write.contains("end=reset") || write.contains("end=broken-pipe")) && ms < 5000,
+        "{write}\n{console}"
+    );
+    assert!(
+        console
+            .split("VG-GET")
+            .nth(1)
+            .is_some_and(|s| s.contains("hello from the namespace")),
+        "{console}"
+    );
+}
+
 /// (thread name, /proc status) of every thread of `pid`.
 fn task_statuses(pid: u32) -> Vec<(String, String)> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {

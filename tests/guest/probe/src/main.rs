@@ -17,7 +17,7 @@ fn usage() -> ! {
          | dot ADDR SNI CAFILE NAME | https-crr ADDR SNI CAFILE N \
          | tcp-script ADDR HEX[,HEX...] | raw-syn IFACE GWMAC SRCIP DSTIP PORT \
          | syn-flood IFACE GWMAC SRCIP COUNT | udp-flood COUNT | icmp-flood COUNT \
-         | dns-flood ADDR COUNT | dns-a ADDR NAME"
+         | dns-flood ADDR COUNT | dns-a ADDR NAME | tcp-read ADDR | tcp-write ADDR MIB"
     );
     std::process::exit(2)
 }
@@ -73,6 +73,8 @@ fn main() {
         Some("tcp-script") => tcp_script(arg(&args, 2), &arg::<String>(&args, 3)),
         Some("udp-flood") => udp_flood(arg(&args, 2)),
         Some("dns-flood") => dns_flood(arg(&args, 2), arg(&args, 3)),
+        Some("tcp-read") => tcp_read(arg(&args, 2)),
+        Some("tcp-write") => tcp_write(arg(&args, 2), arg(&args, 3)),
         Some("dns-a") => dns_a(arg(&args, 2), &arg::<String>(&args, 3)),
         Some("icmp-flood") => icmp_flood(arg(&args, 2)),
         Some("syn-flood") => syn_flood(
@@ -588,6 +590,55 @@ fn tcp_connect(addr: SocketAddr) {
 
 /// Connects, reads nothing for SECS seconds (the sender must be held back by
 /// the window), then reads to the end and reports the byte count.
+/// How a stream ended, for the harness.
+fn ending(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionReset => "reset",
+        std::io::ErrorKind::BrokenPipe => "broken-pipe",
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => "timeout",
+        _ => "error",
+    }
+}
+
+/// Reads a connection to its end (30 s at most without data) and says how
+/// it ended: eof, reset, timeout.
+fn tcp_read(addr: SocketAddr) {
+    let t = Instant::now();
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    let end = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break "eof",
+            Ok(n) => total += n as u64,
+            Err(e) => break ending(&e),
+        }
+    };
+    println!("VG-READ {addr} bytes={total} end={end} ms={}", t.elapsed().as_millis());
+}
+
+/// Writes MIB MiB (30 s at most per write) and says how it ended: done,
+/// reset, broken-pipe, timeout.
+fn tcp_write(addr: SocketAddr, mib: usize) {
+    let t = Instant::now();
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    let chunk = vec![0x77u8; 1 << 20];
+    let mut total = 0u64;
+    let mut end = "done";
+    for _ in 0..mib {
+        match stream.write(&chunk) {
+            Ok(n) => total += n as u64,
+            Err(e) => {
+                end = ending(&e);
+                break;
+            }
+        }
+    }
+    println!("VG-WRITE {addr} bytes={total} end={end} ms={}", t.elapsed().as_millis());
+}
+
 fn tcp_hold(addr: SocketAddr, secs: u64) {
     let mut stream = TcpStream::connect(addr).expect("connect");
     println!("VG-HOLDING {addr}");
