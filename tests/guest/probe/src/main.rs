@@ -17,7 +17,8 @@ fn usage() -> ! {
          | dot ADDR SNI CAFILE NAME | https-crr ADDR SNI CAFILE N \
          | tcp-script ADDR HEX[,HEX...] | raw-syn IFACE GWMAC SRCIP DSTIP PORT \
          | syn-flood IFACE GWMAC SRCIP COUNT | udp-flood COUNT | icmp-flood COUNT \
-         | dns-flood ADDR COUNT | dns-a ADDR NAME | tcp-read ADDR | tcp-write ADDR MIB"
+         | dns-flood ADDR COUNT | dns-a ADDR NAME | tcp-read ADDR | tcp-write ADDR MIB \
+         | tcp-send-prng ADDR MIB SEED"
     );
     std::process::exit(2)
 }
@@ -74,6 +75,7 @@ fn main() {
         Some("udp-flood") => udp_flood(arg(&args, 2)),
         Some("dns-flood") => dns_flood(arg(&args, 2), arg(&args, 3)),
         Some("tcp-read") => tcp_read(arg(&args, 2)),
+        Some("tcp-send-prng") => tcp_send_prng(arg(&args, 2), arg(&args, 3), arg(&args, 4)),
         Some("tcp-write") => tcp_write(arg(&args, 2), arg(&args, 3)),
         Some("dns-a") => dns_a(arg(&args, 2), &arg::<String>(&args, 3)),
         Some("icmp-flood") => icmp_flood(arg(&args, 2)),
@@ -590,6 +592,33 @@ fn tcp_connect(addr: SocketAddr) {
 
 /// Connects, reads nothing for SECS seconds (the sender must be held back by
 /// the window), then reads to the end and reports the byte count.
+/// Sends MIB MiB of the xorshift64* stream from SEED (little-endian
+/// words; `tests/vm/flows.rs` makes the same bytes to check them), then
+/// waits for the far end to close: uploads larger than guest memory.
+fn tcp_send_prng(addr: SocketAddr, mib: usize, seed: u64) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    let mut state = seed;
+    let mut chunk = vec![0u8; 1 << 20];
+    let t = Instant::now();
+    for _ in 0..mib {
+        for word in chunk.chunks_exact_mut(8) {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            word.copy_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+        }
+        stream.write_all(&chunk).unwrap();
+    }
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    println!(
+        "VG-SENT-PRNG bytes={} secs={:.1}",
+        mib << 20,
+        t.elapsed().as_secs_f64()
+    );
+}
+
 /// How a stream ended, for the harness.
 fn ending(e: &std::io::Error) -> &'static str {
     match e.kind() {
