@@ -38,6 +38,9 @@ struct Session<K> {
     last_active: Instant,
     /// The kernel's drop count for the socket when last read.
     dropped: u32,
+    /// Something came back on it: a session in use, not a probe into the
+    /// void (what a flood's sessions are).
+    answered: bool,
 }
 
 /// Sessions keyed by `K`.
@@ -91,10 +94,12 @@ impl<K: Copy + Eq + Hash> Datagrams<K> {
 
     /// Whether one more session fits under `max`. At the limit the
     /// session idle longest gives way if it has been quiet for
-    /// [`EVICT_IDLE`] (counted as `evicted`): a flood of one-datagram
-    /// sessions would otherwise hold every slot for the idle timeout and
-    /// lock the guest's new sessions out, while sessions in use keep
-    /// theirs. Counts `full` when nothing gives way.
+    /// [`EVICT_IDLE`], else the least recently active one that nothing has
+    /// come back on yet (counted as `evicted`): a flood of one-datagram
+    /// sessions into the void would otherwise hold every slot and lock the
+    /// guest's new sessions out, while sessions in use (answered, or busy
+    /// within the last second) keep theirs. Counts `full` when nothing
+    /// gives way.
     pub fn admits(
         &mut self,
         max: usize,
@@ -110,6 +115,12 @@ impl<K: Copy + Eq + Hash> Datagrams<K> {
             .iter()
             .min_by_key(|(_, s)| s.last_active)
             .filter(|(_, s)| now.saturating_duration_since(s.last_active) >= EVICT_IDLE)
+            .or_else(|| {
+                self.by_token
+                    .iter()
+                    .filter(|(_, s)| !s.answered)
+                    .min_by_key(|(_, s)| s.last_active)
+            })
             .map(|(token, _)| *token);
         match quietest.and_then(|token| self.by_token.remove(&token).map(|s| (token, s))) {
             Some((token, session)) => {
@@ -146,6 +157,7 @@ impl<K: Copy + Eq + Hash> Datagrams<K> {
                 socket,
                 last_active: now,
                 dropped: 0,
+                answered: false,
             },
         );
         Ok(())
@@ -215,6 +227,7 @@ impl<K: Copy + Eq + Hash> Datagrams<K> {
                         metrics.add(self.drop_counter, u64::from(lost));
                     }
                     session.last_active = now;
+                    session.answered = true;
                     if wanted(&session.key, self.buf.get(..n).unwrap_or_default()) {
                         break (session.key, n);
                     }
@@ -273,7 +286,10 @@ mod tests {
             socket.connect(peer.local_addr().unwrap()).unwrap();
             table.open(&io, key, socket, t0).unwrap();
         }
-        // Both fresh: nothing gives way.
+        // Both fresh and answered (in use): nothing gives way.
+        for session in table.by_token.values_mut() {
+            session.answered = true;
+        }
         assert!(!table.admits(2, t0, &metrics, counters));
         assert_eq!(metrics.get(Counter::udp_over_limit), 1);
         // Session 2 stays in use; 1 has been quiet for over a second.
@@ -286,6 +302,35 @@ mod tests {
         // Below the limit nothing is touched.
         assert!(table.admits(2, later, &metrics, counters));
         assert!(table.contains(&2));
+    }
+
+    #[test]
+    fn at_the_limit_an_unanswered_session_gives_way_at_once() {
+        let io = HostIo::new().unwrap();
+        let metrics = Metrics::default();
+        let counters = (Counter::udp_over_limit, Counter::udp_session_evicted);
+        let mut table: Datagrams<u8> = Datagrams::new(1, Counter::udp_reply_dropped);
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let t0 = Instant::now();
+        for (i, key) in [1u8, 2, 3].into_iter().enumerate() {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket.connect(peer.local_addr().unwrap()).unwrap();
+            let at = t0 + Duration::from_millis(10 * i as u64);
+            table.open(&io, key, socket, at).unwrap();
+        }
+        // 1 is answered (in use); 2 and 3 are probes into the void.
+        let one = table.by_key[&1];
+        table.by_token.get_mut(&one).unwrap().answered = true;
+        let now = t0 + Duration::from_millis(50);
+        // The least recently active unanswered one goes, a flood's next
+        // session cannot push out one in use.
+        assert!(table.admits(3, now, &metrics, counters));
+        assert!(table.contains(&1) && !table.contains(&2) && table.contains(&3));
+        assert!(table.admits(2, now, &metrics, counters));
+        assert!(table.contains(&1) && !table.contains(&3));
+        assert!(!table.admits(1, now, &metrics, counters));
+        assert!(table.contains(&1));
+        assert_eq!(metrics.get(Counter::udp_session_evicted), 2);
     }
 
     #[test]

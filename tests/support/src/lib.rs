@@ -104,10 +104,23 @@ pub const ROUTER_V4: &str = "198.51.100.1";
 /// The internet side's IPv6 end of the uplink.
 pub const ROUTER_V6: &str = "2001:db8:ff::1";
 
+/// The resolver a daemon in a test namespace finds in /etc/resolv.conf
+/// (`ip netns exec` mounts /etc/netns/NAME/resolv.conf over it): a test
+/// address, so the daemon's default upstream is never the host's real
+/// resolver. Tests that resolve run dnsmasq there.
+pub const TEST_RESOLVER: &str = "192.0.2.53";
+
 impl Netns {
     pub fn new(tag: &str) -> Self {
         let name = unique(tag);
         let net = format!("{name}-i");
+        let etc = PathBuf::from("/etc/netns").join(&name);
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(
+            etc.join("resolv.conf"),
+            format!("nameserver {TEST_RESOLVER}\n"),
+        )
+        .unwrap();
         for ns in [&name, &net] {
             run(Command::new("ip").args(["netns", "add", ns]));
             run(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]));
@@ -216,6 +229,8 @@ impl Drop for Netns {
         for ns in [&self.name, &self.net] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
+        // Test scratch: a leftover directory harms nothing.
+        let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&self.name));
     }
 }
 

@@ -238,6 +238,7 @@ fn iface_mac(iface: &str) -> [u8; 6] {
 /// port, as raw frames out of IFACE to the gateway's MAC; prints how many
 /// went out and how long it took.
 fn syn_flood(iface: &str, gw_mac: &str, src: std::net::IpAddr, count: u32) {
+    nice_down();
     let own_mac = iface_mac(iface);
     let gw = mac_of(gw_mac);
     let t = Instant::now();
@@ -280,6 +281,7 @@ fn syn_flood(iface: &str, gw_mac: &str, src: std::net::IpAddr, count: u32) {
 /// 198.51.100.10-249 (port 1000 up) from one socket: as many sessions as
 /// datagrams for a gateway that tracks them.
 fn udp_flood(count: u32) {
+    nice_down();
     let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
     let t = Instant::now();
     let mut sent = 0u32;
@@ -297,6 +299,7 @@ fn udp_flood(count: u32) {
 /// identifier) pairs in 198.51.100.10-249 through a raw socket: as many
 /// echo sessions as requests for a gateway that tracks them.
 fn icmp_flood(count: u32) {
+    nice_down();
     let t = Instant::now();
     let mut sent = 0u32;
     // SAFETY: plain socket syscalls; every buffer passed is live and sized
@@ -683,6 +686,13 @@ fn tcp_hold(addr: SocketAddr, secs: u64) {
     println!("VG-HELD bytes={total}");
 }
 
+/// Floods run at nice 19: the probes that time the gateway meanwhile would
+/// otherwise time the guest scheduler's share for a busy loop.
+fn nice_down() {
+    // SAFETY: setpriority on this process with integer arguments.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+}
+
 /// A DNS query message (A, IN, recursion desired) for `name`.
 fn a_query(id: u16, name: &str) -> Vec<u8> {
     let mut query = id.to_be_bytes().to_vec();
@@ -697,12 +707,9 @@ fn a_query(id: u16, name: &str) -> Vec<u8> {
 
 /// COUNT A queries for distinct names (fN.flood.test) as fast as the
 /// guest can send them, from a new source port every 64 queries, answers
-/// ignored: a query flood no per-port limit stops. Runs at nice 19, so the
-/// probes that time the gateway during the flood are not also timing the
-/// guest scheduler's share for a busy loop on one vCPU.
+/// ignored: a query flood no per-port limit stops.
 fn dns_flood(addr: SocketAddr, count: u32) {
-    // SAFETY: setpriority on this process with integer arguments.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    nice_down();
     let t = Instant::now();
     let mut sent = 0u32;
     let mut sock = None;
