@@ -380,6 +380,8 @@ pub fn dhcp_ndp(data: &[u8]) {
                             ra.solicited(now).is_some(),
                             "a solicitation goes unanswered"
                         );
+                        // A burst may be rate-limited or not: either way
+                        // it must return.
                         let _ = ra.solicited(now);
                     }
                 }

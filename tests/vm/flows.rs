@@ -340,21 +340,14 @@ echo VG-GET; wget -q -O - http://{HOST_V4}/small
     let reads: Vec<&str> = console.lines().filter(|l| l.contains("VG-READ")).collect();
     assert_eq!(reads.len(), 2, "{console}");
     for line in reads {
-        let ms: u64 = line
-            .split("ms=")
-            .nth(1)
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(u64::MAX);
-        assert!(line.contains("end=reset") && ms < 5000, "{line}\n{console}");
+        assert!(
+            line.contains("end=reset") && ms_of(line) < 5000,
+            "{line}\n{console}"
+        );
     }
     let write = line_after(&console, "VG-WRITE").unwrap_or("");
-    let ms: u64 = write
-        .split("ms=")
-        .nth(1)
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(u64::MAX);
     assert!(
-        (write.contains("end=reset") || write.contains("end=broken-pipe")) && ms < 5000,
+        (write.contains("end=reset") || write.contains("end=broken-pipe")) && ms_of(write) < 5000,
         "{write}\n{console}"
     );
     assert!(
@@ -638,7 +631,7 @@ const USABLE: &str =
     "vg-probe dns-a 198.19.0.1:53 example.test\nvg-probe tcp-connect 192.0.2.10:80";
 
 /// The `ms=` of a probe line.
-fn ms_of(line: &str) -> u64 {
+pub fn ms_of(line: &str) -> u64 {
     line.split("ms=")
         .nth(1)
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
@@ -648,7 +641,7 @@ fn ms_of(line: &str) -> u64 {
 /// The console after `marker` up to the next line starting `VG-` that is
 /// not a probe's result, and whether the lookup and the connection in it
 /// each succeeded within a second.
-fn usable_after(console: &str, marker: &str) -> Result<(), String> {
+pub fn usable_after(console: &str, marker: &str) -> Result<(), String> {
     let section = console.split(marker).nth(1).unwrap_or("");
     let dns = section
         .lines()

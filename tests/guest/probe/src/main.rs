@@ -614,6 +614,7 @@ fn tcp_send_prng(addr: SocketAddr, mib: usize, seed: u64) {
     }
     stream.shutdown(std::net::Shutdown::Write).unwrap();
     let mut rest = Vec::new();
+    // Only waiting for the far end to close; how it closes is its business.
     let _ = stream.read_to_end(&mut rest);
     println!(
         "VG-SENT-PRNG bytes={} secs={:.1}",
