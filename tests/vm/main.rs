@@ -107,6 +107,69 @@ fn killed_vmm_is_replaced_by_a_second_qemu_on_the_same_daemon() {
     assert!(!daemon.socket.exists(), "socket left behind after SIGTERM");
 }
 
+/// The daemon crashes (SIGKILL) under a running guest and is started again
+/// on the same socket, as systemd's `Restart=` or an upgrade does: with
+/// QEMU's `reconnect=1` the guest's connections work again in under five
+/// seconds, on the address and routes it already had (no new DHCP).
+#[test]
+fn a_restarted_daemon_brings_the_running_guests_network_back() {
+    let ns = Netns::new("restart");
+    ns.add_addr("192.0.2.10/32");
+    let web = ns.net_enter(|| std::net::TcpListener::bind("192.0.2.10:80").unwrap());
+    std::thread::spawn(move || for _conn in web.incoming() {});
+    let mut daemon = Daemon::start(&ns, None);
+    let script = r#"
+dhcp
+echo VG-ADDR-BEFORE $(ip -4 -o addr show eth0 | awk '{print $4}')
+vg-probe reach 192.0.2.10:80 20
+echo VG-ADDR-AFTER $(ip -4 -o addr show eth0 | awk '{print $4}')
+echo VG-ROUTE-AFTER $(ip -4 route show default)
+"#;
+    let mut opts = GuestOpts::new(&daemon.socket, script);
+    opts.reconnect = true;
+    let guest = Guest::spawn(&opts, "VG-REACH-START");
+    assert!(
+        guest.wait_marker(Duration::from_secs(120)),
+        "{}",
+        guest.console()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    daemon.kill_and_restart(&ns, None);
+    let console = guest.finish();
+    let summary = line_after(&console, "VG-REACH attempts=").unwrap_or("");
+    let outage: u64 = summary
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("longest-outage-ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX);
+    eprintln!(
+        "{}",
+        console
+            .lines()
+            .filter(|l| l.starts_with("VG-REACH"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        console.contains("VG-REACH down"),
+        "no outage seen: {console}"
+    );
+    assert!(outage < 5000, "outage {outage} ms\n{console}");
+    assert!(summary.ends_with("last=ok"), "{console}");
+    let before = line_after(&console, "VG-ADDR-BEFORE").unwrap_or("none");
+    assert_eq!(before, "198.19.0.2/24", "{console}");
+    assert_eq!(
+        line_after(&console, "VG-ADDR-AFTER"),
+        Some(before),
+        "{console}"
+    );
+    assert!(
+        line_after(&console, "VG-ROUTE-AFTER").is_some_and(|r| r.contains("via 198.19.0.1")),
+        "{console}"
+    );
+    assert!(daemon.log().contains("VMM connected"), "{}", daemon.log());
+}
+
 #[test]
 fn non_default_config_reaches_the_guest() {
     let ns = Netns::new("custom");

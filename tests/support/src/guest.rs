@@ -72,6 +72,9 @@ pub struct GuestOpts<'a> {
     pub cpus: u16,
     /// Queue pairs of the vhost-user NIC (multi-queue above 1).
     pub queue_pairs: u16,
+    /// QEMU reconnects to the vhost-user socket once a second after the
+    /// backend goes (`reconnect=1`).
+    pub reconnect: bool,
 }
 
 /// What the guest's NIC is connected to (the VM tests use vhost-gateway;
@@ -100,6 +103,7 @@ impl<'a> GuestOpts<'a> {
             timeout: Duration::from_secs(180),
             cpus: 1,
             queue_pairs: 1,
+            reconnect: false,
             extra_files: Vec::new(),
             netns: None,
         }
@@ -150,7 +154,11 @@ impl Guest {
         let netdev: Vec<String> = match opts.backend {
             Backend::VhostUser(socket) => vec![
                 "-chardev".into(),
-                format!("socket,id=c0,path={}", socket.display()),
+                format!(
+                    "socket,id=c0,path={}{}",
+                    socket.display(),
+                    if opts.reconnect { ",reconnect=1" } else { "" }
+                ),
                 "-netdev".into(),
                 format!("vhost-user,id=n0,chardev=c0,queues={}", opts.queue_pairs),
             ],

@@ -239,7 +239,7 @@ pub struct Daemon {
     child: Option<Child>,
     pub socket: PathBuf,
     log: Arc<Mutex<String>>,
-    _dir: TempDir,
+    dir: Option<TempDir>,
 }
 
 impl Daemon {
@@ -300,7 +300,30 @@ impl Daemon {
         args: &[&str],
         wrapper: &[&str],
     ) -> Self {
-        let dir = TempDir::new("daemon");
+        Self::spawn_in(TempDir::new("daemon"), ns, config, env, args, wrapper)
+    }
+
+    /// Kills the daemon (SIGKILL, as a crash would end it) and starts a
+    /// new one with `config` on the same socket path, which the new one
+    /// finds stale and replaces.
+    pub fn kill_and_restart(&mut self, ns: &Netns, config: Option<&str>) {
+        if let Some(mut child) = self.child.take() {
+            // Already gone is as good as killed.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let dir = self.dir.take().expect("daemon directory");
+        *self = Self::spawn_in(dir, Some(ns), config, &[], &[], &[]);
+    }
+
+    fn spawn_in(
+        dir: TempDir,
+        ns: Option<&Netns>,
+        config: Option<&str>,
+        env: &[(&str, &str)],
+        args: &[&str],
+        wrapper: &[&str],
+    ) -> Self {
         let socket = dir.0.join("vhost.sock");
         let bin = daemon_bin();
         if !wrapper.is_empty() {
@@ -357,7 +380,7 @@ impl Daemon {
             child: Some(child),
             socket,
             log,
-            _dir: dir,
+            dir: Some(dir),
         }
     }
 

@@ -18,7 +18,7 @@ fn usage() -> ! {
          | tcp-script ADDR HEX[,HEX...] | raw-syn IFACE GWMAC SRCIP DSTIP PORT \
          | syn-flood IFACE GWMAC SRCIP COUNT | udp-flood COUNT | icmp-flood COUNT \
          | dns-flood ADDR COUNT | dns-a ADDR NAME | tcp-read ADDR | tcp-write ADDR MIB \
-         | tcp-send-prng ADDR MIB SEED"
+         | tcp-send-prng ADDR MIB SEED | reach ADDR SECS"
     );
     std::process::exit(2)
 }
@@ -75,6 +75,7 @@ fn main() {
         Some("udp-flood") => udp_flood(arg(&args, 2)),
         Some("dns-flood") => dns_flood(arg(&args, 2), arg(&args, 3)),
         Some("tcp-read") => tcp_read(arg(&args, 2)),
+        Some("reach") => reach(arg(&args, 2), arg(&args, 3)),
         Some("tcp-send-prng") => tcp_send_prng(arg(&args, 2), arg(&args, 3), arg(&args, 4)),
         Some("tcp-write") => tcp_write(arg(&args, 2), arg(&args, 3)),
         Some("dns-a") => dns_a(arg(&args, 2), &arg::<String>(&args, 3)),
@@ -620,6 +621,42 @@ fn tcp_send_prng(addr: SocketAddr, mib: usize, seed: u64) {
         "VG-SENT-PRNG bytes={} secs={:.1}",
         mib << 20,
         t.elapsed().as_secs_f64()
+    );
+}
+
+/// Connects to ADDR every 100 ms (300 ms to answer) for SECS seconds and
+/// reports the longest stretch without a connection: how long an outage
+/// the guest saw.
+fn reach(addr: SocketAddr, secs: u64) {
+    println!("VG-REACH-START");
+    let start = Instant::now();
+    let (mut attempts, mut ok) = (0u32, 0u32);
+    let mut last_ok = Instant::now();
+    let mut longest = Duration::ZERO;
+    let mut up = true;
+    while start.elapsed() < Duration::from_secs(secs) {
+        let t = Instant::now();
+        attempts += 1;
+        let connected = TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok();
+        if connected {
+            ok += 1;
+            longest = longest.max(t.duration_since(last_ok));
+            last_ok = t;
+        }
+        if connected != up {
+            up = connected;
+            println!(
+                "VG-REACH {} at={}",
+                if up { "up" } else { "down" },
+                start.elapsed().as_millis()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100).saturating_sub(t.elapsed()));
+    }
+    println!(
+        "VG-REACH attempts={attempts} ok={ok} longest-outage-ms={} last={}",
+        longest.as_millis(),
+        if up { "ok" } else { "fail" }
     );
 }
 
