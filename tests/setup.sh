@@ -7,8 +7,9 @@
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
 
-# iperf3 and passt are for the benchmark (bench/vm.rs).
-packages=(qemu-system-x86 busybox-static cpio kmod iproute2 procps libc6-dev dnsmasq-base iperf3 passt)
+# util-linux: setpriv and prlimit (the unprivileged and descriptor-limit
+# tests). iperf3 and passt are for the benchmark (bench/vm.rs).
+packages=(qemu-system-x86 busybox-static cpio kmod iproute2 procps util-linux libc6-dev dnsmasq-base iperf3 passt)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -310,7 +310,8 @@ impl Daemon {
         if let Some(mut child) = self.child.take() {
             // Already gone is as good as killed.
             let _ = child.kill();
-            let _ = child.wait();
+            // The new daemon must find the old one's socket stale.
+            child.wait().expect("the killed daemon is reaped");
         }
         let dir = self.dir.take().expect("daemon directory");
         *self = Self::spawn_in(dir, Some(ns), config, &[], &[], &[]);
