@@ -163,10 +163,10 @@ counters! {
     /// DNS queries that could not be parsed (FORMERR or dropped).
     dns_malformed,
     /// DNS queries refused at the in-flight bound (every slot held an
-    /// answer not yet delivered).
+    /// answer on its way to the engine).
     dns_over_limit,
-    /// DNS queries cancelled at the in-flight bound to make room for a
-    /// newer one.
+    /// DNS queries cancelled, or answers the guest had not taken yet
+    /// discarded, at the in-flight bound to make room for a newer query.
     dns_evicted,
     /// DNS answers lost because the engine's answer queue was full.
     dns_answers_dropped,

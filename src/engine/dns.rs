@@ -12,6 +12,9 @@
 //! of its own, must still get its turn rather than be pushed out by the
 //! flood's later queries; a client that waits on many queries at once
 //! loses the oldest of them, which it is the likeliest to have retried.
+//! When every slot holds an answer the guest has not taken yet (a guest
+//! slower to read than the upstream is to answer), an answer gives way by
+//! the same rule (discarded, counted the same).
 //!
 //! Engine thread only; never awaits.
 #![forbid(unsafe_code)]
@@ -98,6 +101,9 @@ pub struct Interceptor {
     queue: VecDeque<Pending>,
     answers_tx: mpsc::Sender<(Answer, Arc<Slot>)>,
     answers: mpsc::Receiver<(Answer, Arc<Slot>)>,
+    /// Answers taken off the channel to choose one to discard, oldest
+    /// first; delivered before the channel's.
+    ready: VecDeque<(Answer, Arc<Slot>)>,
 }
 
 impl Interceptor {
@@ -111,6 +117,7 @@ impl Interceptor {
             queue: VecDeque::new(),
             answers_tx,
             answers,
+            ready: VecDeque::new(),
         }
     }
 
@@ -130,7 +137,11 @@ impl Interceptor {
             self.evict(metrics);
         }
         if self.inflight.load(Ordering::Acquire) >= self.max_inflight {
-            // Every slot holds an answer the engine has not taken yet.
+            // Every slot holds an answer the guest has not taken yet.
+            self.evict_answer(metrics);
+        }
+        if self.inflight.load(Ordering::Acquire) >= self.max_inflight {
+            // Only while answers are between their task and the channel.
             metrics.inc(Counter::dns_over_limit);
             return crate::dns::forward::refused(payload);
         }
@@ -192,19 +203,7 @@ impl Interceptor {
     /// Cancels the oldest query of the endpoint that holds the most.
     fn evict(&mut self, metrics: &Metrics) {
         self.queue.retain(Pending::live);
-        let mut held: HashMap<SocketAddr, usize> = HashMap::new();
-        for p in &self.queue {
-            *held.entry(p.client).or_default() += 1;
-        }
-        let Some(most) = held.values().copied().max() else {
-            return;
-        };
-        // The queue is oldest first: the first query of a heaviest client.
-        let Some(at) = self
-            .queue
-            .iter()
-            .position(|p| held.get(&p.client) == Some(&most))
-        else {
+        let Some(at) = heaviest_first(self.queue.iter().map(|p| p.client)) else {
             return;
         };
         if let Some(victim) = self.queue.remove(at)
@@ -215,17 +214,54 @@ impl Interceptor {
         }
     }
 
+    /// Discards the oldest undelivered answer of the endpoint that holds
+    /// the most.
+    fn evict_answer(&mut self, metrics: &Metrics) {
+        while let Ok(answer) = self.answers.try_recv() {
+            self.ready.push_back(answer);
+        }
+        let Some(at) = heaviest_first(self.ready.iter().map(|((guest, _, _), _)| *guest)) else {
+            return;
+        };
+        if let Some((_, slot)) = self.ready.remove(at)
+            && slot.finish(ANSWERED)
+        {
+            metrics.inc(Counter::dns_evicted);
+        }
+    }
+
     /// The forwarder, for DNS over TCP flows.
     pub fn forwarder(&self) -> Arc<Forwarder> {
         self.forwarder.clone()
     }
 
+    /// Whether answers wait for the engine.
+    pub fn has_answers(&self) -> bool {
+        !self.ready.is_empty() || !self.answers.is_empty()
+    }
+
     /// The next answer for the guest; its slot is free from now on.
     pub fn next_answer(&mut self) -> Option<Answer> {
-        let (answer, slot) = self.answers.try_recv().ok()?;
+        let (answer, slot) = match self.ready.pop_front() {
+            Some(ready) => ready,
+            None => self.answers.try_recv().ok()?,
+        };
         slot.finish(ANSWERED);
         Some(answer)
     }
+}
+
+/// The position of the first (oldest) entry of a client that holds the
+/// most entries among `clients`, oldest first.
+fn heaviest_first(clients: impl Iterator<Item = SocketAddr> + Clone) -> Option<usize> {
+    let mut held: HashMap<SocketAddr, usize> = HashMap::new();
+    for client in clients.clone() {
+        *held.entry(client).or_default() += 1;
+    }
+    let most = held.values().copied().max()?;
+    clients
+        .into_iter()
+        .position(|c| held.get(&c) == Some(&most))
 }
 
 #[cfg(test)]
@@ -263,8 +299,9 @@ mod tests {
         addr
     }
 
-    #[test]
-    fn a_flood_of_slow_queries_cannot_keep_a_new_one_out() {
+    /// An interceptor with 8 slots on `upstream()`, its host side (and the
+    /// runtime that must outlive it).
+    fn interceptor() -> (tokio::runtime::Runtime, Host, Interceptor) {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -284,8 +321,25 @@ mod tests {
             wake: Arc::new(crate::proxy::Wake::new().unwrap()),
             upstream: Arc::new(crate::proxy::Direct),
         };
+        (runtime, host, Interceptor::new(forwarder, 8))
+    }
+
+    /// The next answer, waiting up to 5 s for it.
+    fn wait_answer(dns: &mut Interceptor) -> Answer {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            if let Some(answer) = dns.next_answer() {
+                return answer;
+            }
+            assert!(std::time::Instant::now() < deadline, "no answer");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_flood_of_slow_queries_cannot_keep_a_new_one_out() {
+        let (_runtime, host, mut dns) = interceptor();
         let metrics = Arc::new(Metrics::default());
-        let mut dns = Interceptor::new(forwarder, 8);
         let guest: SocketAddr = "198.19.0.2:5000".parse().unwrap();
         let gateway: SocketAddr = "198.19.0.1:53".parse().unwrap();
         for i in 0..100u16 {
@@ -305,16 +359,54 @@ mod tests {
             dns.query(&host, &metrics, guest, gateway, &query(999, "fast.test"))
                 .is_none()
         );
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let answer = loop {
-            if let Some(answer) = dns.next_answer() {
-                break answer;
-            }
-            assert!(std::time::Instant::now() < deadline, "no answer");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        };
+        let answer = wait_answer(&mut dns);
         assert_eq!(answer.2[..2], 999u16.to_be_bytes());
         assert!(dns.inflight.load(Ordering::Acquire) <= 8);
         assert!(dns.queue.len() <= 4 * 16);
+    }
+
+    /// A guest that leaves every slot holding an answer it has not taken
+    /// still gets a new lookup through: an answer of the endpoint holding
+    /// the most gives way, and every other one still arrives.
+    #[test]
+    fn answers_the_guest_has_not_taken_give_way_to_a_new_query() {
+        let (_runtime, host, mut dns) = interceptor();
+        let metrics = Arc::new(Metrics::default());
+        let gateway: SocketAddr = "198.19.0.1:53".parse().unwrap();
+        let flood: SocketAddr = "198.19.0.2:5000".parse().unwrap();
+        let other: SocketAddr = "198.19.0.2:6000".parse().unwrap();
+        for i in 0..8u16 {
+            let q = query(i, &format!("f{i}.fast.test"));
+            assert!(dns.query(&host, &metrics, flood, gateway, &q).is_none());
+        }
+        // Every task has handed its answer over; none is taken.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while dns.answers.len() < 8 {
+            assert!(std::time::Instant::now() < deadline, "not all answered");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let lookup = query(999, "fast.test");
+        assert!(
+            dns.query(&host, &metrics, other, gateway, &lookup)
+                .is_none()
+        );
+        assert_eq!(metrics.get(Counter::dns_evicted), 1);
+        assert_eq!(metrics.get(Counter::dns_over_limit), 0);
+        let ids: Vec<u16> = (0..8)
+            .map(|_| {
+                let (_, _, a) = wait_answer(&mut dns);
+                u16::from_be_bytes([a[0], a[1]])
+            })
+            .collect();
+        // The flood's answers come in the order their tasks ended.
+        let (flood_ids, last) = ids.split_at(7);
+        assert_eq!(last, [999]);
+        let distinct: std::collections::BTreeSet<_> = flood_ids.iter().collect();
+        assert!(
+            distinct.len() == 7 && flood_ids.iter().all(|&i| i < 8),
+            "{ids:?}"
+        );
+        assert!(dns.next_answer().is_none());
+        assert_eq!(dns.inflight.load(Ordering::Acquire), 0);
     }
 }

@@ -316,10 +316,14 @@ impl Engine {
             .flush(rx, mem, self.layout, &self.metrics, now);
         result.rx_used |= used;
         result.rx_starved |= waiting;
-        // Session sockets are edge-triggered: replies left unread for want
-        // of room bring no new edge. With RX buffers free, come back for
-        // them; without, the guest's next RX kick does.
-        let unread = self.gateway.udp.has_readable() || self.gateway.icmp.has_readable();
+        // Session sockets are edge-triggered, and a DNS answer wakes the
+        // engine once, when it arrives: replies left for want of room (or
+        // beyond the relayed queue's depth) bring no new wake. With RX
+        // buffers free, come back for them; without, the guest's next RX
+        // kick does.
+        let unread = self.gateway.udp.has_readable()
+            || self.gateway.icmp.has_readable()
+            || self.gateway.dns.has_answers();
         if unread && !waiting {
             self.gateway.host.wake.wake();
         }
