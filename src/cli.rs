@@ -29,6 +29,10 @@ pub struct Cli {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=8))]
     pub queue_pairs: Option<u16>,
 
+    /// Control API socket (HTTP/1.1, JSON; see `ctl`). Off without it.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
     /// Print the vhost-user backend capabilities JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -75,12 +79,51 @@ pub enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Ask a running daemon through its control socket.
+    Ctl {
+        /// The daemon's control socket.
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        /// Print the daemon's JSON answer as it is.
+        #[arg(long)]
+        json: bool,
+        /// What to ask.
+        #[command(subcommand)]
+        action: CtlAction,
+    },
     /// Certificate authority for TLS interception.
     Ca {
         /// What to do.
         #[command(subcommand)]
         action: CaAction,
     },
+}
+
+/// `ctl` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CtlAction {
+    /// Version, uptime, the attached guest, live gauges.
+    Status,
+    /// Every non-zero counter (all with --all) and the live gauges.
+    Counters {
+        /// Zero counters too.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Live flows and sessions, oldest first.
+    Flows {
+        /// At most this many (1 to 10,000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Set the log level (error, warn, info, debug, trace or a tracing
+    /// filter).
+    LogLevel {
+        /// The new level.
+        level: String,
+    },
+    /// The Prometheus exposition, as a scraper sees it.
+    Metrics,
 }
 
 /// `ca` subcommands.

@@ -1,15 +1,16 @@
 //! The subcommands that do not run the daemon: `check-config`,
-//! `print-default-config`, `explain`, `ca generate`, and the capabilities
-//! document. Each returns the process exit code; messages go to stdout
-//! (results) and stderr (problems), once.
+//! `print-default-config`, `explain`, `ca generate`, `ctl`, and the
+//! capabilities document. Each returns the process exit code; messages go
+//! to stdout (results) and stderr (problems), once.
 //!
-//! Runs on the main thread before (instead of) the daemon; touches no socket.
+//! Runs on the main thread instead of the daemon; only `ctl` touches a
+//! socket (a running daemon's control socket).
 #![forbid(unsafe_code)]
 
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::cli::{CaAction, Command};
+use crate::cli::{CaAction, Command, CtlAction};
 use crate::config::{self, Config};
 use crate::daemon::error_chain;
 use crate::policy::{Action, Flow, NameSource, Proto};
@@ -36,7 +37,162 @@ pub fn run(command: &Command) -> ExitCode {
             port,
             name,
         } => explain(config.as_deref(), *dest, proto, *port, name.as_deref()),
+        Command::Ctl {
+            control_socket,
+            json,
+            action,
+        } => ctl(control_socket, *json, action),
     }
+}
+
+/// `ctl`: one request; the answer printed for a person (or as JSON).
+fn ctl(socket: &Path, json: bool, action: &CtlAction) -> ExitCode {
+    let (method, path, body) = match action {
+        CtlAction::Status => ("GET", "/v1/status".to_owned(), None),
+        CtlAction::Counters { .. } => ("GET", "/v1/counters".to_owned(), None),
+        CtlAction::Flows { limit } => ("GET", format!("/v1/flows?limit={limit}"), None),
+        CtlAction::LogLevel { level } => {
+            let body = crate::control::api::LogLevelBody {
+                level: level.clone(),
+            };
+            let body = serde_json::to_string(&body).unwrap_or_default();
+            ("PUT", "/v1/log-level".to_owned(), Some(body))
+        }
+        CtlAction::Metrics => ("GET", "/metrics".to_owned(), None),
+    };
+    let (status, answer) = match crate::control::client::request(socket, method, &path, body) {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("vhost-gateway ctl: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    if !(200..300).contains(&status) {
+        let reason = serde_json::from_str::<serde_json::Value>(&answer)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or(answer);
+        eprintln!("vhost-gateway ctl: {status}: {}", reason.trim_end());
+        return ExitCode::FAILURE;
+    }
+    if json || matches!(action, CtlAction::Metrics) {
+        print!("{answer}");
+        return ExitCode::SUCCESS;
+    }
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(&answer) else {
+        print!("{answer}");
+        return ExitCode::SUCCESS;
+    };
+    print!("{}", render(action, &value));
+    ExitCode::SUCCESS
+}
+
+/// A `ctl` answer for a person.
+fn render(action: &CtlAction, v: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    };
+    let mut out = String::new();
+    let mut line = |key: &str, value: String| {
+        // Writing into a String cannot fail.
+        let _ = writeln!(out, "{key:<28} {value}");
+    };
+    let gauges = |line: &mut dyn FnMut(&str, String), g: &serde_json::Value| {
+        if let Some(map) = g.as_object() {
+            for (name, value) in map {
+                line(name, text(value));
+            }
+        }
+    };
+    match action {
+        CtlAction::Status => {
+            line("version", text(&v["version"]));
+            line("uptime", format!("{} s", text(&v["uptime_seconds"])));
+            let guest = &v["guest"];
+            if guest.is_null() {
+                line("VMM attached", "no".to_owned());
+            } else {
+                line(
+                    "VMM attached",
+                    format!(
+                        "yes, for {} s, {} queue pair(s)",
+                        text(&guest["attached_seconds"]),
+                        text(&guest["queue_pairs"])
+                    ),
+                );
+                line(
+                    "guest lease",
+                    match guest["mac"].as_str() {
+                        Some(mac) => {
+                            format!("{mac}, {} s left", text(&guest["lease_seconds_left"]))
+                        }
+                        None => "none".to_owned(),
+                    },
+                );
+                line("guest IPv4", text(&guest["ipv4"]));
+                line("guest IPv6", text(&guest["ipv6"]));
+                line("DNS pins", text(&guest["dns_pins"]));
+            }
+            line("cached certificates", text(&v["cached_certificates"]));
+            gauges(&mut line, &v["gauges"]);
+        }
+        CtlAction::Counters { all } => {
+            if let Some(map) = v["counters"].as_object() {
+                for (name, value) in map {
+                    if *all || value.as_u64() != Some(0) {
+                        line(name, text(value));
+                    }
+                }
+            }
+            if let Some(pairs) = v["frames_by_pair"].as_array()
+                && pairs.len() > 1
+            {
+                let list: Vec<String> = pairs.iter().map(text).collect();
+                line("frames_by_pair", list.join(","));
+            }
+            gauges(&mut line, &v["gauges"]);
+        }
+        CtlAction::Flows { .. } => {
+            out.push_str(&format!(
+                "{:<5} {:<11} {:<40} {:<40} {:<24} {:>12} {:>12} {:>9} {:>4}\n",
+                "PROTO",
+                "STATE",
+                "GUEST",
+                "REMOTE",
+                "NAME",
+                "FROM GUEST",
+                "TO GUEST",
+                "AGE",
+                "PAIR"
+            ));
+            for f in v["flows"].as_array().into_iter().flatten() {
+                let age = f["age_ms"].as_u64().unwrap_or(0);
+                out.push_str(&format!(
+                    "{:<5} {:<11} {:<40} {:<40} {:<24} {:>12} {:>12} {:>8}s {:>4}\n",
+                    text(&f["proto"]),
+                    text(&f["state"]),
+                    text(&f["guest"]),
+                    text(&f["remote"]),
+                    text(&f["name"]),
+                    text(&f["bytes_from_guest"]),
+                    text(&f["bytes_to_guest"]),
+                    age / 1000,
+                    text(&f["pair"]),
+                ));
+            }
+            out.push_str(&format!(
+                "{} of {} flow(s) listed\n",
+                text(&v["listed"]),
+                text(&v["total"])
+            ));
+        }
+        CtlAction::LogLevel { .. } => line("log level", text(&v["level"])),
+        CtlAction::Metrics => {}
+    }
+    out
 }
 
 fn ca_generate(out: &Path, name: &str, days: u32) -> ExitCode {

@@ -55,6 +55,9 @@ pub enum Error {
     /// Accepting a VMM connection failed.
     #[error("cannot accept a VMM connection")]
     Accept(#[source] io::Error),
+    /// The control API could not start.
+    #[error("cannot serve the control socket")]
+    Control(#[source] io::Error),
 }
 
 /// Errors of one VMM connection; logged, then the next VMM is accepted.
@@ -103,6 +106,15 @@ fn fix_mmap_threshold() {
     }
 }
 
+/// What the operator may use besides the vhost socket.
+#[derive(Default)]
+pub struct Operations {
+    /// The control API's socket (`--control-socket`).
+    pub control_socket: Option<PathBuf>,
+    /// Changes the log filter at run time.
+    pub log_level: Option<crate::control::LogLevel>,
+}
+
 /// Runs the daemon until a signal ends it.
 ///
 /// The order is what confinement needs: everything that needs a
@@ -111,7 +123,7 @@ fn fix_mmap_threshold() {
 /// capabilities go and landlock closes the filesystem, before any thread
 /// exists, so every thread inherits both; then the threads start; then the
 /// seccomp filter goes on all of them at once.
-pub fn run(socket_path: &Path, config: Config) -> Result<(), Error> {
+pub fn run(socket_path: &Path, config: Config, operations: Operations) -> Result<(), Error> {
     set_no_new_privs();
     fix_mmap_threshold();
     let needed = crate::proxy::fdlimit::needed(&config);
@@ -127,16 +139,31 @@ pub fn run(socket_path: &Path, config: Config) -> Result<(), Error> {
     }
     let prepared = Wiring::prepare(config)?;
     let (listener, id) = bind(socket_path)?;
+    let control = match operations.control_socket.as_deref().map(bind).transpose() {
+        Ok(control) => control,
+        Err(e) => {
+            remove_if_ours(socket_path, id);
+            return Err(e);
+        }
+    };
     let handlers = match HandlerDir::create() {
         Ok(dir) => dir,
         Err(e) => {
             remove_if_ours(socket_path, id);
+            if let (Some(path), Some((_, control_id))) = (&operations.control_socket, &control) {
+                remove_if_ours(path, *control_id);
+            }
             return Err(Error::HandlerDir(e));
         }
+    };
+    let (control_listener, control_socket) = match (control, operations.control_socket) {
+        (Some((listener, id)), Some(path)) => (Some(listener), Some((path, id))),
+        _ => (None, None),
     };
     let cleanup = Cleanup {
         socket: socket_path.to_owned(),
         id,
+        control: control_socket,
         handlers,
     };
     let wiring = match confine_and_start(prepared, &cleanup) {
@@ -147,6 +174,11 @@ pub fn run(socket_path: &Path, config: Config) -> Result<(), Error> {
         }
     };
     let metrics = wiring.metrics().clone();
+    if let Some(listener) = control_listener {
+        let state = crate::control::api::State::new(wiring.shared(), operations.log_level);
+        crate::control::server::spawn(wiring.handle(), listener, Arc::new(state))
+            .map_err(Error::Control)?;
+    }
     let handlers = cleanup.handlers.path.clone();
     spawn_signal_thread(cleanup, metrics.clone())?;
     if let Err(e) = confine::seccomp(seccomp_mode(wiring.config())) {
@@ -214,13 +246,16 @@ fn confine_and_start(prepared: Prepared, cleanup: &Cleanup) -> Result<Wiring, Er
 /// resolver list when the DNS upstreams come from it.
 fn landlock_paths(config: &Config, cleanup: &Cleanup) -> confine::Paths {
     let mut paths = confine::Paths::default();
-    if let Some(dir) = cleanup.socket.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        paths.remove_in.push(dir.to_owned());
+    let sockets = std::iter::once(&cleanup.socket).chain(cleanup.control.iter().map(|(p, _)| p));
+    for socket in sockets {
+        if let Some(dir) = socket.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            paths.remove_in.push(dir.to_owned());
+        }
     }
     paths.sockets_in.push(cleanup.handlers.path.clone());
     if let Some(parent) = cleanup.handlers.path.parent() {
@@ -243,17 +278,21 @@ fn landlock_paths(config: &Config, cleanup: &Cleanup) -> confine::Paths {
     paths
 }
 
-/// What the daemon removes when it ends: its socket (if still its own) and
-/// its handler directory.
+/// What the daemon removes when it ends: its sockets (if still its own)
+/// and its handler directory.
 struct Cleanup {
     socket: PathBuf,
     id: FileId,
+    control: Option<(PathBuf, FileId)>,
     handlers: HandlerDir,
 }
 
 impl Cleanup {
     fn run(&self) {
         remove_if_ours(&self.socket, self.id);
+        if let Some((path, id)) = &self.control {
+            remove_if_ours(path, *id);
+        }
         self.handlers.remove();
     }
 }

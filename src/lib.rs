@@ -49,6 +49,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod confine;
+pub mod control;
 pub mod daemon;
 pub mod dns;
 pub mod egress;

@@ -2,12 +2,14 @@
 //! Everything else lives in the library (`src/lib.rs`).
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 
 use vhost_gateway::cli::{Cli, LogFormat};
 use vhost_gateway::commands;
 use vhost_gateway::config::Config;
+use vhost_gateway::control::LogLevel;
 use vhost_gateway::daemon::error_chain;
 
 fn main() -> ExitCode {
@@ -36,11 +38,18 @@ fn main() -> ExitCode {
     if let Some(n) = cli.queue_pairs {
         config.network.queue_pairs = n;
     }
-    if let Err(message) = init_logging(&cli.log_level, cli.log_format) {
-        eprintln!("vhost-gateway: {message}");
-        return ExitCode::FAILURE;
-    }
-    match vhost_gateway::daemon::run(&socket_path, config) {
+    let log_level = match init_logging(&cli.log_level, cli.log_format) {
+        Ok(set) => set,
+        Err(message) => {
+            eprintln!("vhost-gateway: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let operations = vhost_gateway::daemon::Operations {
+        control_socket: cli.control_socket.clone(),
+        log_level: Some(log_level),
+    };
+    match vhost_gateway::daemon::run(&socket_path, config, operations) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Logging goes to stderr already: one line, not two (under
@@ -51,7 +60,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(level: &str, format: LogFormat) -> Result<(), String> {
+/// Logging to stderr at `level`; returns what changes the level later.
+fn init_logging(level: &str, format: LogFormat) -> Result<LogLevel, String> {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .map_err(|e| format!("--log-level {level:?}: {e}"))?;
@@ -59,9 +69,28 @@ fn init_logging(level: &str, format: LogFormat) -> Result<(), String> {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    Ok(())
+    let set: LogLevel = match format {
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Arc::new(move |level: &str| reload(&handle, level))
+        }
+        LogFormat::Json => {
+            let builder = builder.json().with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Arc::new(move |level: &str| reload(&handle, level))
+        }
+    };
+    Ok(set)
+}
+
+fn reload<S>(
+    handle: &tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
+    level: &str,
+) -> Result<(), String> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).map_err(|e| format!("{level:?}: {e}"))?;
+    handle.reload(filter).map_err(|e| e.to_string())
 }

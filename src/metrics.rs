@@ -8,11 +8,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+    ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
         /// One named counter.
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         #[allow(non_camel_case_types)]
-        pub enum Counter { $($(#[$doc])* $name),* }
+        pub enum Counter { $($(#[doc = $doc])* $name),* }
 
         impl Counter {
             /// Every counter, in declaration order.
@@ -21,6 +21,12 @@ macro_rules! counters {
             /// The counter's name as it appears in logs.
             pub fn name(self) -> &'static str {
                 match self { $(Counter::$name => stringify!($name)),* }
+            }
+
+            /// What it counts: its doc comment, on one line.
+            pub fn help(self) -> String {
+                let lines: &[&str] = match self { $(Counter::$name => &[$($doc),*]),* };
+                lines.iter().map(|l| l.trim()).collect::<Vec<_>>().join(" ")
             }
         }
     };
@@ -299,5 +305,21 @@ mod tests {
         m.add_pair_frames(PAIRS, 9);
         assert_eq!(m.pair_frames(), [3, 0, 4]);
         assert!(m.snapshot().ends_with(" frames_by_pair=3,0,4"));
+    }
+
+    #[test]
+    fn every_counter_says_what_it_counts() {
+        for &c in Counter::ALL {
+            let help = c.help();
+            assert!(
+                help.len() > 10 && !help.contains("  "),
+                "{}: {help:?}",
+                c.name()
+            );
+        }
+        assert_eq!(
+            Counter::drop_too_short.help(),
+            "TX frames shorter than header + Ethernet."
+        );
     }
 }

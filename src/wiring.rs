@@ -85,6 +85,7 @@ impl Prepared {
             tls: self.tls,
             publisher,
             icmp_available: self.icmp_available,
+            board: Default::default(),
         };
         Ok(Wiring {
             runtime,
@@ -142,6 +143,16 @@ impl Wiring {
     /// The process-wide counters.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.shared.metrics
+    }
+
+    /// The shared parts, for the control API.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// The host-side runtime.
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        self.runtime.handle()
     }
 
     /// A fresh device for one VMM connection.

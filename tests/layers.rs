@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["commands", "fuzzing"],
     &["daemon"],
+    &["control"],
     &["wiring"],
     &["vhost"],
     &["engine"],

@@ -116,13 +116,11 @@ impl Pins {
     }
 
     /// Number of pins (live or not yet evicted).
-    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.lock().by_addr.len()
     }
 
     /// Whether the table is empty.
-    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

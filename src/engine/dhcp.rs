@@ -72,7 +72,14 @@ impl Server {
     /// The client currently holding the lease, if any.
     #[cfg(test)]
     pub fn leased_to(&self, now: Instant) -> Option<EthernetAddress> {
-        self.lease.filter(|l| l.expires > now).map(|l| l.client)
+        self.lease(now).map(|(client, _)| client)
+    }
+
+    /// The client holding the lease and the time it has left.
+    pub fn lease(&self, now: Instant) -> Option<(EthernetAddress, Duration)> {
+        self.lease
+            .filter(|l| l.expires > now)
+            .map(|l| (l.client, l.expires - now))
     }
 
     /// Handles one BOOTP payload from the guest.

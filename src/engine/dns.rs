@@ -235,6 +235,11 @@ impl Interceptor {
         self.forwarder.clone()
     }
 
+    /// Queries in flight or with answers not yet delivered.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
+    }
+
     /// Whether answers wait for the engine.
     pub fn has_answers(&self) -> bool {
         !self.ready.is_empty() || !self.answers.is_empty()

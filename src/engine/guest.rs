@@ -36,6 +36,11 @@ pub struct Guest {
     pub(super) services: Services,
     /// Which pair owns each flow; None with one pair.
     pub(super) steer: Option<steer::Steer>,
+    /// Each pair's wake and its inbox of operator requests.
+    pub(super) wakes: Vec<Arc<Wake>>,
+    pub(super) inboxes: Vec<super::report::Inbox>,
+    /// The names the guest resolved (shared with the forwarder).
+    pub(super) pins: Arc<Pins>,
 }
 
 /// Locks one of the guest's parts. A pair that panicked holding it left
@@ -60,7 +65,7 @@ impl Guest {
         );
         let egress = Arc::new(Egress::new(
             shared.policy.clone(),
-            pins,
+            pins.clone(),
             forwarder.clone(),
             shared.metrics.clone(),
         ));
@@ -85,8 +90,9 @@ impl Guest {
         let flows = config.tcp.max_connections + config.udp.max_sessions + config.icmp.max_sessions;
         let steer = (wakes.len() > 1).then(|| {
             let max = flows.saturating_mul(2).saturating_mul(wakes.len());
-            steer::Steer::new(wakes, max)
+            steer::Steer::new(wakes.clone(), max)
         });
+        let inboxes = wakes.iter().map(|_| Default::default()).collect();
         Arc::new(Self {
             setup,
             dhcp: Mutex::new(dhcp::Server::new(net)),
@@ -94,6 +100,9 @@ impl Guest {
             forwarder,
             services,
             steer,
+            wakes,
+            inboxes,
+            pins,
         })
     }
 }

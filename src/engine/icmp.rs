@@ -6,7 +6,7 @@
 //! sockets, echo requests are dropped and counted after one log line at start.
 #![forbid(unsafe_code)]
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::Ctx;
@@ -37,6 +37,22 @@ impl Sessions {
             config,
             available,
         }
+    }
+
+    /// Every session as the operator sees it (the ports are the echo
+    /// identifier on the guest's side, 0 on the far side).
+    pub fn report(&self, now: Instant) -> impl Iterator<Item = super::report::Flow> + '_ {
+        self.table.report(now).map(|s| super::report::Flow {
+            proto: "icmp",
+            guest: SocketAddr::new(s.key.0, s.key.2),
+            remote: SocketAddr::new(s.key.1, 0),
+            name: None,
+            state: super::report::FlowState::Established,
+            bytes_from_guest: s.bytes.0,
+            bytes_to_guest: s.bytes.1,
+            age_ms: super::tcp::duration_ms(s.age),
+            pair: 0,
+        })
     }
 
     /// An echo request from the guest to a non-gateway address.
@@ -112,6 +128,11 @@ impl Sessions {
     pub fn expire(&mut self, now: Instant) {
         self.table
             .expire(now, Duration::from_secs(self.config.idle_timeout_seconds));
+    }
+
+    /// Number of sessions.
+    pub fn len(&self) -> usize {
+        self.table.len()
     }
 
     /// Whether there are none.

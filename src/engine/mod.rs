@@ -32,6 +32,7 @@ pub mod ndp;
 pub mod police;
 pub mod publish;
 pub mod reasm;
+pub mod report;
 pub mod route;
 pub mod sessions;
 pub mod steer;
@@ -159,6 +160,8 @@ pub struct Shared {
     pub publisher: Option<Arc<Publisher>>,
     /// Whether ping sockets work on this host.
     pub icmp_available: bool,
+    /// The guest attached now, for the control API.
+    pub board: report::Board,
 }
 
 impl Engine {
@@ -271,6 +274,7 @@ impl Engine {
     pub fn pass<M: GuestMemory>(&mut self, mem: &M, tx: &mut Queue, rx: &mut Queue) -> PassResult {
         let now = Instant::now();
         self.gateway.host.wake.clear();
+        self.answer_requests(now);
         self.gateway.timers(now);
         let mut result = PassResult::default();
         let mut more = true;
@@ -328,6 +332,65 @@ impl Engine {
             self.gateway.host.wake.wake();
         }
         result
+    }
+
+    /// Answers the operator's requests waiting for this pair.
+    fn answer_requests(&self, now: Instant) {
+        let requests = self.gateway.guest.requests(self.gateway.pair);
+        if requests.is_empty() {
+            return;
+        }
+        let limit = requests.iter().map(|r| r.limit).max().unwrap_or(0);
+        let report = self.report(now, limit);
+        for request in requests {
+            let mut answer = report.clone();
+            answer.flows.truncate(request.limit);
+            // The asker may have given up waiting; then no one wants it.
+            let _ = request.reply.send(answer);
+        }
+    }
+
+    /// This pair's gauges and its oldest `limit` flows.
+    fn report(&self, now: Instant, limit: usize) -> report::PairReport {
+        use report::FlowState;
+        let gw = &self.gateway;
+        let mut gauges = report::Gauges {
+            udp_sessions: gw.udp.len(),
+            icmp_sessions: gw.icmp.len(),
+            dns_inflight: gw.dns.inflight(),
+            frames_waiting_for_guest: gw.pending.len(),
+            fragment_bytes_held: gw.fragments.used(),
+            ..Default::default()
+        };
+        let mut flows: Vec<report::Flow> = gw
+            .tcp
+            .report(&self.sockets, now)
+            .chain(gw.udp.report(now))
+            .chain(gw.icmp.report(now))
+            .collect();
+        for flow in &flows {
+            if flow.proto == "tcp" {
+                match flow.state {
+                    FlowState::Connecting => gauges.tcp_connecting += 1,
+                    FlowState::Established => gauges.tcp_established += 1,
+                    FlowState::Closing => gauges.tcp_closing += 1,
+                }
+            }
+        }
+        let total_flows = flows.len();
+        // Oldest first: at a limit, the long-lived flows are the ones an
+        // operator looks for.
+        flows.sort_unstable_by_key(|f| std::cmp::Reverse(f.age_ms));
+        flows.truncate(limit);
+        for flow in &mut flows {
+            flow.pair = gw.pair;
+            flow.name = gw.guest.name_of(flow.remote.ip(), now);
+        }
+        report::PairReport {
+            gauges,
+            flows,
+            total_flows,
+        }
     }
 
     /// Flow and session work after smoltcp ran; true when smoltcp has new
@@ -514,6 +577,7 @@ mod tests {
             tls: None,
             publisher: None,
             icmp_available: false,
+            board: Default::default(),
         };
         let host = Host {
             runtime: runtime.handle().clone(),

@@ -41,6 +41,20 @@ struct Session<K> {
     /// Something came back on it: a session in use, not a probe into the
     /// void (what a flood's sessions are).
     answered: bool,
+    opened: Instant,
+    /// Payload bytes sent for the guest and received for it.
+    bytes_out: u64,
+    bytes_in: u64,
+}
+
+/// One session as the operator sees it.
+pub struct SessionView<K> {
+    /// Its key.
+    pub key: K,
+    /// How long it has been open.
+    pub age: Duration,
+    /// Payload bytes from the guest and to it.
+    pub bytes: (u64, u64),
 }
 
 /// Sessions keyed by `K`.
@@ -158,6 +172,9 @@ impl<K: Copy + Eq + Hash> Datagrams<K> {
                 last_active: now,
                 dropped: 0,
                 answered: false,
+                opened: now,
+                bytes_out: 0,
+                bytes_in: 0,
             },
         );
         Ok(())
@@ -170,7 +187,20 @@ impl<K: Copy + Eq + Hash> Datagrams<K> {
             return false;
         };
         session.last_active = now;
-        session.socket.send(datagram).is_ok()
+        let sent = session.socket.send(datagram).is_ok();
+        if sent {
+            session.bytes_out += datagram.len() as u64;
+        }
+        sent
+    }
+
+    /// Every session as the operator sees it.
+    pub fn report(&self, now: Instant) -> impl Iterator<Item = SessionView<K>> + '_ {
+        self.by_token.values().map(move |s| SessionView {
+            key: s.key,
+            age: now.saturating_duration_since(s.opened),
+            bytes: (s.bytes_out, s.bytes_in),
+        })
     }
 
     /// Marks a session readable (an epoll edge).
@@ -228,6 +258,7 @@ impl<K: Copy + Eq + Hash> Datagrams<K> {
                     }
                     session.last_active = now;
                     session.answered = true;
+                    session.bytes_in += n as u64;
                     if wanted(&session.key, self.buf.get(..n).unwrap_or_default()) {
                         break (session.key, n);
                     }

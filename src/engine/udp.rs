@@ -36,6 +36,21 @@ impl Sessions {
         }
     }
 
+    /// Every session as the operator sees it.
+    pub fn report(&self, now: Instant) -> impl Iterator<Item = super::report::Flow> + '_ {
+        self.table.report(now).map(|s| super::report::Flow {
+            proto: "udp",
+            guest: s.key.0,
+            remote: s.key.1,
+            name: None,
+            state: super::report::FlowState::Established,
+            bytes_from_guest: s.bytes.0,
+            bytes_to_guest: s.bytes.1,
+            age_ms: super::tcp::duration_ms(s.age),
+            pair: 0,
+        })
+    }
+
     /// A datagram from the guest.
     pub fn send(&mut self, ctx: &Ctx<'_>, src: SocketAddr, dst: SocketAddr, payload: &[u8]) {
         let (metrics, now) = (ctx.metrics, ctx.now);

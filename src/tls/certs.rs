@@ -203,7 +203,6 @@ impl Authority {
     }
 
     /// Leaves cached now.
-    #[cfg(test)]
     pub fn cached(&self) -> usize {
         self.lock().by_name.len()
     }

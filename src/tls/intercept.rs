@@ -165,6 +165,11 @@ impl Interceptor {
         })
     }
 
+    /// Leaf certificates cached now.
+    pub fn cached_certs(&self) -> usize {
+        self.authority.cached()
+    }
+
     /// Whether TCP (and, for QUIC, UDP) to `port` is intercepted.
     pub fn intercepts(&self, port: u16) -> bool {
         self.ports.contains(&port)

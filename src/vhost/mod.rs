@@ -379,6 +379,7 @@ fn engines(
 ) -> Result<Vec<Engine>, crate::engine::Error> {
     let wakes = hosts.iter().map(|(h, _)| h.wake.clone()).collect();
     let guest = Guest::new(shared, wakes);
+    shared.board.attach(&guest);
     hosts
         .into_iter()
         .enumerate()
@@ -490,6 +491,7 @@ mod tests {
             tls: None,
             publisher: None,
             icmp_available: false,
+            board: Default::default(),
         })
     }
 

@@ -909,3 +909,140 @@ fn dns_answers_left_after_a_burst_reach_a_quiet_guest() {
         daemon.log()
     );
 }
+
+/// The control API over a VMM the test plays: the guest's state before and
+/// after it attaches, a live UDP session with its bytes each way, every
+/// counter as a number (zeros too), the Prometheus text, the log level
+/// changed at run time, a clear 4xx for every bad request, and the socket
+/// gone when the daemon stops.
+#[test]
+fn the_control_api_reports_the_guest_its_flows_and_counters() {
+    let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = echo.local_addr().unwrap().port();
+    kit::serve_udp_echo(echo);
+    let config = "[outbound]\nallow-host-loopback = true\n\
+                  [[policy.rule]]\naction = \"allow\"\ndestination = \"group:host\"\n";
+    let mut daemon = Daemon::start_args(None, Some(config), &["--log-level", "info"]);
+    let before = daemon.ctl_json(&["status"]);
+    assert_eq!(before["vmm_attached"], false, "{before}");
+    assert!(before["guest"].is_null(), "{before}");
+
+    let mut vmm = Vmm::qemu_start(&daemon.socket, true);
+    exercise_gateway(&mut vmm);
+    vmm.send_frame(&udp_to_gateway_with(40_000, port, b"hello"));
+    let echoed = vmm.wait_frame(WAIT, |f| {
+        let Ok(eth) = EthernetFrame::new_checked(f) else {
+            return false;
+        };
+        let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+            return false;
+        };
+        UdpPacket::new_checked(ip.payload())
+            .is_ok_and(|udp| udp.src_port() == port && udp.dst_port() == 40_000)
+    });
+    assert!(echoed.is_some(), "no echo\n{}", daemon.log());
+
+    let status = daemon.ctl_json(&["status"]);
+    assert_eq!(status["vmm_attached"], true, "{status}");
+    assert_eq!(status["guest"]["queue_pairs"], 1, "{status}");
+    assert_eq!(status["gauges"]["udp_sessions"], 1, "{status}");
+    let flows = daemon.ctl_json(&["flows"]);
+    assert_eq!(flows["total"], 1, "{flows}");
+    let flow = &flows["flows"][0];
+    assert_eq!(flow["proto"], "udp", "{flows}");
+    assert_eq!(flow["state"], "established", "{flows}");
+    assert_eq!(flow["guest"], "198.19.0.2:40000", "{flows}");
+    assert_eq!(flow["remote"], format!("198.19.0.1:{port}"), "{flows}");
+    assert_eq!(flow["bytes_from_guest"], 5, "{flows}");
+    assert_eq!(flow["bytes_to_guest"], 5, "{flows}");
+    let (ok, table) = daemon.ctl(&["flows"]);
+    assert!(
+        ok && table.contains("udp") && table.contains("1 of 1 flow(s) listed"),
+        "{table}"
+    );
+
+    let counters = daemon.ctl_json(&["counters"]);
+    let all = counters["counters"].as_object().unwrap();
+    assert_eq!(
+        all.len(),
+        vhost_gateway::metrics::Counter::ALL.len(),
+        "{counters}"
+    );
+    assert!(all.values().all(serde_json::Value::is_u64), "{counters}");
+    assert_eq!(all["drop_bad_chain"], 0, "{counters}");
+    assert!(
+        all["frames_from_guest"].as_u64().unwrap() >= 6,
+        "{counters}"
+    );
+    let (ok, human) = daemon.ctl(&["counters"]);
+    assert!(ok && human.contains("frames_from_guest") && !human.contains("drop_bad_chain"));
+
+    let (ok, metrics) = daemon.ctl(&["metrics"]);
+    assert!(ok, "{metrics}");
+    for line in [
+        "# TYPE vhost_gateway_frames_from_guest counter",
+        "vhost_gateway_drop_bad_chain_total 0",
+        "vhost_gateway_flows{proto=\"udp\",state=\"established\"} 1",
+        "vhost_gateway_vmm_attached 1",
+        "# EOF",
+    ] {
+        assert!(metrics.contains(line), "{line:?} missing:\n{metrics}");
+    }
+
+    let (ok, set) = daemon.ctl(&["log-level", "debug"]);
+    assert!(ok && set.contains("debug"), "{set}");
+    assert!(
+        daemon.wait_log("log level changed", WAIT),
+        "{}",
+        daemon.log()
+    );
+    let (ok, refused) = daemon.ctl(&["log-level", "not[a filter"]);
+    assert!(!ok && refused.contains("400"), "{refused}");
+
+    let ask = |request: &str| daemon.control_raw(request.as_bytes());
+    let head = |answer: String| answer.lines().next().unwrap_or("").to_owned();
+    for (request, status) in [
+        (
+            "GET /v1/nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "404",
+        ),
+        (
+            "DELETE /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "405",
+        ),
+        (
+            "GET /v1/flows?limit=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "400",
+        ),
+        (
+            "GET /v1/flows?x=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "400",
+        ),
+        (
+            "PUT /v1/log-level HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 5\r\n\r\nlevel",
+            "400",
+        ),
+        ("not http at all\r\n\r\n", "400"),
+    ] {
+        let answer = ask(request);
+        assert!(
+            head(answer.clone()).contains(status),
+            "{request:?}: {answer}"
+        );
+    }
+    let huge = format!(
+        "PUT /v1/log-level HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 100000\r\n\r\n{}",
+        "x".repeat(100_000)
+    );
+    let answer = ask(&huge);
+    assert!(head(answer.clone()).contains("413"), "{answer}");
+    let error = ask("GET /v1/nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(
+        error.contains("\"error\": \"no endpoint /v1/nothing\""),
+        "{error}"
+    );
+
+    let control = daemon.control.clone();
+    assert!(daemon.terminate().success());
+    assert!(!control.exists(), "the control socket is left behind");
+}

@@ -16,16 +16,16 @@ const HOST_V6: &str = "2001:db8::10";
 /// TCP and UDP echo on port 7, a sink on port 5001, and dnsmasq on the
 /// test resolver (192.0.2.53, the daemon's default upstream there)
 /// answering example.test with 192.0.2.10.
-struct World {
-    ns: Netns,
-    www: TempDir,
+pub(crate) struct World {
+    pub(crate) ns: Netns,
+    pub(crate) www: TempDir,
     _httpd: Vec<Server>,
     _dns: Server,
     uploads: std::sync::mpsc::Receiver<std::path::PathBuf>,
 }
 
 impl World {
-    fn new(tag: &str) -> Self {
+    pub(crate) fn new(tag: &str) -> Self {
         let ns = Netns::new(tag);
         ns.add_addr("192.0.2.10/32");
         ns.add_addr("2001:db8::10/128");

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // test harness: a failed set-up step should panic
 
+mod control;
 mod dns;
 mod egress;
 mod flows;

@@ -29,7 +29,7 @@ use crate::config::Tcp as TcpConfig;
 use crate::metrics::{Counter, Metrics};
 use crate::proxy::tcp::{FromHost, ToHost, spawn_outbound};
 use crate::services::LocalService;
-use pump::{Ends, HostSide, Owned};
+use pump::{Ends, HostSide, Owned, Traffic};
 
 /// A flow: guest endpoint and the endpoint it talks to.
 pub type Key = (SocketAddr, SocketAddr);
@@ -45,6 +45,8 @@ struct Flow {
     abort_flushed: bool,
     /// The guest's bytes wait for name checks.
     gate: Option<super::gate::Gate>,
+    opened: Instant,
+    traffic: Traffic,
 }
 
 impl Flow {
@@ -58,6 +60,8 @@ impl Flow {
             last_active: now,
             abort_flushed: false,
             gate: None,
+            opened: now,
+            traffic: Traffic::default(),
         }
     }
 
@@ -293,6 +297,37 @@ impl Flows {
         None
     }
 
+    /// Every flow as the operator sees it, in no particular order.
+    pub fn report<'a>(
+        &'a self,
+        sockets: &'a SocketSet<'static>,
+        now: Instant,
+    ) -> impl Iterator<Item = super::report::Flow> + 'a {
+        use super::report::{Flow, FlowState};
+        self.flows.iter().map(move |(&(guest, remote), flow)| {
+            let state = match flow.socket {
+                _ if flow.ends.aborted => FlowState::Closing,
+                None => FlowState::Connecting,
+                Some(handle) => match sockets.get::<tcp::Socket>(handle).state() {
+                    State::Listen | State::SynSent | State::SynReceived => FlowState::Connecting,
+                    State::Established => FlowState::Established,
+                    _ => FlowState::Closing,
+                },
+            };
+            Flow {
+                proto: "tcp",
+                guest,
+                remote,
+                name: None,
+                state,
+                bytes_from_guest: flow.traffic.from_guest,
+                bytes_to_guest: flow.traffic.to_guest,
+                age_ms: duration_ms(now.saturating_duration_since(flow.opened)),
+                pair: 0,
+            }
+        })
+    }
+
     /// Moves data and state between sockets and host sides; drops
     /// finished flows.
     pub fn service(
@@ -318,7 +353,13 @@ impl Flows {
                 continue;
             };
             let socket = sockets.get_mut::<tcp::Socket>(handle);
-            if pump::pump(&mut flow.host, &mut flow.gate, &mut flow.ends, socket) {
+            if pump::pump(
+                &mut flow.host,
+                &mut flow.gate,
+                &mut flow.ends,
+                &mut flow.traffic,
+                socket,
+            ) {
                 flow.last_active = now;
                 effects.progress = true;
             }
@@ -441,4 +482,9 @@ fn tcp_socket(buffer_bytes: usize) -> tcp::Socket<'static> {
     socket.set_nagle_enabled(false);
     socket.set_ack_delay(None);
     socket
+}
+
+/// Whole milliseconds, saturating.
+pub(super) fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

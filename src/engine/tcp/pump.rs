@@ -105,6 +105,15 @@ pub struct Ends {
     pub aborted: bool,
 }
 
+/// Bytes a flow moved each way, for the operator's flow list.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Traffic {
+    /// From the guest to the host side.
+    pub from_guest: u64,
+    /// From the host side to the guest.
+    pub to_guest: u64,
+}
+
 /// What a read or write into a smoltcp buffer came to.
 enum Io {
     Moved,
@@ -129,6 +138,7 @@ pub fn pump(
     host: &mut HostSide,
     gate: &mut Option<Gate>,
     ends: &mut Ends,
+    traffic: &mut Traffic,
     socket: &mut tcp::Socket<'static>,
 ) -> bool {
     // An aborted flow waits only for its RST to go out: whatever its
@@ -137,12 +147,12 @@ pub fn pump(
         return false;
     }
     let moved = match host {
-        HostSide::Owned(owned) => pump_owned(owned, gate, ends, socket),
+        HostSide::Owned(owned) => pump_owned(owned, gate, ends, traffic, socket),
         HostSide::Task {
             channels,
             pending,
             offset,
-        } => pump_task(channels, pending, offset, gate, ends, socket),
+        } => pump_task(channels, pending, offset, gate, ends, traffic, socket),
     };
     if ends.aborted {
         socket.abort();
@@ -170,18 +180,25 @@ fn pump_owned(
     owned: &mut Owned,
     gate: &mut Option<Gate>,
     ends: &mut Ends,
+    traffic: &mut Traffic,
     socket: &mut tcp::Socket<'static>,
 ) -> bool {
     let mut moved = false;
     // Host to guest: read straight into the socket's send buffer.
     while owned.readable && !ends.host_fin && socket.can_send() {
         let stream = &owned.stream;
-        let read = socket.send(|buf| io_result((&*stream).read(buf)));
+        let read = socket.send(|buf| {
+            let (n, io) = io_result((&*stream).read(buf));
+            (n, (n, io))
+        });
         match read {
-            Ok(Io::Moved) => moved = true,
-            Ok(Io::Eof) => ends.host_fin = true,
-            Ok(Io::Blocked) => owned.readable = false,
-            Ok(Io::Failed) | Err(_) => return abort(ends),
+            Ok((n, Io::Moved)) => {
+                traffic.to_guest += n as u64;
+                moved = true;
+            }
+            Ok((_, Io::Eof)) => ends.host_fin = true,
+            Ok((_, Io::Blocked)) => owned.readable = false,
+            Ok((_, Io::Failed)) | Err(_) => return abort(ends),
         }
     }
     if ends.host_fin && !ends.fin_to_guest {
@@ -201,6 +218,7 @@ fn pump_owned(
             match io {
                 Io::Moved => {
                     owned.unsent.drain(..n);
+                    traffic.from_guest += n as u64;
                     moved = true;
                     continue;
                 }
@@ -231,11 +249,17 @@ fn pump_owned(
     if gate.is_none() {
         while owned.writable && socket.can_recv() {
             let stream = &owned.stream;
-            let wrote = socket.recv(|buf| io_result((&*stream).write(buf)));
+            let wrote = socket.recv(|buf| {
+                let (n, io) = io_result((&*stream).write(buf));
+                (n, (n, io))
+            });
             match wrote {
-                Ok(Io::Moved) => moved = true,
-                Ok(Io::Blocked) => owned.writable = false,
-                Ok(Io::Eof | Io::Failed) | Err(_) => return abort(ends),
+                Ok((n, Io::Moved)) => {
+                    traffic.from_guest += n as u64;
+                    moved = true;
+                }
+                Ok((_, Io::Blocked)) => owned.writable = false,
+                Ok((_, Io::Eof | Io::Failed)) | Err(_) => return abort(ends),
             }
         }
     }
@@ -254,6 +278,7 @@ fn pump_task(
     offset: &mut usize,
     gate: &mut Option<Gate>,
     ends: &mut Ends,
+    traffic: &mut Traffic,
     socket: &mut tcp::Socket<'static>,
 ) -> bool {
     let mut moved = false;
@@ -285,6 +310,7 @@ fn pump_task(
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 *offset += n;
+                traffic.to_guest += n as u64;
                 moved = true;
             }
         }
@@ -320,6 +346,7 @@ fn pump_task(
             }
             None => break,
         };
+        traffic.from_guest += bytes.len() as u64;
         permit.send(ToHost::Data(bytes));
         moved = true;
     }

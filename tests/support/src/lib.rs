@@ -238,6 +238,8 @@ impl Drop for Netns {
 pub struct Daemon {
     child: Option<Child>,
     pub socket: PathBuf,
+    /// Its control API's socket.
+    pub control: PathBuf,
     log: Arc<Mutex<String>>,
     dir: Option<TempDir>,
 }
@@ -326,6 +328,7 @@ impl Daemon {
         wrapper: &[&str],
     ) -> Self {
         let socket = dir.0.join("vhost.sock");
+        let control = dir.0.join("control.sock");
         let bin = daemon_bin();
         if !wrapper.is_empty() {
             // The wrapper may drop to another user: it must create the socket.
@@ -346,6 +349,7 @@ impl Daemon {
             (None, None) => Command::new(bin),
         };
         cmd.arg("--socket-path").arg(&socket);
+        cmd.arg("--control-socket").arg(&control);
         if !args.contains(&"--log-level") {
             cmd.args(["--log-level", "debug"]);
         }
@@ -380,9 +384,49 @@ impl Daemon {
         Self {
             child: Some(child),
             socket,
+            control,
             log,
             dir: Some(dir),
         }
+    }
+
+    /// Runs `vhost-gateway ctl` against this daemon: whether it succeeded,
+    /// and its stdout (with stderr after it).
+    pub fn ctl(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(daemon_bin())
+            .arg("ctl")
+            .arg("--control-socket")
+            .arg(&self.control)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+
+    /// `ctl --json ARGS`, parsed; panics when it fails.
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let (ok, text) = self.ctl(&all);
+        assert!(ok, "ctl {args:?}: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("ctl {args:?}: {e}: {text}"))
+    }
+
+    /// Sends `request` as it is over the control socket; the whole answer.
+    pub fn control_raw(&self, request: &[u8]) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.control).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(request).unwrap();
+        let mut answer = Vec::new();
+        // The server closes after a `Connection: close` request; a read
+        // error (a reset after a refused body) ends the answer too.
+        let _ = stream.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,332 @@
+//! The endpoints: what each answers, as JSON, and the errors.
+//!
+//! | method and path | answer |
+//! |---|---|
+//! | `GET /v1/status` | version, uptime, the attached guest (lease, pairs), gauges |
+//! | `GET /v1/counters` | every counter as a number, zeros included, and the gauges |
+//! | `GET /v1/flows?limit=N` | live flows and sessions, oldest first (N ≤ 10,000, default 1,000) |
+//! | `PUT /v1/log-level` | body `{"level": "debug"}` or any tracing filter |
+//! | `GET /metrics` | Prometheus/OpenMetrics text of counters and gauges |
+//!
+//! Anything else is 404 (no such path) or 405 (wrong method), always with
+//! a JSON body `{"error": "..."}`.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::LogLevel;
+use crate::engine::Shared;
+use crate::engine::report::{Flow, Gauges, GuestStatus, PairReport};
+use crate::metrics::Counter;
+
+/// Flows listed when the request names no limit.
+pub const DEFAULT_FLOW_LIMIT: usize = 1_000;
+/// The most flows one request may list.
+pub const MAX_FLOW_LIMIT: usize = 10_000;
+/// How long a queue pair has to answer; one that does not run (its queues
+/// not started) never does.
+const PAIR_ANSWER: Duration = Duration::from_secs(2);
+/// The largest request body taken.
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// What the endpoints read and change.
+pub struct State {
+    pub(super) shared: Arc<Shared>,
+    pub(super) started: Instant,
+    pub(super) log_level: Option<LogLevel>,
+}
+
+impl State {
+    /// The state over the daemon's shared parts; `log_level` changes the
+    /// log filter when given.
+    pub fn new(shared: Arc<Shared>, log_level: Option<LogLevel>) -> Self {
+        Self {
+            shared,
+            started: Instant::now(),
+            log_level,
+        }
+    }
+}
+
+/// An answer: status code and JSON (or, for /metrics, text) body.
+#[derive(Debug)]
+pub struct Answer {
+    /// HTTP status.
+    pub status: u16,
+    /// Content type.
+    pub content_type: &'static str,
+    /// Body.
+    pub body: String,
+}
+
+impl Answer {
+    fn json(status: u16, value: &impl Serialize) -> Self {
+        let body = serde_json::to_string_pretty(value)
+            .unwrap_or_else(|e| format!("{{\"error\": \"cannot encode the answer: {e}\"}}"));
+        Self {
+            status,
+            content_type: "application/json",
+            body: body + "\n",
+        }
+    }
+
+    /// An error with its reason.
+    pub fn error(status: u16, message: impl Into<String>) -> Self {
+        #[derive(Serialize)]
+        struct Error {
+            error: String,
+        }
+        Self::json(
+            status,
+            &Error {
+                error: message.into(),
+            },
+        )
+    }
+}
+
+/// The attached guest's report, summed over its pairs.
+pub struct Report {
+    /// The guest, if a VMM is attached.
+    pub guest: Option<(GuestStatus, Duration, usize)>,
+    /// Gauges of every pair that answered.
+    pub gauges: Gauges,
+    /// Flows of every pair that answered, oldest first.
+    pub flows: Vec<Flow>,
+    /// Flows in all.
+    pub total_flows: usize,
+    /// Pairs that did not answer in time.
+    pub silent_pairs: usize,
+}
+
+/// Asks the attached guest's pairs for their report.
+pub async fn report(shared: &Shared, limit: usize) -> Report {
+    let Some((guest, since)) = shared.board.guest() else {
+        return Report {
+            guest: None,
+            gauges: Gauges::default(),
+            flows: Vec::new(),
+            total_flows: 0,
+            silent_pairs: 0,
+        };
+    };
+    let answers = guest.ask(limit);
+    let status = guest.status();
+    let pins = guest.pins();
+    // Not held while waiting: a guest whose VMM leaves meanwhile goes.
+    drop(guest);
+    let mut out = Report {
+        guest: Some((status, since.elapsed(), pins)),
+        gauges: Gauges::default(),
+        flows: Vec::new(),
+        total_flows: 0,
+        silent_pairs: 0,
+    };
+    for answer in answers {
+        match tokio::time::timeout(PAIR_ANSWER, answer).await {
+            Ok(Ok(PairReport {
+                gauges,
+                flows,
+                total_flows,
+            })) => {
+                out.gauges.add(&gauges);
+                out.flows.extend(flows);
+                out.total_flows += total_flows;
+            }
+            _ => out.silent_pairs += 1,
+        }
+    }
+    out.flows.sort_by_key(|f| std::cmp::Reverse(f.age_ms));
+    out.flows.truncate(limit);
+    out
+}
+
+/// Answers one request: `method`, `path`, `query` (without `?`), `body`.
+pub async fn answer(state: &State, method: &str, path: &str, query: &str, body: &[u8]) -> Answer {
+    match (method, path) {
+        ("GET", "/v1/status") => status(state).await,
+        ("GET", "/v1/counters") => counters(state).await,
+        ("GET", "/v1/flows") => match flow_limit(query) {
+            Ok(limit) => flows(state, limit).await,
+            Err(message) => Answer::error(400, message),
+        },
+        ("PUT", "/v1/log-level") => log_level(state, body),
+        ("GET", "/metrics") => {
+            let report = report(&state.shared, 0).await;
+            super::prom::answer(&state.shared, &report)
+        }
+        (_, "/v1/status" | "/v1/counters" | "/v1/flows" | "/v1/log-level" | "/metrics") => {
+            Answer::error(405, format!("{method} is not allowed on {path}"))
+        }
+        _ => Answer::error(404, format!("no endpoint {path}")),
+    }
+}
+
+/// The `limit` of a flows query.
+fn flow_limit(query: &str) -> Result<usize, String> {
+    let mut limit = DEFAULT_FLOW_LIMIT;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("limit", n)) => {
+                limit = n
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_FLOW_LIMIT).contains(n))
+                    .ok_or_else(|| format!("limit must be 1 to {MAX_FLOW_LIMIT}, not {n:?}"))?;
+            }
+            _ => return Err(format!("unknown query parameter {pair:?} (only limit)")),
+        }
+    }
+    Ok(limit)
+}
+
+#[derive(Serialize)]
+struct GuestJson {
+    attached_seconds: u64,
+    queue_pairs: usize,
+    mac: Option<String>,
+    lease_seconds_left: Option<u64>,
+    ipv4: String,
+    ipv6: Option<String>,
+    dns_pins: usize,
+}
+
+#[derive(Serialize)]
+struct StatusJson {
+    version: &'static str,
+    uptime_seconds: u64,
+    vmm_attached: bool,
+    guest: Option<GuestJson>,
+    gauges: Gauges,
+    cached_certificates: usize,
+    silent_pairs: usize,
+}
+
+async fn status(state: &State) -> Answer {
+    let report = report(&state.shared, 0).await;
+    let net = &state.shared.config.network;
+    let guest = report.guest.map(|(status, since, pins)| GuestJson {
+        attached_seconds: since.as_secs(),
+        queue_pairs: status.queue_pairs,
+        mac: status.mac,
+        lease_seconds_left: status.lease_seconds_left,
+        ipv4: format!("{}/{}", net.ipv4_guest, net.ipv4_prefix_len),
+        ipv6: net
+            .ipv6_enabled
+            .then(|| format!("{}/{} (SLAAC)", net.ipv6_prefix.addr, net.ipv6_prefix.len)),
+        dns_pins: pins,
+    });
+    Answer::json(
+        200,
+        &StatusJson {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_seconds: state.started.elapsed().as_secs(),
+            vmm_attached: guest.is_some(),
+            guest,
+            gauges: report.gauges,
+            cached_certificates: cached_certs(&state.shared),
+            silent_pairs: report.silent_pairs,
+        },
+    )
+}
+
+/// Leaf certificates cached by TLS interception (0 when it is off).
+pub fn cached_certs(shared: &Shared) -> usize {
+    shared.tls.as_ref().map_or(0, |tls| tls.cached_certs())
+}
+
+#[derive(Serialize)]
+struct CountersJson {
+    counters: BTreeMap<&'static str, u64>,
+    frames_by_pair: Vec<u64>,
+    gauges: Gauges,
+}
+
+async fn counters(state: &State) -> Answer {
+    let report = report(&state.shared, 0).await;
+    let metrics = &state.shared.metrics;
+    let counters = Counter::ALL
+        .iter()
+        .map(|&c| (c.name(), metrics.get(c)))
+        .collect();
+    Answer::json(
+        200,
+        &CountersJson {
+            counters,
+            frames_by_pair: metrics.pair_frames(),
+            gauges: report.gauges,
+        },
+    )
+}
+
+#[derive(Serialize)]
+struct FlowsJson {
+    total: usize,
+    listed: usize,
+    silent_pairs: usize,
+    flows: Vec<Flow>,
+}
+
+async fn flows(state: &State, limit: usize) -> Answer {
+    let report = report(&state.shared, limit).await;
+    Answer::json(
+        200,
+        &FlowsJson {
+            total: report.total_flows,
+            listed: report.flows.len(),
+            silent_pairs: report.silent_pairs,
+            flows: report.flows,
+        },
+    )
+}
+
+/// The body of `PUT /v1/log-level`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogLevelBody {
+    /// error, warn, info, debug, trace, or a tracing filter.
+    pub level: String,
+}
+
+fn log_level(state: &State, body: &[u8]) -> Answer {
+    let Some(set) = &state.log_level else {
+        return Answer::error(409, "this daemon's log level cannot be changed at run time");
+    };
+    let wanted: LogLevelBody = match serde_json::from_slice(body) {
+        Ok(b) => b,
+        Err(e) => return Answer::error(400, format!("expected {{\"level\": \"...\"}}: {e}")),
+    };
+    match set(&wanted.level) {
+        Ok(()) => {
+            tracing::info!(level = %wanted.level, "log level changed by the control API");
+            Answer::json(200, &wanted)
+        }
+        Err(e) => Answer::error(400, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_limits_are_checked() {
+        assert_eq!(flow_limit(""), Ok(DEFAULT_FLOW_LIMIT));
+        assert_eq!(flow_limit("limit=5"), Ok(5));
+        assert_eq!(flow_limit("limit=10000"), Ok(MAX_FLOW_LIMIT));
+        for bad in [
+            "limit=0",
+            "limit=10001",
+            "limit=-1",
+            "limit=x",
+            "limit=",
+            "other=1",
+        ] {
+            assert!(flow_limit(bad).is_err(), "{bad}");
+        }
+    }
+}
