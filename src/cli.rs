@@ -124,6 +124,38 @@ pub enum CtlAction {
     },
     /// The Prometheus exposition, as a scraper sees it.
     Metrics,
+    /// Published ports: list, add or remove at run time.
+    Publish {
+        /// What to do.
+        #[command(subcommand)]
+        action: PublishAction,
+    },
+}
+
+/// `ctl publish` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PublishAction {
+    /// The ports published now.
+    List,
+    /// Publish a host address to a guest port (host ports >= 1024; lower
+    /// ones only in the config).
+    Add {
+        /// Host address and port to listen on (e.g. 127.0.0.1:8080).
+        host: std::net::SocketAddr,
+        /// Guest port to forward to.
+        guest_port: u16,
+        /// tcp or udp.
+        #[arg(long, default_value = "tcp")]
+        protocol: String,
+    },
+    /// Stop publishing a host address (accepted connections go on).
+    Remove {
+        /// The host address and port.
+        host: std::net::SocketAddr,
+        /// tcp or udp.
+        #[arg(long, default_value = "tcp")]
+        protocol: String,
+    },
 }
 
 /// `ca` subcommands.

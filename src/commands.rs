@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::cli::{CaAction, Command, CtlAction};
+use crate::cli::{CaAction, Command, CtlAction, PublishAction};
 use crate::config::{self, Config};
 use crate::daemon::error_chain;
 use crate::policy::{Action, Flow, NameSource, Proto};
@@ -59,6 +59,23 @@ fn ctl(socket: &Path, json: bool, action: &CtlAction) -> ExitCode {
             ("PUT", "/v1/log-level".to_owned(), Some(body))
         }
         CtlAction::Metrics => ("GET", "/metrics".to_owned(), None),
+        CtlAction::Publish { action } => match action {
+            PublishAction::List => ("GET", "/v1/publish".to_owned(), None),
+            PublishAction::Add {
+                host,
+                guest_port,
+                protocol,
+            } => {
+                let body = serde_json::json!({
+                    "protocol": protocol, "host": host, "guest-port": guest_port
+                });
+                ("POST", "/v1/publish".to_owned(), Some(body.to_string()))
+            }
+            PublishAction::Remove { host, protocol } => {
+                let body = serde_json::json!({ "protocol": protocol, "host": host });
+                ("DELETE", "/v1/publish".to_owned(), Some(body.to_string()))
+            }
+        },
     };
     let (status, answer) = match crate::control::client::request(socket, method, &path, body) {
         Ok(answer) => answer,
@@ -190,6 +207,27 @@ fn render(action: &CtlAction, v: &serde_json::Value) -> String {
             ));
         }
         CtlAction::LogLevel { .. } => line("log level", text(&v["level"])),
+        CtlAction::Publish { action } => {
+            let entries = match action {
+                PublishAction::List => v["published"].as_array().cloned().unwrap_or_default(),
+                _ => vec![v.clone()],
+            };
+            let verb = match action {
+                PublishAction::Remove { .. } => "unpublished",
+                _ => "published",
+            };
+            for e in &entries {
+                line(
+                    verb,
+                    format!(
+                        "{} {} -> guest port {}",
+                        text(&e["protocol"]),
+                        text(&e["host"]),
+                        text(&e["guest-port"])
+                    ),
+                );
+            }
+        }
         CtlAction::Metrics => {}
     }
     out

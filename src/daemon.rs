@@ -477,17 +477,7 @@ fn notify_systemd(state: &str) {
     }
 }
 
-/// "a: b: c" from an error and its sources.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+pub use crate::errors::chain as error_chain;
 
 #[cfg(test)]
 mod tests {

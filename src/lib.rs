@@ -54,6 +54,7 @@ pub mod daemon;
 pub mod dns;
 pub mod egress;
 pub mod engine;
+pub mod errors;
 pub mod fuzzing;
 pub mod metrics;
 pub mod names;

@@ -48,7 +48,7 @@ pub struct Wiring {
 pub struct Prepared {
     config: Config,
     metrics: Arc<Metrics>,
-    publish: Option<crate::proxy::publish::Bound>,
+    publish: crate::proxy::publish::Bound,
     tls: Option<Arc<Interceptor>>,
     icmp_available: bool,
 }
@@ -68,10 +68,9 @@ impl Prepared {
             .enable_all()
             .build()
             .map_err(Error::Runtime)?;
-        let publisher = match self.publish {
-            Some(bound) => Some(Arc::new(bound.start(runtime.handle(), &self.metrics)?)),
-            None => None,
-        };
+        let publisher = Some(Arc::new(
+            self.publish.start(runtime.handle(), &self.metrics)?,
+        ));
         let policy = Arc::new(self.config.policy());
         crate::proxy::hostaddrs::watch(policy.host_set().clone()).map_err(Error::HostAddrs)?;
         tracing::info!(
@@ -100,11 +99,7 @@ impl Wiring {
     /// cannot serve as configured does not start.
     pub fn prepare(config: Config) -> Result<Prepared, Error> {
         let metrics = Arc::new(Metrics::default());
-        let publish = if config.publish.is_empty() {
-            None
-        } else {
-            Some(Publisher::bind(&config.publish)?)
-        };
+        let publish = Publisher::bind(&config.publish)?;
         let tls = if config.tls.enabled {
             crate::tls::install_provider();
             let interceptor = Interceptor::new(&config.tls).map_err(Error::Tls)?;

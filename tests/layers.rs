@@ -30,6 +30,7 @@ const LAYERS: &[&[&str]] = &[
         "audit",
         "cli",
         "confine",
+        "errors",
         "metrics",
         "names",
         "virtio",

@@ -122,7 +122,7 @@ impl Fragments {
 }
 
 /// Transport of a published port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Protocol {
     /// TCP.
@@ -132,7 +132,7 @@ pub enum Protocol {
 }
 
 /// One `[[publish]]` entry: a host address forwarded to a guest port.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Publish {
     /// tcp or udp.
@@ -184,15 +184,24 @@ impl Icmp {
 
 impl Publish {
     /// Checks the `[[publish]]` entries together (no host address twice).
+    /// What is wrong with this entry on its own, if anything: (key, why).
+    pub fn problem(&self) -> Option<(&'static str, String)> {
+        if self.guest_port == 0 {
+            return Some(("publish.guest-port", "guest-port must be 1..=65535".into()));
+        }
+        if self.host.port() == 0 {
+            let why = format!("{}: host port must not be 0", self.host);
+            return Some(("publish.host", why));
+        }
+        None
+    }
+
     pub(super) fn validate_all(entries: &[Publish], out: &mut Checks) {
         let mut seen = std::collections::HashSet::new();
         for p in entries {
-            out.check("publish.guest-port", p.guest_port != 0, || {
-                "guest-port must be 1..=65535".into()
-            });
-            out.check("publish.host", p.host.port() != 0, || {
-                format!("{}: host port must not be 0", p.host)
-            });
+            if let Some((key, why)) = p.problem() {
+                out.check(key, false, || why);
+            }
             out.check("publish.host", seen.insert((p.protocol, p.host)), || {
                 format!("{} is published twice", p.host)
             });

@@ -6,6 +6,9 @@
 //! | `GET /v1/counters` | every counter as a number, zeros included, and the gauges |
 //! | `GET /v1/flows?limit=N` | live flows and sessions, oldest first (N ≤ 10,000, default 1,000) |
 //! | `PUT /v1/log-level` | body `{"level": "debug"}` or any tracing filter |
+//! | `GET /v1/publish` | the published ports |
+//! | `POST /v1/publish` | body `{"protocol": "tcp", "host": "127.0.0.1:8080", "guest-port": 80}` |
+//! | `DELETE /v1/publish` | body `{"protocol": "tcp", "host": "127.0.0.1:8080"}` |
 //! | `GET /metrics` | Prometheus/OpenMetrics text of counters and gauges |
 //!
 //! Anything else is 404 (no such path) or 405 (wrong method), always with
@@ -155,13 +158,18 @@ pub async fn answer(state: &State, method: &str, path: &str, query: &str, body: 
             Err(message) => Answer::error(400, message),
         },
         ("PUT", "/v1/log-level") => log_level(state, body),
+        ("GET", "/v1/publish") => published(state),
+        ("POST", "/v1/publish") => publish(state, body),
+        ("DELETE", "/v1/publish") => unpublish(state, body).await,
         ("GET", "/metrics") => {
             let report = report(&state.shared, 0).await;
             super::prom::answer(&state.shared, &report)
         }
-        (_, "/v1/status" | "/v1/counters" | "/v1/flows" | "/v1/log-level" | "/metrics") => {
-            Answer::error(405, format!("{method} is not allowed on {path}"))
-        }
+        (
+            _,
+            "/v1/status" | "/v1/counters" | "/v1/flows" | "/v1/log-level" | "/v1/publish"
+            | "/metrics",
+        ) => Answer::error(405, format!("{method} is not allowed on {path}")),
         _ => Answer::error(404, format!("no endpoint {path}")),
     }
 }
@@ -306,6 +314,96 @@ fn log_level(state: &State, body: &[u8]) -> Answer {
             Answer::json(200, &wanted)
         }
         Err(e) => Answer::error(400, e),
+    }
+}
+
+/// Which published entry a `DELETE /v1/publish` means.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PublishedEntry {
+    /// tcp or udp.
+    pub protocol: crate::config::Protocol,
+    /// The host address it listens on.
+    pub host: std::net::SocketAddr,
+}
+
+#[derive(Serialize)]
+struct PublishedJson {
+    published: Vec<crate::config::Publish>,
+}
+
+fn published(state: &State) -> Answer {
+    let published = state
+        .shared
+        .publisher
+        .as_ref()
+        .map(|p| p.list())
+        .unwrap_or_default();
+    Answer::json(200, &PublishedJson { published })
+}
+
+fn publish(state: &State, body: &[u8]) -> Answer {
+    use crate::proxy::publish::Error;
+    let Some(publisher) = &state.shared.publisher else {
+        return Answer::error(409, "this daemon publishes no ports");
+    };
+    let entry: crate::config::Publish = match serde_json::from_slice(body) {
+        Ok(e) => e,
+        Err(e) => {
+            return Answer::error(
+                400,
+                format!(
+                    "expected {{\"protocol\": \"tcp\"|\"udp\", \"host\": \"ADDR:PORT\", \"guest-port\": N}}: {e}"
+                ),
+            );
+        }
+    };
+    if let Some((key, why)) = entry.problem() {
+        return Answer::error(400, format!("{key}: {why}"));
+    }
+    match publisher.add(entry.clone()) {
+        Ok(()) => Answer::json(201, &entry),
+        Err(e @ Error::Exists { .. }) => Answer::error(409, e.to_string()),
+        Err(e @ Error::Privileged { .. }) => Answer::error(403, e.to_string()),
+        Err(e @ Error::Bind { .. }) => {
+            let status = match &e {
+                Error::Bind { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse => 409,
+                Error::Bind { source, .. }
+                    if source.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    403
+                }
+                _ => 500,
+            };
+            Answer::error(status, crate::errors::chain(&e))
+        }
+    }
+}
+
+async fn unpublish(state: &State, body: &[u8]) -> Answer {
+    let Some(publisher) = &state.shared.publisher else {
+        return Answer::error(409, "this daemon publishes no ports");
+    };
+    let which: PublishedEntry = match serde_json::from_slice(body) {
+        Ok(w) => w,
+        Err(e) => {
+            return Answer::error(
+                400,
+                format!("expected {{\"protocol\": \"tcp\"|\"udp\", \"host\": \"ADDR:PORT\"}}: {e}"),
+            );
+        }
+    };
+    match publisher.remove(which.protocol, which.host) {
+        Some((entry, task)) => {
+            // The task was aborted: this waits only for its socket to close,
+            // so the port is refused once the answer is out.
+            let _ = task.await;
+            Answer::json(200, &entry)
+        }
+        None => Answer::error(
+            404,
+            format!("{:?} {} is not published", which.protocol, which.host),
+        ),
     }
 }
 

@@ -156,7 +156,8 @@ pub struct Shared {
     pub policy: Arc<Policy>,
     /// TLS interception, when on (its leaf cache outlives guests).
     pub tls: Option<Arc<Interceptor>>,
-    /// Published ports, bound at start and kept across VMM connections.
+    /// Published ports (the config's, bound at start, and those added at
+    /// run time), kept across VMM connections.
     pub publisher: Option<Arc<Publisher>>,
     /// Whether ping sockets work on this host.
     pub icmp_available: bool,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::metrics::{Counter, Metrics};
-use crate::proxy::publish::{Attachment, Inbound, UdpEntry};
+use crate::proxy::publish::{Attachment, Inbound, UdpEntries, UdpEntry};
 
 /// Inbound items taken per pass, so a connection flood cannot hold the thread.
 pub const INBOUND_PER_PASS: usize = 64;
@@ -27,7 +27,7 @@ struct Session {
 /// The attachment and the UDP sessions of published ports.
 pub struct Published {
     inbound: mpsc::Receiver<Inbound>,
-    udp: Vec<UdpEntry>,
+    udp: UdpEntries,
     sessions: HashMap<(usize, SocketAddr), Session>,
     by_port: HashMap<u16, (usize, SocketAddr)>,
     next_port: u16,
@@ -50,6 +50,13 @@ impl Published {
         }
     }
 
+    /// UDP entry `entry`, while it is published.
+    fn entry(&self, entry: usize) -> Option<UdpEntry> {
+        // The table is only ever grown or blanked: any state is valid.
+        let entries = self.udp.lock().unwrap_or_else(|e| e.into_inner());
+        entries.get(entry).cloned().flatten()
+    }
+
     /// The next inbound connection or datagram.
     pub fn next_inbound(&mut self) -> Option<Inbound> {
         self.inbound.try_recv().ok()
@@ -64,7 +71,7 @@ impl Published {
         now: Instant,
         metrics: &Metrics,
     ) -> Option<(u16, u16)> {
-        let guest_port = self.udp.get(entry)?.guest_port;
+        let guest_port = self.entry(entry)?.guest_port;
         if let Some(session) = self.sessions.get_mut(&(entry, peer)) {
             session.last_active = now;
             return Some((session.port, guest_port));
@@ -111,7 +118,7 @@ impl Published {
         if let Some(session) = self.sessions.get_mut(&(entry, peer)) {
             session.last_active = now;
         }
-        if let Some(e) = self.udp.get(entry)
+        if let Some(e) = self.entry(entry)
             && e.out.try_send((peer, payload.to_vec())).is_err()
         {
             metrics.inc(Counter::udp_queue_full);

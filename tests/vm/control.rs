@@ -89,3 +89,131 @@ echo VG-DONE
     eprintln!("flow bytes to the guest: {at_first} then {later}");
     assert!(console.contains("VG-DONE"), "{console}");
 }
+
+/// Echoes one line over TCP to `addr` inside `ns`: Ok(true) when it came
+/// back, Err when the connection was refused.
+fn tcp_echo_once(ns: &kit::guest::Netns, addr: &'static str) -> Result<bool, String> {
+    ns.enter(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"through the gateway\n")
+            .map_err(|e| e.to_string())?;
+        let mut back = [0u8; 20];
+        Ok(s.read_exact(&mut back).is_ok() && &back == b"through the gateway\n")
+    })
+}
+
+/// Echoes one UDP datagram to `addr` inside `ns`; whether it came back.
+fn udp_echo_once(ns: &kit::guest::Netns, addr: &'static str) -> bool {
+    ns.enter(move || {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 64];
+        (0..3).any(|_| {
+            udp.send_to(b"datagram", addr).is_ok()
+                && udp
+                    .recv_from(&mut buf)
+                    .is_ok_and(|(n, _)| &buf[..n] == b"datagram")
+        })
+    })
+}
+
+/// Ports published and unpublished while the guest runs: reachable once
+/// added (TCP and UDP), listed, refused once removed, a duplicate and a
+/// privileged port refused with the reason, and a connection accepted
+/// before the removal still working after it.
+#[test]
+fn ports_published_and_removed_at_run_time() {
+    let ns = kit::guest::Netns::new("pubrt");
+    let daemon = Daemon::start(&ns, None);
+    let script = r#"
+dhcp
+vg-probe tcp-echo-server 8080 &
+vg-probe udp-echo-server 8081 &
+sleep 1
+echo VG-SERVING
+sleep 600
+"#;
+    let guest = Guest::spawn(&GuestOpts::new(&daemon.socket, script), "VG-SERVING");
+    assert!(
+        guest.wait_marker(Duration::from_secs(120)),
+        "{}",
+        guest.console()
+    );
+    assert!(
+        tcp_echo_once(&ns, "127.0.0.1:18080").is_err(),
+        "published before asked"
+    );
+
+    let (ok, out) = daemon.ctl(&["publish", "add", "127.0.0.1:18080", "8080"]);
+    assert!(
+        ok && out.contains("tcp 127.0.0.1:18080 -> guest port 8080"),
+        "{out}"
+    );
+    let (ok, out) = daemon.ctl(&[
+        "publish",
+        "add",
+        "--protocol",
+        "udp",
+        "127.0.0.1:18081",
+        "8081",
+    ]);
+    assert!(ok, "{out}");
+    assert_eq!(tcp_echo_once(&ns, "127.0.0.1:18080"), Ok(true));
+    assert!(udp_echo_once(&ns, "127.0.0.1:18081"));
+    let list = daemon.ctl_json(&["publish", "list"]);
+    assert_eq!(
+        list["published"].as_array().map(Vec::len),
+        Some(2),
+        "{list}"
+    );
+
+    let (ok, out) = daemon.ctl(&["publish", "add", "127.0.0.1:18080", "9999"]);
+    assert!(
+        !ok && out.contains("409") && out.contains("published already"),
+        "{out}"
+    );
+    let (ok, out) = daemon.ctl(&["publish", "add", "127.0.0.1:80", "8080"]);
+    assert!(
+        !ok && out.contains("403") && out.contains("CAP_NET_BIND_SERVICE"),
+        "{out}"
+    );
+    let (ok, out) = daemon.ctl(&["publish", "add", "127.0.0.1:18083", "0"]);
+    assert!(!ok && out.contains("400"), "{out}");
+
+    // A connection from before the removal goes on after it.
+    let held = ns.enter(|| {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect("127.0.0.1:18080").unwrap();
+        s.write_all(b"before\n").unwrap();
+        s
+    });
+    let (ok, out) = daemon.ctl(&["publish", "remove", "127.0.0.1:18080"]);
+    assert!(ok && out.contains("unpublished"), "{out}");
+    let (ok, out) = daemon.ctl(&["publish", "remove", "--protocol", "udp", "127.0.0.1:18081"]);
+    assert!(ok, "{out}");
+    let refused = tcp_echo_once(&ns, "127.0.0.1:18080");
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("refused")),
+        "{refused:?}"
+    );
+    assert!(!udp_echo_once(&ns, "127.0.0.1:18081"));
+    let (ok, out) = daemon.ctl(&["publish", "remove", "127.0.0.1:18080"]);
+    assert!(!ok && out.contains("404"), "{out}");
+    let echoed = ns.enter(move || {
+        use std::io::{Read, Write};
+        let mut s = held;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"after\n").unwrap();
+        let mut back = [0u8; 13];
+        s.read_exact(&mut back).is_ok() && &back == b"before\nafter\n"
+    });
+    assert!(echoed, "the connection from before the removal broke");
+    // Added again, it serves again.
+    let (ok, out) = daemon.ctl(&["publish", "add", "127.0.0.1:18080", "8080"]);
+    assert!(ok, "{out}");
+    assert_eq!(tcp_echo_once(&ns, "127.0.0.1:18080"), Ok(true));
+    guest.kill();
+}
