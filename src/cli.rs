@@ -33,6 +33,11 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 
+    /// Capture every frame to and from the guest into FILE (libpcap), from
+    /// the start; `[pcap]` sets the size and ring of files.
+    #[arg(long, value_name = "FILE")]
+    pub pcap: Option<PathBuf>,
+
     /// Print the vhost-user backend capabilities JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -124,12 +129,33 @@ pub enum CtlAction {
     },
     /// The Prometheus exposition, as a scraper sees it.
     Metrics,
+    /// Packet capture: start (into a file in `[pcap] dir`), stop, or its
+    /// state.
+    Pcap {
+        /// What to do.
+        #[command(subcommand)]
+        action: PcapAction,
+    },
     /// Published ports: list, add or remove at run time.
     Publish {
         /// What to do.
         #[command(subcommand)]
         action: PublishAction,
     },
+}
+
+/// `ctl pcap` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PcapAction {
+    /// Start capturing into FILE (a name in the daemon's `[pcap] dir`).
+    Start {
+        /// The file's name.
+        file: String,
+    },
+    /// Stop capturing (everything captured is written first).
+    Stop,
+    /// Whether a capture runs, and its numbers.
+    Status,
 }
 
 /// `ctl publish` subcommands.

@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::cli::{CaAction, Command, CtlAction, PublishAction};
+use crate::cli::{CaAction, Command, CtlAction, PcapAction, PublishAction};
 use crate::config::{self, Config};
 use crate::daemon::error_chain;
 use crate::policy::{Action, Flow, NameSource, Proto};
@@ -59,6 +59,17 @@ fn ctl(socket: &Path, json: bool, action: &CtlAction) -> ExitCode {
             ("PUT", "/v1/log-level".to_owned(), Some(body))
         }
         CtlAction::Metrics => ("GET", "/metrics".to_owned(), None),
+        CtlAction::Pcap { action } => match action {
+            PcapAction::Status => ("GET", "/v1/pcap".to_owned(), None),
+            PcapAction::Start { file } => {
+                let body = serde_json::json!({ "action": "start", "file": file });
+                ("POST", "/v1/pcap".to_owned(), Some(body.to_string()))
+            }
+            PcapAction::Stop => {
+                let body = serde_json::json!({ "action": "stop" });
+                ("POST", "/v1/pcap".to_owned(), Some(body.to_string()))
+            }
+        },
         CtlAction::Publish { action } => match action {
             PublishAction::List => ("GET", "/v1/publish".to_owned(), None),
             PublishAction::Add {
@@ -207,6 +218,12 @@ fn render(action: &CtlAction, v: &serde_json::Value) -> String {
             ));
         }
         CtlAction::LogLevel { .. } => line("log level", text(&v["level"])),
+        CtlAction::Pcap { .. } => {
+            line("capture file", text(&v["file"]));
+            line("frames written", text(&v["frames"]));
+            line("frames dropped", text(&v["dropped"]));
+            line("files begun", text(&v["files_begun"]));
+        }
         CtlAction::Publish { action } => {
             let entries = match action {
                 PublishAction::List => v["published"].as_array().cloned().unwrap_or_default(),

@@ -131,6 +131,9 @@ pub struct Paths {
     /// Directories whose empty subdirectories the daemon removes (its
     /// handler directory's parent, at exit).
     pub remove_dirs_in: Vec<PathBuf>,
+    /// Directories where the daemon creates, overwrites and writes files
+    /// (packet captures).
+    pub write_in: Vec<PathBuf>,
 }
 
 /// How far landlock could confine the filesystem.
@@ -172,6 +175,12 @@ pub fn landlock(paths: &Paths) -> Result<Landlocked, Error> {
         .add_rules(path_beneath_rules(
             existing(&paths.remove_dirs_in),
             AccessFs::RemoveDir,
+        ))
+        .map_err(fail)?
+        .add_rules(path_beneath_rules(
+            existing(&paths.write_in),
+            (AccessFs::MakeReg | AccessFs::WriteFile | AccessFs::Truncate)
+                & AccessFs::from_all(abi),
         ))
         .map_err(fail)?
         .restrict_self()

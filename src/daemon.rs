@@ -58,6 +58,19 @@ pub enum Error {
     /// The control API could not start.
     #[error("cannot serve the control socket")]
     Control(#[source] io::Error),
+    /// The capture asked for at start could not begin.
+    #[error("--pcap")]
+    Pcap(#[source] crate::pcap::Error),
+}
+
+/// Where captures go: the config's directory, else that of `--pcap`.
+fn pcap_dir(config: &Config, pcap: Option<&Path>) -> Option<PathBuf> {
+    config.pcap.dir.clone().or_else(|| {
+        pcap.map(|file| match file.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+            _ => PathBuf::from("."),
+        })
+    })
 }
 
 /// Errors of one VMM connection; logged, then the next VMM is accepted.
@@ -113,6 +126,8 @@ pub struct Operations {
     pub control_socket: Option<PathBuf>,
     /// Changes the log filter at run time.
     pub log_level: Option<crate::control::LogLevel>,
+    /// Capture from the start into this file (`--pcap`).
+    pub pcap: Option<PathBuf>,
 }
 
 /// Runs the daemon until a signal ends it.
@@ -137,6 +152,7 @@ pub fn run(socket_path: &Path, config: Config, operations: Operations) -> Result
         Ok(limit) => tracing::debug!(soft = limit.soft, needed, "descriptor limit"),
         Err(e) => tracing::warn!(error = %e, "cannot read the descriptor limit"),
     }
+    let pcap_dir = pcap_dir(&config, operations.pcap.as_deref());
     let prepared = Wiring::prepare(config)?;
     let (listener, id) = bind(socket_path)?;
     let control = match operations.control_socket.as_deref().map(bind).transpose() {
@@ -165,6 +181,7 @@ pub fn run(socket_path: &Path, config: Config, operations: Operations) -> Result
         id,
         control: control_socket,
         handlers,
+        pcap_dir: pcap_dir.clone(),
     };
     let wiring = match confine_and_start(prepared, &cleanup) {
         Ok(wiring) => wiring,
@@ -174,8 +191,20 @@ pub fn run(socket_path: &Path, config: Config, operations: Operations) -> Result
         }
     };
     let metrics = wiring.metrics().clone();
+    if let Some(file) = &operations.pcap {
+        let limits = &wiring.config().pcap;
+        let started = wiring
+            .shared()
+            .tap
+            .start(file, limits.max_bytes, limits.files);
+        if let Err(e) = started {
+            cleanup.run();
+            return Err(Error::Pcap(e));
+        }
+    }
     if let Some(listener) = control_listener {
-        let state = crate::control::api::State::new(wiring.shared(), operations.log_level);
+        let state =
+            crate::control::api::State::new(wiring.shared(), operations.log_level, pcap_dir);
         crate::control::server::spawn(wiring.handle(), listener, Arc::new(state))
             .map_err(Error::Control)?;
     }
@@ -258,6 +287,7 @@ fn landlock_paths(config: &Config, cleanup: &Cleanup) -> confine::Paths {
         }
     }
     paths.sockets_in.push(cleanup.handlers.path.clone());
+    paths.write_in.extend(cleanup.pcap_dir.iter().cloned());
     if let Some(parent) = cleanup.handlers.path.parent() {
         paths.remove_dirs_in.push(parent.to_owned());
     }
@@ -285,6 +315,8 @@ struct Cleanup {
     id: FileId,
     control: Option<(PathBuf, FileId)>,
     handlers: HandlerDir,
+    /// Where captures are written (landlock leaves it writable).
+    pcap_dir: Option<PathBuf>,
 }
 
 impl Cleanup {

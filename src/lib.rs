@@ -58,6 +58,7 @@ pub mod errors;
 pub mod fuzzing;
 pub mod metrics;
 pub mod names;
+pub mod pcap;
 pub mod policy;
 pub mod proxy;
 pub mod services;

@@ -47,6 +47,7 @@ fn main() -> ExitCode {
     };
     let operations = vhost_gateway::daemon::Operations {
         control_socket: cli.control_socket.clone(),
+        pcap: cli.pcap.clone(),
         log_level: Some(log_level),
     };
     match vhost_gateway::daemon::run(&socket_path, config, operations) {

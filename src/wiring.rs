@@ -85,6 +85,7 @@ impl Prepared {
             publisher,
             icmp_available: self.icmp_available,
             board: Default::default(),
+            tap: Default::default(),
         };
         Ok(Wiring {
             runtime,

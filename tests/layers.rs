@@ -33,6 +33,7 @@ const LAYERS: &[&[&str]] = &[
         "errors",
         "metrics",
         "names",
+        "pcap",
         "virtio",
         "wellknown",
     ],

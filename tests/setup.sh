@@ -9,7 +9,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 
 # util-linux: setpriv and prlimit (the unprivileged and descriptor-limit
 # tests). iperf3 and passt are for the benchmark (bench/vm.rs).
-packages=(qemu-system-x86 busybox-static cpio kmod iproute2 procps util-linux libc6-dev dnsmasq-base iperf3 passt)
+packages=(qemu-system-x86 busybox-static cpio kmod iproute2 procps util-linux libc6-dev dnsmasq-base iperf3 passt tcpdump)
 
 missing=()
 for p in "${packages[@]}"; do

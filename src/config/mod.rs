@@ -14,6 +14,7 @@ pub mod dns;
 pub mod flows;
 mod locate;
 pub mod network;
+pub mod pcap;
 pub mod policy;
 pub mod tls;
 mod types;
@@ -26,6 +27,7 @@ pub use confinement::{Confinement, SeccompMode};
 pub use dns::{BlockedAnswer, Dns};
 pub use flows::{Fragments, Icmp, Outbound, Protocol, Publish, Tcp, Udp};
 pub use network::{MAX_MTU, Network};
+pub use pcap::Pcap;
 pub use policy::{PolicyConfig, PortSpec, Preset, RuleConfig};
 pub use tls::{Fallback, Tls, UpstreamRoots};
 pub use types::{Ipv6Prefix, MacAddr, Resolver};
@@ -111,6 +113,9 @@ pub struct Config {
     /// How the daemon confines itself once started.
     #[serde(default)]
     pub confinement: Confinement,
+    /// Captures of the guest's frames.
+    #[serde(default)]
+    pub pcap: Pcap,
 }
 
 /// Problems found by validation, as (dotted key, message) pairs.
@@ -243,6 +248,7 @@ impl Config {
         self.dns.validate(&mut out);
         self.policy.validate(&mut out);
         self.tls.validate(&mut out);
+        self.pcap.validate(&mut out);
         Publish::validate_all(&self.publish, &mut out);
         out.0
     }

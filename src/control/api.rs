@@ -9,6 +9,8 @@
 //! | `GET /v1/publish` | the published ports |
 //! | `POST /v1/publish` | body `{"protocol": "tcp", "host": "127.0.0.1:8080", "guest-port": 80}` |
 //! | `DELETE /v1/publish` | body `{"protocol": "tcp", "host": "127.0.0.1:8080"}` |
+//! | `GET /v1/pcap` | whether a capture runs, its file and numbers |
+//! | `POST /v1/pcap` | body `{"action": "start", "file": "NAME"}` (in `[pcap] dir`) or `{"action": "stop"}` |
 //! | `GET /metrics` | Prometheus/OpenMetrics text of counters and gauges |
 //!
 //! Anything else is 404 (no such path) or 405 (wrong method), always with
@@ -41,16 +43,23 @@ pub struct State {
     pub(super) shared: Arc<Shared>,
     pub(super) started: Instant,
     pub(super) log_level: Option<LogLevel>,
+    pub(super) pcap_dir: Option<std::path::PathBuf>,
 }
 
 impl State {
     /// The state over the daemon's shared parts; `log_level` changes the
-    /// log filter when given.
-    pub fn new(shared: Arc<Shared>, log_level: Option<LogLevel>) -> Self {
+    /// log filter when given; captures go to `pcap_dir` (none: no capture
+    /// can start at run time).
+    pub fn new(
+        shared: Arc<Shared>,
+        log_level: Option<LogLevel>,
+        pcap_dir: Option<std::path::PathBuf>,
+    ) -> Self {
         Self {
             shared,
             started: Instant::now(),
             log_level,
+            pcap_dir,
         }
     }
 }
@@ -161,6 +170,8 @@ pub async fn answer(state: &State, method: &str, path: &str, query: &str, body: 
         ("GET", "/v1/publish") => published(state),
         ("POST", "/v1/publish") => publish(state, body),
         ("DELETE", "/v1/publish") => unpublish(state, body).await,
+        ("GET", "/v1/pcap") => Answer::json(200, &state.shared.tap.stats()),
+        ("POST", "/v1/pcap") => pcap(state, body),
         ("GET", "/metrics") => {
             let report = report(&state.shared, 0).await;
             super::prom::answer(&state.shared, &report)
@@ -168,7 +179,7 @@ pub async fn answer(state: &State, method: &str, path: &str, query: &str, body: 
         (
             _,
             "/v1/status" | "/v1/counters" | "/v1/flows" | "/v1/log-level" | "/v1/publish"
-            | "/metrics",
+            | "/v1/pcap" | "/metrics",
         ) => Answer::error(405, format!("{method} is not allowed on {path}")),
         _ => Answer::error(404, format!("no endpoint {path}")),
     }
@@ -404,6 +415,67 @@ async fn unpublish(state: &State, body: &[u8]) -> Answer {
             404,
             format!("{:?} {} is not published", which.protocol, which.host),
         ),
+    }
+}
+
+/// The body of `POST /v1/pcap`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, tag = "action", rename_all = "kebab-case")]
+pub enum PcapRequest {
+    /// Start capturing into `file`, a name in the capture directory.
+    Start {
+        /// The file's name.
+        file: String,
+    },
+    /// Stop the capture.
+    Stop,
+}
+
+fn pcap(state: &State, body: &[u8]) -> Answer {
+    let request: PcapRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return Answer::error(
+                400,
+                format!(
+                    "expected {{\"action\": \"start\", \"file\": \"NAME\"}} or {{\"action\": \"stop\"}}: {e}"
+                ),
+            );
+        }
+    };
+    let tap = &state.shared.tap;
+    match request {
+        PcapRequest::Stop => match tap.stop() {
+            Some(stats) => Answer::json(200, &stats),
+            None => Answer::error(409, "no capture is running"),
+        },
+        PcapRequest::Start { file } => {
+            let Some(dir) = &state.pcap_dir else {
+                return Answer::error(
+                    409,
+                    "no capture directory: set [pcap] dir in the config (or start with --pcap)",
+                );
+            };
+            let plain = std::path::Path::new(&file)
+                .file_name()
+                .is_some_and(|name| name == file.as_str())
+                && !file.starts_with('.');
+            if !plain {
+                return Answer::error(
+                    400,
+                    format!(
+                        "{file:?}: a file name in {} (no directories)",
+                        dir.display()
+                    ),
+                );
+            }
+            let limits = &state.shared.config.pcap;
+            match tap.start(&dir.join(&file), limits.max_bytes, limits.files) {
+                Ok(()) => Answer::json(201, &tap.stats()),
+                Err(e @ crate::pcap::Error::Running(_)) => Answer::error(409, e.to_string()),
+                Err(e) => Answer::error(500, crate::errors::chain(&e)),
+            }
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use vm_memory::GuestMemory;
 use super::dispatch::Gateway;
 
 use crate::metrics::{Counter, Metrics};
+use crate::pcap::Tap;
 use crate::virtio::{self, Layout};
 
 /// What smoltcp may rely on the link for, given the negotiated layout.
@@ -136,6 +137,7 @@ pub struct TxToken<'a, M: GuestMemory> {
     layout: Layout,
     buf: &'a mut Vec<u8>,
     metrics: &'a Metrics,
+    tap: &'a Tap,
     waiting: &'a mut ToGuest,
     rx_used: &'a mut bool,
     now: Instant,
@@ -170,7 +172,7 @@ impl<M: GuestMemory> phy::TxToken for TxToken<'_, M> {
             self.mem,
             self.layout,
             (header, frame),
-            self.metrics,
+            (self.metrics, self.tap),
         ) {
             Written::Yes => *self.rx_used = true,
             Written::NoRoom => {
@@ -205,16 +207,18 @@ pub enum Written {
     },
 }
 
-/// Writes a frame behind its header and counts the outcome.
+/// Writes a frame behind its header, counts the outcome and captures the
+/// frame if it went.
 fn write_frame<M: GuestMemory>(
     rx: &mut Queue,
     mem: &M,
     layout: Layout,
     (header, frame): (&mut [u8], &[u8]),
-    metrics: &Metrics,
+    (metrics, tap): (&Metrics, &Tap),
 ) -> Written {
     match virtio::write_rx_frame(rx, mem, layout, header, frame) {
         Ok(_) => {
+            tap.record(frame);
             metrics.inc(Counter::frames_to_guest);
             metrics.add(Counter::bytes_to_guest, frame.len() as u64);
             Written::Yes
@@ -297,7 +301,7 @@ impl ToGuest {
         rx: &mut Queue,
         mem: &M,
         layout: Layout,
-        metrics: &Metrics,
+        (metrics, tap): (&Metrics, &Tap),
         now: Instant,
     ) -> (bool, bool) {
         let mut used = false;
@@ -305,7 +309,7 @@ impl ToGuest {
         let header = header.get_mut(..layout.hdr_len).unwrap_or_default();
         while let Some((frame, mss)) = self.frames.front_mut() {
             let written = if virtio::rx_header(layout, header, frame, *mss) {
-                write_frame(rx, mem, layout, (header, frame), metrics)
+                write_frame(rx, mem, layout, (header, frame), (metrics, tap))
             } else {
                 metrics.inc(Counter::drop_bad_segment);
                 Written::Dropped { used: false }
@@ -365,6 +369,7 @@ macro_rules! tx_token {
             layout: $device.layout,
             buf: $device.to_guest,
             metrics: $device.metrics,
+            tap: &$device.gateway.tap,
             waiting: &mut $device.gateway.pending,
             rx_used: &mut $device.rx_used,
             now: $device.now,
@@ -434,7 +439,10 @@ impl<M: GuestMemory> Device<'_, M> {
                 .add(Counter::bytes_from_guest, frame_len as u64);
             let frame = self.layout.hdr_len..self.layout.hdr_len + frame_len;
             let taken = match self.from_guest.get(frame.clone()) {
-                Some(bytes) => self.gateway.intercept(bytes, self.now, false),
+                Some(bytes) => {
+                    self.gateway.tap.record(bytes);
+                    self.gateway.intercept(bytes, self.now, false)
+                }
                 None => true,
             };
             if !taken {
@@ -469,10 +477,14 @@ impl<M: GuestMemory> phy::Device for Device<'_, M> {
     fn transmit(&mut self, _timestamp: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
         // Frames already waiting go first, so the guest sees them in order.
         if !self.gateway.pending.is_empty() {
-            let (used, waiting) =
-                self.gateway
-                    .pending
-                    .flush(self.rx, self.mem, self.layout, self.metrics, self.now);
+            let gw = &mut *self.gateway;
+            let (used, waiting) = gw.pending.flush(
+                self.rx,
+                self.mem,
+                self.layout,
+                (self.metrics, &gw.tap),
+                self.now,
+            );
             self.rx_used |= used;
             if waiting {
                 self.rx_starved = true;

@@ -46,6 +46,8 @@ pub struct Gateway {
     pub(super) icmp: icmp::Sessions,
     /// Frames for the guest waiting for RX buffers.
     pub(super) pending: device::ToGuest,
+    /// Where frames are captured.
+    pub(super) tap: std::sync::Arc<crate::pcap::Tap>,
     /// Frames for smoltcp (SYNs released once their upstream connected).
     pub(super) inject: VecDeque<Vec<u8>>,
     pub(super) host: Host,

@@ -163,6 +163,8 @@ pub struct Shared {
     pub icmp_available: bool,
     /// The guest attached now, for the control API.
     pub board: report::Board,
+    /// Where frames are captured while a capture runs.
+    pub tap: Arc<crate::pcap::Tap>,
 }
 
 impl Engine {
@@ -203,6 +205,7 @@ impl Engine {
                 udp: udp::Sessions::new(config.udp.clone()),
                 icmp: icmp::Sessions::new(config.icmp.clone(), shared.icmp_available),
                 pending: device::ToGuest::default(),
+                tap: shared.tap.clone(),
                 inject: VecDeque::new(),
                 host,
                 io,
@@ -315,10 +318,10 @@ impl Engine {
             // Work is left: come back after the other events are handled.
             self.gateway.host.wake.wake();
         }
-        let (used, waiting) = self
-            .gateway
+        let gw = &mut self.gateway;
+        let (used, waiting) = gw
             .pending
-            .flush(rx, mem, self.layout, &self.metrics, now);
+            .flush(rx, mem, self.layout, (&self.metrics, &gw.tap), now);
         result.rx_used |= used;
         result.rx_starved |= waiting;
         // Session sockets are edge-triggered, and a DNS answer wakes the
@@ -579,6 +582,7 @@ mod tests {
             publisher: None,
             icmp_available: false,
             board: Default::default(),
+            tap: Default::default(),
         };
         let host = Host {
             runtime: runtime.handle().clone(),

@@ -492,6 +492,7 @@ mod tests {
             publisher: None,
             icmp_available: false,
             board: Default::default(),
+            tap: Default::default(),
         })
     }
 

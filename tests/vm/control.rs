@@ -217,3 +217,92 @@ sleep 600
     assert_eq!(tcp_echo_once(&ns, "127.0.0.1:18080"), Ok(true));
     guest.kill();
 }
+
+/// `tcpdump -r FILE -nn [-A] FILTER`: its output; panics when tcpdump
+/// cannot read the file.
+fn tcpdump(file: &std::path::Path, ascii: bool, filter: &str) -> String {
+    let mut cmd = Command::new("tcpdump");
+    cmd.arg("-r").arg(file).arg("-nn");
+    if ascii {
+        cmd.arg("-A");
+    }
+    let out = cmd.arg(filter).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "tcpdump -r {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// A capture from the start (`--pcap`) holds the guest's DHCP exchange and
+/// its TCP, in a ring of files none larger than the limit, each readable
+/// by tcpdump; a capture started and stopped at run time holds the HTTP
+/// request made meanwhile; a name with a directory in it is refused.
+#[test]
+fn a_capture_of_a_guest_session_reads_in_tcpdump() {
+    let world = World::new("pcap");
+    let made = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1K", "count=2048", "status=none"])
+        .arg(format!("of={}", world.www.0.join("two").display()))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let captures = kit::TempDir::new("pcap");
+    let boot_file = captures.0.join("boot.pcap");
+    let config = "[pcap]\nmax-bytes = 1048576\nfiles = 4\n";
+    let daemon = Daemon::start_args(
+        Some(&world.ns),
+        Some(config),
+        &["--pcap", boot_file.to_str().unwrap()],
+    );
+    let script = r#"
+dhcp
+wget -q -O /dev/null http://192.0.2.10/two
+echo VG-READY
+sleep 2
+wget -q -O - http://192.0.2.10/small
+"#;
+    let guest = Guest::spawn(&GuestOpts::new(&daemon.socket, script), "VG-READY");
+    assert!(
+        guest.wait_marker(Duration::from_secs(120)),
+        "{}",
+        guest.console()
+    );
+    let boot = daemon.ctl_json(&["pcap", "stop"]);
+    let (ok, out) = daemon.ctl(&["pcap", "start", "../escape.pcap"]);
+    assert!(!ok && out.contains("400"), "{out}");
+    let (ok, out) = daemon.ctl(&["pcap", "start", "run.pcap"]);
+    assert!(ok && out.contains("run.pcap"), "{out}");
+    let (ok, out) = daemon.ctl(&["pcap", "start", "again.pcap"]);
+    assert!(!ok && out.contains("409"), "{out}");
+    let console = guest.finish();
+    assert!(console.contains("hello from the namespace"), "{console}");
+    let run = daemon.ctl_json(&["pcap", "stop"]);
+    eprintln!("boot capture {boot}\nrun capture {run}");
+    assert_eq!(boot["dropped"], 0, "{boot}");
+    // 2 MiB in 1 MiB files: the ring has begun its third file, not
+    // wrapped (the first, with the DHCP exchange, is still there).
+    let begun = boot["files_begun"].as_u64().unwrap();
+    assert!((3..=4).contains(&begun), "{boot}");
+
+    // The ring: boot.pcap, .1, .2, each within the limit and readable.
+    let mut dhcp = String::new();
+    let mut tcp = 0;
+    for name in ["boot.pcap", "boot.pcap.1", "boot.pcap.2"] {
+        let file = captures.0.join(name);
+        let size = std::fs::metadata(&file).unwrap().len();
+        assert!(size <= 1_048_576, "{name}: {size} bytes");
+        dhcp += &tcpdump(&file, false, "udp port 67 or udp port 68");
+        tcp += tcpdump(&file, false, "tcp port 80").lines().count();
+    }
+    assert!(dhcp.contains("BOOTP/DHCP, Request"), "{dhcp}");
+    assert!(dhcp.contains("BOOTP/DHCP, Reply"), "{dhcp}");
+    assert!(tcp > 10, "{tcp} TCP frames");
+    let http = tcpdump(&captures.0.join("run.pcap"), true, "tcp port 80");
+    assert!(http.contains("GET /small HTTP/1.1"), "{http}");
+    assert!(http.contains("hello from the namespace"), "{http}");
+    assert!(!captures.0.join("again.pcap").exists());
+}
