@@ -24,6 +24,9 @@ pub struct Deny<'a> {
     /// Why: a rule (or the default), or a name that does not belong to
     /// the address.
     pub reason: Reason,
+    /// A live flow that a reload's new rules deny (it is reset): the line's
+    /// reason is `reload`, and `cause` says why the new rules deny it.
+    pub reload: bool,
 }
 
 /// Why a flow was denied.
@@ -40,6 +43,9 @@ pub enum Reason {
     /// The flow needed a name and its bytes hide or double it (TLS a
     /// server would reject, ECH, two Hosts, an unparseable request...).
     NameUnreadable,
+    /// The flow needs a name under a reloaded policy, and its bytes were
+    /// never read for one (its old policy decided by address alone).
+    NameUnread,
 }
 
 impl Reason {
@@ -50,27 +56,34 @@ impl Reason {
             Reason::NameNotPinned => "name-not-pinned",
             Reason::NameNotResolving => "name-not-resolving",
             Reason::NameUnreadable => "name-unreadable",
+            Reason::NameUnread => "name-unread",
         }
     }
 }
 
 /// Writes the audit line.
 pub fn deny(d: &Deny<'_>) {
-    tracing::warn!(
-        target: "vhost_gateway::audit",
-        proto = d.proto,
-        dst = %d.dst.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
-        port = d.port,
-        name = d.name.unwrap_or("-"),
-        name_source = d.name_source.unwrap_or("-"),
-        decision = "deny",
-        rule = match (d.reason, d.rule) {
-            (Reason::Policy, Some(r)) => r.to_string(),
-            (Reason::Policy, None) => "default".to_owned(),
-            // No rule denied it: the name did not belong to the address.
-            _ => "-".to_owned(),
-        },
-        reason = d.reason.as_str(),
-        "egress denied"
-    );
+    let dst = d.dst.map_or_else(|| "-".to_owned(), |ip| ip.to_string());
+    let rule = match (d.reason, d.rule) {
+        (Reason::Policy, Some(r)) => r.to_string(),
+        (Reason::Policy, None) => "default".to_owned(),
+        // No rule denied it: the name did not belong to the address.
+        _ => "-".to_owned(),
+    };
+    let (name, name_source) = (d.name.unwrap_or("-"), d.name_source.unwrap_or("-"));
+    if d.reload {
+        tracing::warn!(
+            target: "vhost_gateway::audit",
+            proto = d.proto, dst = %dst, port = d.port, name, name_source,
+            decision = "deny", rule, reason = "reload", cause = d.reason.as_str(),
+            "egress revoked by a reload: flow reset"
+        );
+    } else {
+        tracing::warn!(
+            target: "vhost_gateway::audit",
+            proto = d.proto, dst = %dst, port = d.port, name, name_source,
+            decision = "deny", rule, reason = d.reason.as_str(),
+            "egress denied"
+        );
+    }
 }

@@ -136,6 +136,10 @@ pub enum CtlAction {
         #[command(subcommand)]
         action: PcapAction,
     },
+    /// Re-read the config file and apply its policy, DNS block lists and
+    /// published ports (flows the new policy denies are reset); a config
+    /// that is invalid or changes anything else is refused.
+    Reload,
     /// Published ports: list, add or remove at run time.
     Publish {
         /// What to do.

@@ -59,6 +59,7 @@ fn ctl(socket: &Path, json: bool, action: &CtlAction) -> ExitCode {
             ("PUT", "/v1/log-level".to_owned(), Some(body))
         }
         CtlAction::Metrics => ("GET", "/metrics".to_owned(), None),
+        CtlAction::Reload => ("POST", "/v1/reload".to_owned(), None),
         CtlAction::Pcap { action } => match action {
             PcapAction::Status => ("GET", "/v1/pcap".to_owned(), None),
             PcapAction::Start { file } => {
@@ -224,6 +225,24 @@ fn render(action: &CtlAction, v: &serde_json::Value) -> String {
             line("frames dropped", text(&v["dropped"]));
             line("files begun", text(&v["files_begun"]));
         }
+        CtlAction::Reload => {
+            let changed: Vec<String> = v["changed"]
+                .as_array()
+                .map(|a| a.iter().map(&text).collect())
+                .unwrap_or_default();
+            let changed = if changed.is_empty() {
+                "nothing".to_owned()
+            } else {
+                changed.join(", ")
+            };
+            line("reloaded; changed", changed);
+            for (key, verb) in [("published", "published"), ("unpublished", "unpublished")] {
+                for e in v[key].as_array().into_iter().flatten() {
+                    line(verb, publish_entry(e));
+                }
+            }
+            line("flows reset", text(&v["flows_reset"]));
+        }
         CtlAction::Publish { action } => {
             let entries = match action {
                 PublishAction::List => v["published"].as_array().cloned().unwrap_or_default(),
@@ -234,20 +253,26 @@ fn render(action: &CtlAction, v: &serde_json::Value) -> String {
                 _ => "published",
             };
             for e in &entries {
-                line(
-                    verb,
-                    format!(
-                        "{} {} -> guest port {}",
-                        text(&e["protocol"]),
-                        text(&e["host"]),
-                        text(&e["guest-port"])
-                    ),
-                );
+                line(verb, publish_entry(e));
             }
         }
         CtlAction::Metrics => {}
     }
     out
+}
+
+/// A published entry for a person.
+fn publish_entry(e: &serde_json::Value) -> String {
+    let field = |k: &str| match &e[k] {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    format!(
+        "{} {} -> guest port {}",
+        field("protocol"),
+        field("host"),
+        field("guest-port")
+    )
 }
 
 fn ca_generate(out: &Path, name: &str, days: u32) -> ExitCode {

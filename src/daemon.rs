@@ -16,10 +16,11 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::config::{Config, SeccompMode};
+use crate::config::{Config, SeccompMode, Source};
 use crate::confine::{self, Landlocked};
 use crate::metrics::{Counter, Metrics};
 use crate::vhost::compat;
+use crate::wiring::reload::Reloader;
 use crate::wiring::{Prepared, Wiring};
 
 /// Errors that stop the daemon.
@@ -128,6 +129,8 @@ pub struct Operations {
     pub log_level: Option<crate::control::LogLevel>,
     /// Capture from the start into this file (`--pcap`).
     pub pcap: Option<PathBuf>,
+    /// Where the config was read from: a reload reads it again.
+    pub source: crate::config::Source,
 }
 
 /// Runs the daemon until a signal ends it.
@@ -183,7 +186,7 @@ pub fn run(socket_path: &Path, config: Config, operations: Operations) -> Result
         handlers,
         pcap_dir: pcap_dir.clone(),
     };
-    let wiring = match confine_and_start(prepared, &cleanup) {
+    let wiring = match confine_and_start(prepared, &cleanup, &operations.source) {
         Ok(wiring) => wiring,
         Err(e) => {
             cleanup.run();
@@ -202,14 +205,24 @@ pub fn run(socket_path: &Path, config: Config, operations: Operations) -> Result
             return Err(Error::Pcap(e));
         }
     }
+    let reloader = Arc::new(Reloader::new(
+        wiring.shared(),
+        operations.source,
+        wiring.config().clone(),
+    ));
     if let Some(listener) = control_listener {
-        let state =
-            crate::control::api::State::new(wiring.shared(), operations.log_level, pcap_dir);
+        let state = crate::control::api::State::new(
+            wiring.shared(),
+            operations.log_level,
+            pcap_dir,
+            Some(reloader.clone()),
+        );
         crate::control::server::spawn(wiring.handle(), listener, Arc::new(state))
             .map_err(Error::Control)?;
     }
     let handlers = cleanup.handlers.path.clone();
-    spawn_signal_thread(cleanup, metrics.clone())?;
+    let reload = (reloader, wiring.handle().clone());
+    spawn_signal_thread(cleanup, metrics.clone(), reload)?;
     if let Err(e) = confine::seccomp(seccomp_mode(wiring.config())) {
         return Err(Error::Confine(e));
     }
@@ -249,11 +262,15 @@ fn seccomp_mode(config: &Config) -> confine::Seccomp {
 
 /// Drops capabilities and applies landlock on the main thread (no other
 /// thread exists yet), then starts the threads, which inherit both.
-fn confine_and_start(prepared: Prepared, cleanup: &Cleanup) -> Result<Wiring, Error> {
+fn confine_and_start(
+    prepared: Prepared,
+    cleanup: &Cleanup,
+    source: &Source,
+) -> Result<Wiring, Error> {
     confine::drop_capabilities().map_err(Error::Confine)?;
     let config = prepared.config();
     if config.confinement.landlock {
-        let paths = landlock_paths(config, cleanup);
+        let paths = landlock_paths(config, cleanup, source);
         match confine::landlock(&paths).map_err(Error::Confine)? {
             Landlocked::Fully => tracing::info!("landlock: filesystem confined"),
             Landlocked::Partly => {
@@ -273,8 +290,21 @@ fn confine_and_start(prepared: Prepared, cleanup: &Cleanup) -> Result<Wiring, Er
 /// What the daemon still touches once started: its socket's directory (to
 /// remove the socket at exit), its handler directory, and the host's
 /// resolver list when the DNS upstreams come from it.
-fn landlock_paths(config: &Config, cleanup: &Cleanup) -> confine::Paths {
+fn landlock_paths(config: &Config, cleanup: &Cleanup, source: &Source) -> confine::Paths {
     let mut paths = confine::Paths::default();
+    // A reload reads the config and its block lists again. Their
+    // directories, not the files: an editor saves by renaming a new file
+    // onto the old one, which a rule on the old file would not cover.
+    let files = source.path.iter().chain(&config.dns.block_files);
+    for file in files {
+        let dir = match file.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        if !paths.read.iter().any(|p| p == dir) {
+            paths.read.push(dir.to_owned());
+        }
+    }
     let sockets = std::iter::once(&cleanup.socket).chain(cleanup.control.iter().map(|(p, _)| p));
     for socket in sockets {
         if let Some(dir) = socket.parent() {
@@ -469,17 +499,30 @@ fn private_pair(dir: &Path) -> io::Result<(Listener, UnixStream)> {
     result
 }
 
-/// SIGTERM/SIGINT remove the socket and exit; SIGUSR1 logs the counters.
-fn spawn_signal_thread(cleanup: Cleanup, metrics: Arc<Metrics>) -> Result<(), Error> {
-    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1]).map_err(Error::Signals)?;
+/// SIGTERM/SIGINT remove the socket and exit; SIGUSR1 logs the counters;
+/// SIGHUP reloads the config (the reloader logs how it went).
+fn spawn_signal_thread(
+    cleanup: Cleanup,
+    metrics: Arc<Metrics>,
+    (reloader, runtime): (Arc<Reloader>, tokio::runtime::Handle),
+) -> Result<(), Error> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])
+        .map_err(Error::Signals)?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for signal in signals.forever() {
                 if signal == SIGUSR1 {
                     tracing::info!(counters = %metrics.snapshot(), "counters");
+                    continue;
+                }
+                if signal == SIGHUP {
+                    notify_systemd("RELOADING=1");
+                    // Logged and counted by the reloader; nobody else
+                    // waits for the outcome of a signal.
+                    let _ = runtime.block_on(reloader.reload());
+                    notify_systemd("READY=1");
                     continue;
                 }
                 tracing::info!(signal, counters = %metrics.snapshot(), "exiting");

@@ -10,20 +10,22 @@
 //! daemon's. `decide` runs on tokio tasks; the rest on any thread.
 #![forbid(unsafe_code)]
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::audit::{self, Reason};
 use crate::dns::forward::Forwarder;
 use crate::dns::pins::Pins;
+use crate::dns::rules::Live;
 use crate::metrics::{Counter, Metrics};
 use crate::names::NameSource;
 use crate::policy::{Claim, Denied, Policy, Proto, Query, Verdict};
 
 /// The egress side of one guest.
 pub struct Egress {
-    policy: Arc<Policy>,
+    rules: Live,
     pins: Arc<Pins>,
     forwarder: Arc<Forwarder>,
     metrics: Arc<Metrics>,
@@ -41,28 +43,72 @@ pub struct Target {
     pub connect_timeout: Duration,
     /// The boundary that decides it.
     pub egress: Arc<Egress>,
+    /// What its bytes were allowed for, for a reload to judge again.
+    pub claimed: Claimed,
+}
+
+/// Most claims a flow keeps (a keep-alive HTTP flow names a Host per
+/// request: the newest are kept; later requests are judged live anyway).
+const MAX_CLAIMS: usize = 8;
+
+/// What a TCP flow's bytes claimed and were allowed for — a TLS SNI, HTTP
+/// Hosts, or bytes that named nothing — shared between whoever decides them
+/// (the engine's gate, a service's task) and the engine's flow, so that a
+/// reload judges the flow again on what its bytes said, not only on its
+/// address.
+#[derive(Clone, Default)]
+pub struct Claimed(Arc<Mutex<VecDeque<ClaimRecord>>>);
+
+/// One recorded claim: the name and where it came from, or None for bytes
+/// that named nothing.
+pub type ClaimRecord = Option<(String, NameSource)>;
+
+impl Claimed {
+    /// Records an allowed claim (an unread one says nothing).
+    pub fn record(&self, claim: Claim<'_>) {
+        let entry = match claim {
+            Claim::Unread => return,
+            Claim::Unnamed => None,
+            Claim::Named(name, source) => Some((name.to_owned(), source)),
+        };
+        let mut claims = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if claims.contains(&entry) {
+            return;
+        }
+        if claims.len() >= MAX_CLAIMS {
+            claims.pop_front();
+        }
+        claims.push_back(entry);
+    }
+
+    /// The claims recorded, oldest first.
+    pub fn claims(&self) -> Vec<ClaimRecord> {
+        let claims = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        claims.iter().cloned().collect()
+    }
 }
 
 impl Egress {
-    /// The boundary over `policy` (the daemon's), with the guest's `pins`
-    /// and the `forwarder` that answers the guest's DNS (which pins them).
+    /// The boundary over the daemon's `rules` (their policy, read per
+    /// decision: a reload reaches every guest), with the guest's `pins` and
+    /// the `forwarder` that answers the guest's DNS (which pins them).
     pub fn new(
-        policy: Arc<Policy>,
+        rules: Live,
         pins: Arc<Pins>,
         forwarder: Arc<Forwarder>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            policy,
+            rules,
             pins,
             forwarder,
             metrics,
         }
     }
 
-    /// The policy.
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.rules.load().policy.clone()
     }
 
     /// The counters.
@@ -94,7 +140,7 @@ impl Egress {
             pinned: &pinned,
             claim,
         };
-        match self.policy.judge(&query) {
+        match self.policy().judge(&query) {
             Verdict::Allow(_) | Verdict::NeedsName => Ok(()),
             Verdict::Deny(denied) => Err(denied),
             Verdict::Resolve(name) => {
@@ -114,18 +160,23 @@ impl Egress {
         dst: IpAddr,
         port: Option<u16>,
         name: Option<(&str, NameSource)>,
-        (rule, reason): Denied,
+        denied: Denied,
     ) {
         self.metrics.inc(Counter::policy_denied);
-        audit::deny(&audit::Deny {
-            proto: proto.as_str(),
-            dst: Some(dst),
-            port: port.unwrap_or(0),
-            name: name.map(|(n, _)| n),
-            name_source: name.map(|(_, s)| s.as_str()),
-            rule,
-            reason,
-        });
+        audit(proto, (dst, port), name, denied, false);
+    }
+
+    /// Counts and audits a live flow a reload's rules deny (the caller
+    /// resets it).
+    pub fn revoke(
+        &self,
+        proto: Proto,
+        (dst, port): (IpAddr, Option<u16>),
+        name: Option<(&str, NameSource)>,
+        denied: Denied,
+    ) {
+        self.metrics.inc(Counter::policy_revoked);
+        audit(proto, (dst, port), name, denied, true);
     }
 
     /// Counts an allowed flow.
@@ -134,11 +185,34 @@ impl Egress {
     }
 }
 
+/// The audit line of a deny.
+fn audit(
+    proto: Proto,
+    (dst, port): (IpAddr, Option<u16>),
+    name: Option<(&str, NameSource)>,
+    (rule, reason): Denied,
+    reload: bool,
+) {
+    audit::deny(&audit::Deny {
+        proto: proto.as_str(),
+        dst: Some(dst),
+        port: port.unwrap_or(0),
+        name: name.map(|(n, _)| n),
+        name_source: name.map(|(_, s)| s.as_str()),
+        rule,
+        reason,
+        reload,
+    });
+}
+
 impl Target {
     /// Decides the flow from its first bytes' claim; a deny is counted and
     /// audited.
     pub async fn decide(&self, claim: Claim<'_>) -> Result<(), Denied> {
         let result = self.egress.decide(self.dst, claim).await;
+        if result.is_ok() {
+            self.claimed.record(claim);
+        }
         if let Err(denied) = result {
             let name = match claim {
                 Claim::Named(n, s) => Some((n, s)),

@@ -8,7 +8,6 @@ use clap::Parser;
 
 use vhost_gateway::cli::{Cli, LogFormat};
 use vhost_gateway::commands;
-use vhost_gateway::config::Config;
 use vhost_gateway::control::LogLevel;
 use vhost_gateway::daemon::error_chain;
 
@@ -25,19 +24,18 @@ fn main() -> ExitCode {
         eprintln!("vhost-gateway: --socket-path PATH is required to run the daemon");
         return ExitCode::FAILURE;
     };
-    let mut config = match &cli.config {
-        Some(path) => match Config::load(path) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("vhost-gateway: {}: {}", path.display(), error_chain(&e));
-                return ExitCode::FAILURE;
-            }
-        },
-        None => Config::embedded(),
+    let source = vhost_gateway::config::Source {
+        path: cli.config.clone(),
+        queue_pairs: cli.queue_pairs,
     };
-    if let Some(n) = cli.queue_pairs {
-        config.network.queue_pairs = n;
-    }
+    let config = match source.read() {
+        Ok(c) => c,
+        Err(e) => {
+            let path = cli.config.as_deref().unwrap_or(std::path::Path::new("-"));
+            eprintln!("vhost-gateway: {}: {}", path.display(), error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     let log_level = match init_logging(&cli.log_level, cli.log_format) {
         Ok(set) => set,
         Err(message) => {
@@ -49,6 +47,7 @@ fn main() -> ExitCode {
         control_socket: cli.control_socket.clone(),
         pcap: cli.pcap.clone(),
         log_level: Some(log_level),
+        source,
     };
     match vhost_gateway::daemon::run(&socket_path, config, operations) {
         Ok(()) => ExitCode::SUCCESS,

@@ -184,6 +184,14 @@ counters! {
     policy_allowed,
     /// Flows, datagrams and echoes the egress policy denied.
     policy_denied,
+    /// Live flows and sessions a reload's new rules deny: reset (TCP) or
+    /// closed (UDP, ICMP), each audited with reason `reload`.
+    policy_revoked,
+    /// Reloads applied (SIGHUP or `POST /v1/reload`).
+    reloads,
+    /// Reloads refused: the new config is invalid, or changes what needs a
+    /// restart; the running config stays.
+    reloads_refused,
     /// TLS flows terminated and re-encrypted upstream.
     tls_intercepted,
     /// TLS flows passed through untouched (bypass list).

@@ -7,10 +7,13 @@
 //! Runs on the main thread at start-up and at each VMM connection.
 #![forbid(unsafe_code)]
 
+pub mod reload;
+
 use std::io;
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::dns::rules::Rules;
 use crate::engine::Shared;
 use crate::metrics::Metrics;
 use crate::proxy::publish::Publisher;
@@ -71,14 +74,15 @@ impl Prepared {
         let publisher = Some(Arc::new(
             self.publish.start(runtime.handle(), &self.metrics)?,
         ));
-        let policy = Arc::new(self.config.policy());
-        crate::proxy::hostaddrs::watch(policy.host_set().clone()).map_err(Error::HostAddrs)?;
+        let rules = Rules::from_config(&self.config, None);
+        let host = rules.policy.host_set().clone();
+        crate::proxy::hostaddrs::watch(host.clone()).map_err(Error::HostAddrs)?;
         tracing::info!(
-            addresses = policy.host_set().live().len(),
+            addresses = host.live().len(),
             "the host's own addresses are the policy's host group"
         );
         let shared = Shared {
-            policy,
+            rules: rules.live(),
             config: Arc::new(self.config),
             metrics: self.metrics,
             tls: self.tls,

@@ -118,6 +118,31 @@ pub struct Config {
     pub pcap: Pcap,
 }
 
+/// Where the daemon's config comes from: a file (or the embedded defaults)
+/// and the command line's overrides. Read at start and again at each
+/// reload, the same way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Source {
+    /// The config file; None: the embedded defaults.
+    pub path: Option<std::path::PathBuf>,
+    /// `--queue-pairs`, over the file's `network.queue-pairs`.
+    pub queue_pairs: Option<u16>,
+}
+
+impl Source {
+    /// The config as it reads now.
+    pub fn read(&self) -> Result<Config, Error> {
+        let mut config = match &self.path {
+            Some(path) => Config::load(path)?,
+            None => Config::embedded(),
+        };
+        if let Some(n) = self.queue_pairs {
+            config.network.queue_pairs = n;
+        }
+        Ok(config)
+    }
+}
+
 /// Problems found by validation, as (dotted key, message) pairs.
 #[derive(Debug, Default)]
 pub struct Checks(Vec<(String, String)>);

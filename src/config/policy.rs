@@ -102,7 +102,17 @@ impl RuleConfig {
 }
 
 impl Config {
-    /// The gateway's own addresses (the policy's `host` group).
+    /// The sandbox's own subnets: internal for rebind protection.
+    pub fn own_networks(&self) -> Vec<(IpAddr, u8)> {
+        let net = &self.network;
+        let mut own = vec![(IpAddr::V4(net.ipv4_gateway), net.ipv4_prefix_len)];
+        if net.ipv6_enabled {
+            own.push((IpAddr::V6(net.ipv6_prefix.addr), net.ipv6_prefix.len));
+        }
+        own
+    }
+
+    /// The gateway's own addresses: the policy's fixed `host` members.
     pub fn own_addresses(&self) -> Vec<IpAddr> {
         let n = &self.network;
         let mut own = vec![IpAddr::V4(n.ipv4_gateway)];

@@ -27,6 +27,7 @@ use super::LogLevel;
 use crate::engine::Shared;
 use crate::engine::report::{Flow, Gauges, GuestStatus, PairReport};
 use crate::metrics::Counter;
+use crate::wiring::reload::Reloader;
 
 /// Flows listed when the request names no limit.
 pub const DEFAULT_FLOW_LIMIT: usize = 1_000;
@@ -44,22 +45,26 @@ pub struct State {
     pub(super) started: Instant,
     pub(super) log_level: Option<LogLevel>,
     pub(super) pcap_dir: Option<std::path::PathBuf>,
+    pub(super) reloader: Option<Arc<Reloader>>,
 }
 
 impl State {
     /// The state over the daemon's shared parts; `log_level` changes the
     /// log filter when given; captures go to `pcap_dir` (none: no capture
-    /// can start at run time).
+    /// can start at run time); `reloader` reloads the config (none: no
+    /// reload).
     pub fn new(
         shared: Arc<Shared>,
         log_level: Option<LogLevel>,
         pcap_dir: Option<std::path::PathBuf>,
+        reloader: Option<Arc<Reloader>>,
     ) -> Self {
         Self {
             shared,
             started: Instant::now(),
             log_level,
             pcap_dir,
+            reloader,
         }
     }
 }
@@ -172,6 +177,7 @@ pub async fn answer(state: &State, method: &str, path: &str, query: &str, body: 
         ("DELETE", "/v1/publish") => unpublish(state, body).await,
         ("GET", "/v1/pcap") => Answer::json(200, &state.shared.tap.stats()),
         ("POST", "/v1/pcap") => pcap(state, body),
+        ("POST", "/v1/reload") => reload(state).await,
         ("GET", "/metrics") => {
             let report = report(&state.shared, 0).await;
             super::prom::answer(&state.shared, &report)
@@ -179,7 +185,7 @@ pub async fn answer(state: &State, method: &str, path: &str, query: &str, body: 
         (
             _,
             "/v1/status" | "/v1/counters" | "/v1/flows" | "/v1/log-level" | "/v1/publish"
-            | "/v1/pcap" | "/metrics",
+            | "/v1/pcap" | "/v1/reload" | "/metrics",
         ) => Answer::error(405, format!("{method} is not allowed on {path}")),
         _ => Answer::error(404, format!("no endpoint {path}")),
     }
@@ -223,6 +229,23 @@ struct StatusJson {
     gauges: Gauges,
     cached_certificates: usize,
     silent_pairs: usize,
+}
+
+/// Reloads the config: 200 with what changed; 422 when the new config is
+/// invalid or needs a restart, 409 when a port cannot be published (the
+/// running config stays in every case).
+async fn reload(state: &State) -> Answer {
+    use crate::wiring::reload::Error;
+    let Some(reloader) = &state.reloader else {
+        return Answer::error(409, "this daemon cannot reload");
+    };
+    match reloader.reload().await {
+        Ok(done) => Answer::json(200, &done),
+        Err(e @ (Error::Invalid(_) | Error::NeedsRestart(_) | Error::Privileged(_))) => {
+            Answer::error(422, crate::errors::chain(&e))
+        }
+        Err(e @ Error::Publish(_)) => Answer::error(409, crate::errors::chain(&e)),
+    }
 }
 
 async fn status(state: &State) -> Answer {

@@ -19,10 +19,9 @@ use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::net::UdpSocket;
 
 use super::pins::Pins;
-use super::rebind::{Filtered, Rebind};
+use super::rebind::Filtered;
+use super::rules::Live;
 use crate::config::{BlockedAnswer, Dns};
-use crate::names::NameSet;
-use crate::policy::Policy;
 
 /// Smallest DNS message: the header (RFC 1035 4.1.1).
 const HEADER_BYTES: usize = 12;
@@ -42,11 +41,8 @@ pub struct Forwarder {
     upstreams: Vec<SocketAddr>,
     timeout: Duration,
     attempts: u32,
-    block: NameSet,
-    blocked_answer: BlockedAnswer,
-    rebind: Option<Rebind>,
     pins: Arc<Pins>,
-    policy: Arc<Policy>,
+    rules: Live,
 }
 
 /// How a query reaches the upstreams: as it came from the guest, so a
@@ -90,26 +86,19 @@ impl Outcome {
 
 impl Forwarder {
     /// From the config; `upstreams` already resolved (config or host);
-    /// `own` are the sandbox's networks, internal for rebind protection.
+    /// block list, policy and rebind filter read from `rules` per query.
     pub fn new(
         config: &Dns,
         upstreams: Vec<SocketAddr>,
-        own: Vec<(IpAddr, u8)>,
         pins: Arc<Pins>,
-        policy: Arc<Policy>,
+        rules: Live,
     ) -> Arc<Self> {
         Arc::new(Self {
             upstreams,
             timeout: Duration::from_millis(config.timeout_ms),
             attempts: config.attempts,
-            block: NameSet::new(config.block.iter().map(String::as_str)),
-            blocked_answer: config.blocked_answer,
-            rebind: config.rebind_protection.then(|| {
-                let allow = config.rebind_allow.iter().map(String::as_str);
-                Rebind::new(allow, own, policy.host_set().clone())
-            }),
             pins,
-            policy,
+            rules,
         })
     }
 
@@ -140,12 +129,15 @@ impl Forwarder {
             .first()
             .map(|q| q.name().to_ascii())
             .unwrap_or_default();
-        if self.block.contains(&name) {
-            return (self.refusal(&parsed), Outcome::Blocked);
+        // One set of rules for the whole query, even if a reload lands
+        // while it waits for an upstream.
+        let rules = self.rules.load_full();
+        if rules.block.contains(&name) {
+            return (refusal(&parsed, rules.blocked_answer), Outcome::Blocked);
         }
         // A name the egress policy could never allow a flow for is answered
         // like a blocked one, whatever the query type (no DNS tunnel out).
-        let decision = self.policy.query(&name);
+        let decision = rules.policy.query(&name);
         if decision.action == crate::policy::Action::Deny {
             crate::audit::deny(&crate::audit::Deny {
                 proto: "dns",
@@ -155,8 +147,9 @@ impl Forwarder {
                 name_source: Some("query"),
                 rule: decision.rule,
                 reason: crate::audit::Reason::Policy,
+                reload: false,
             });
-            return (self.refusal(&parsed), Outcome::Blocked);
+            return (refusal(&parsed, rules.blocked_answer), Outcome::Blocked);
         }
         for _ in 0..self.attempts {
             for upstream in &self.upstreams {
@@ -165,7 +158,7 @@ impl Forwarder {
                     Transport::Tcp => self.ask_tcp(*upstream, query, &parsed).await,
                 };
                 if let Some(answer) = asked {
-                    let (answer, outcome) = match self.rebind.as_ref().map(|r| r.filter(&answer)) {
+                    let (answer, outcome) = match rules.rebind.as_ref().map(|r| r.filter(&answer)) {
                         None | Some(Filtered::Unchanged) => (answer, Outcome::Answered),
                         Some(Filtered::Stripped(bytes, _)) => (bytes, Outcome::RebindStripped),
                         // An answer we cannot check is not passed on.
@@ -267,47 +260,47 @@ impl Forwarder {
         };
         tokio::time::timeout(self.timeout, exchange).await.ok()?
     }
+}
 
-    /// The answer for a blocked name: the question echoed; NXDOMAIN,
-    /// REFUSED, or a null address; with an Extended DNS Error "Blocked"
-    /// (RFC 8914, info-code 15) when the query spoke EDNS, so the guest can
-    /// tell policy from failure.
-    fn refusal(&self, query: &Message) -> Option<Vec<u8>> {
-        let mut reply = Message::response(query.metadata.id, OpCode::Query);
-        reply.metadata.recursion_desired = query.metadata.recursion_desired;
-        reply.metadata.recursion_available = true;
-        reply.queries = query.queries.clone();
-        reply.metadata.response_code = match self.blocked_answer {
-            BlockedAnswer::Nxdomain => ResponseCode::NXDomain,
-            BlockedAnswer::Refused => ResponseCode::Refused,
-            BlockedAnswer::Null => {
-                if let Some(q) = query.queries.first() {
-                    let data = match q.query_type() {
-                        RecordType::A => Some(RData::A(A(Ipv4Addr::UNSPECIFIED))),
-                        RecordType::AAAA => Some(RData::AAAA(AAAA(Ipv6Addr::UNSPECIFIED))),
-                        _ => None,
-                    };
-                    if let Some(data) = data {
-                        reply
-                            .answers
-                            .push(Record::from_rdata(q.name().clone(), BLOCKED_TTL, data));
-                    }
+/// The answer for a blocked name: the question echoed; NXDOMAIN,
+/// REFUSED, or a null address; with an Extended DNS Error "Blocked"
+/// (RFC 8914, info-code 15) when the query spoke EDNS, so the guest can
+/// tell policy from failure.
+fn refusal(query: &Message, blocked_answer: BlockedAnswer) -> Option<Vec<u8>> {
+    let mut reply = Message::response(query.metadata.id, OpCode::Query);
+    reply.metadata.recursion_desired = query.metadata.recursion_desired;
+    reply.metadata.recursion_available = true;
+    reply.queries = query.queries.clone();
+    reply.metadata.response_code = match blocked_answer {
+        BlockedAnswer::Nxdomain => ResponseCode::NXDomain,
+        BlockedAnswer::Refused => ResponseCode::Refused,
+        BlockedAnswer::Null => {
+            if let Some(q) = query.queries.first() {
+                let data = match q.query_type() {
+                    RecordType::A => Some(RData::A(A(Ipv4Addr::UNSPECIFIED))),
+                    RecordType::AAAA => Some(RData::AAAA(AAAA(Ipv6Addr::UNSPECIFIED))),
+                    _ => None,
+                };
+                if let Some(data) = data {
+                    reply
+                        .answers
+                        .push(Record::from_rdata(q.name().clone(), BLOCKED_TTL, data));
                 }
-                ResponseCode::NoError
             }
-        };
-        if query.edns.is_some() {
-            let mut edns = Edns::new();
-            edns.set_max_payload(EDNS_PAYLOAD);
-            // Option 15, INFO-CODE 15 "Blocked", no EXTRA-TEXT.
-            edns.options_mut().insert(EdnsOption::Unknown(
-                EDE_OPTION,
-                EDE_BLOCKED.to_be_bytes().to_vec(),
-            ));
-            reply.set_edns(edns);
+            ResponseCode::NoError
         }
-        reply.to_vec().ok()
+    };
+    if query.edns.is_some() {
+        let mut edns = Edns::new();
+        edns.set_max_payload(EDNS_PAYLOAD);
+        // Option 15, INFO-CODE 15 "Blocked", no EXTRA-TEXT.
+        edns.options_mut().insert(EdnsOption::Unknown(
+            EDE_OPTION,
+            EDE_BLOCKED.to_be_bytes().to_vec(),
+        ));
+        reply.set_edns(edns);
     }
+    reply.to_vec().ok()
 }
 
 /// An unpredictable id for the forwarder's own queries (RFC 5452 9.2):
@@ -382,6 +375,8 @@ fn error_reply(query: &[u8], code: ResponseCode) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dns::rules::Rules;
+    use crate::policy::Policy;
     use hickory_proto::op::Query;
     use hickory_proto::rr::{Name, RecordType};
 
@@ -432,13 +427,8 @@ mod tests {
             attempts: 1,
             ..Dns::default()
         };
-        Forwarder::new(
-            &config,
-            upstreams,
-            Vec::new(),
-            Arc::new(Pins::new(16)),
-            Arc::new(allow_all()),
-        )
+        let rules = Rules::new(&config, Vec::new(), Arc::new(allow_all())).live();
+        Forwarder::new(&config, upstreams, Arc::new(Pins::new(16)), rules)
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -461,13 +451,8 @@ mod tests {
             blocked_answer: BlockedAnswer::Null,
             ..Dns::default()
         };
-        let f = Forwarder::new(
-            &config,
-            vec![],
-            Vec::new(),
-            Arc::new(Pins::new(16)),
-            Arc::new(allow_all()),
-        );
+        let rules = Rules::new(&config, Vec::new(), Arc::new(allow_all())).live();
+        let f = Forwarder::new(&config, vec![], Arc::new(Pins::new(16)), rules);
         let mut m = Message::query();
         m.metadata.id = 9;
         m.add_query(Query::query(

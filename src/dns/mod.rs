@@ -11,4 +11,5 @@ pub mod forward;
 pub mod pins;
 pub mod rebind;
 pub mod resolv;
+pub mod rules;
 pub mod tcp;

@@ -19,6 +19,7 @@ use super::police::{self, Facts, Subject, Verdict};
 use super::route::{self, Open, Route, Setup};
 use super::steer::{self, FlowKey, Owner};
 use super::{Ctx, classify, device, dhcp, dns, frames, gate, icmp, ndp, publish, reasm, tcp, udp};
+use crate::egress::Claimed;
 use crate::metrics::{Counter, Metrics};
 use crate::names::NameSource;
 use crate::policy::Proto;
@@ -116,7 +117,9 @@ impl Gateway {
             },
         };
         let egress = self.guest.services.egress().clone();
-        let verdict = police::police(&kind, facts, egress.policy(), |dst| egress.pinned(dst, now));
+        let verdict = police::police(&kind, facts, &egress.policy(), |dst| {
+            egress.pinned(dst, now)
+        });
         self.count(&verdict, now);
         let route = route::route(&kind, &verdict, facts, &self.setup);
         self.apply(&kind, route, verdict, frame, now)
@@ -255,6 +258,9 @@ impl Gateway {
                 true
             }
             (Route::Open(open), Kind::TcpSyn { src, dst, seq }) => {
+                // Egress flows keep what their bytes were allowed for: a
+                // reload judges them again on it.
+                let claimed = Claimed::default();
                 let (opener, gate) = match open {
                     Open::Dial(up) => (tcp::Opener::Dial(up), None),
                     Open::Gate(up) => {
@@ -263,14 +269,18 @@ impl Gateway {
                             _ => Vec::new(),
                         };
                         let egress = self.guest.services.egress().clone();
-                        let gate = gate::Gate::new(names, egress, *dst);
+                        let gate = gate::Gate::new(names, egress, *dst, claimed.clone());
                         (tcp::Opener::Dial(up), Some(gate))
                     }
                     Open::FirstBytes(up) => (
-                        tcp::Opener::Local(self.guest.services.first_bytes(*dst, up)),
+                        tcp::Opener::Local(self.guest.services.first_bytes(
+                            *dst,
+                            up,
+                            claimed.clone(),
+                        )),
                         None,
                     ),
-                    Open::Tls(up) => match self.guest.services.tls(*dst, up) {
+                    Open::Tls(up) => match self.guest.services.tls(*dst, up, claimed.clone()) {
                         Some(local) => (tcp::Opener::Local(local), None),
                         None => {
                             self.refuse(*src, *dst, *seq);
@@ -291,7 +301,8 @@ impl Gateway {
                     let name = names.first().map_or("-", String::as_str);
                     tracing::debug!(%src, %dst, name, pair = self.pair, "new TCP flow");
                 }
-                self.syn(now, frame, (*src, *dst, *seq), Some(opener), gate)
+                let egress = (!matches!(open, Open::DnsTcp | Open::DnsTls)).then_some(claimed);
+                self.syn(now, frame, (*src, *dst, *seq), Some((opener, egress)), gate)
             }
             (Route::Drop(counter), _) => {
                 if let Some(c) = counter {
@@ -364,7 +375,7 @@ impl Gateway {
         now: Instant,
         frame: &[u8],
         (src, dst, seq): (SocketAddr, SocketAddr, u32),
-        opener: Option<tcp::Opener>,
+        opener: Option<(tcp::Opener, Option<Claimed>)>,
         gate: Option<gate::Gate>,
     ) -> bool {
         let ctx = Ctx::new(&self.host, &self.io, &self.metrics, &self.setup, now);

@@ -314,12 +314,13 @@ mod tests {
             .unwrap();
         let mut config = Config::embedded();
         config.dns.timeout_ms = 10_000;
+        let rules =
+            crate::dns::rules::Rules::new(&config.dns, Vec::new(), Arc::new(config.policy()));
         let forwarder = Forwarder::new(
             &config.dns,
             vec![upstream()],
-            Vec::new(),
             Arc::new(crate::dns::pins::Pins::new(16)),
-            Arc::new(config.policy()),
+            rules.live(),
         );
         let host = Host {
             runtime: runtime.handle().clone(),

@@ -23,7 +23,7 @@ use std::time::Instant;
 use smoltcp::socket::tcp;
 
 use crate::audit::Reason;
-use crate::egress::Egress;
+use crate::egress::{Claimed, Egress};
 use crate::policy::{Claim, Proto, Query, Verdict};
 use crate::sniff::{FIRST_BYTES_LIMIT, Held, Step};
 
@@ -37,6 +37,8 @@ pub struct Gate {
     held: Held,
     /// Denied once: nothing passes any more.
     denied: bool,
+    /// What the bytes were allowed for (the flow keeps it).
+    claimed: Claimed,
 }
 
 /// What the gate says after taking the guest's latest bytes.
@@ -52,14 +54,15 @@ pub enum Outcome {
 
 impl Gate {
     /// A gate for a flow to `dst`, pinned to `names` (not empty), deciding
-    /// through `egress`.
-    pub fn new(names: Vec<String>, egress: Arc<Egress>, dst: SocketAddr) -> Self {
+    /// through `egress`; what it allows goes into `claimed`.
+    pub fn new(names: Vec<String>, egress: Arc<Egress>, dst: SocketAddr, claimed: Claimed) -> Self {
         Self {
             names,
             egress,
             dst,
             held: Held::new(),
             denied: false,
+            claimed,
         }
     }
 
@@ -167,6 +170,7 @@ impl Gate {
                 // The names are pins, so nothing is left to resolve.
                 Verdict::Allow(_) | Verdict::Resolve(_) | Verdict::NeedsName => {
                     self.egress.allowed();
+                    self.claimed.record(claim);
                 }
                 Verdict::Deny(denied) => {
                     let (ip, port) = (self.dst.ip(), Some(self.dst.port()));
@@ -197,19 +201,16 @@ mod tests {
         let policy = Arc::new(Policy::new(vec![rule], Action::Deny, Vec::new()));
         let pins = Arc::new(crate::dns::pins::Pins::new(16));
         let dns = crate::config::Dns::default();
-        let forwarder = crate::dns::forward::Forwarder::new(
-            &dns,
-            Vec::new(),
-            Vec::new(),
-            pins.clone(),
-            policy.clone(),
-        );
+        let rules = crate::dns::rules::Rules::new(&dns, Vec::new(), policy).live();
+        let forwarder =
+            crate::dns::forward::Forwarder::new(&dns, Vec::new(), pins.clone(), rules.clone());
         let metrics = Arc::new(crate::metrics::Metrics::default());
-        let egress = Egress::new(policy, pins, forwarder, metrics);
+        let egress = Egress::new(rules, pins, forwarder, metrics);
         Gate::new(
             vec!["www.ok.test".into(), "evil.test".into()],
             Arc::new(egress),
             "192.0.2.10:443".parse().unwrap(),
+            Claimed::default(),
         )
     }
 

@@ -10,7 +10,7 @@
 //! and per RA period), the rest shared immutable or internally locked.
 #![forbid(unsafe_code)]
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -59,12 +59,11 @@ impl Guest {
         let forwarder = Forwarder::new(
             &config.dns,
             dns_upstreams(config),
-            own_networks(config),
             pins.clone(),
-            shared.policy.clone(),
+            shared.rules.clone(),
         );
         let egress = Arc::new(Egress::new(
-            shared.policy.clone(),
+            shared.rules.clone(),
             pins.clone(),
             forwarder.clone(),
             shared.metrics.clone(),
@@ -115,14 +114,4 @@ fn dns_upstreams(config: &Config) -> Vec<SocketAddr> {
     } else {
         config.dns.upstreams.iter().map(|r| r.0).collect()
     }
-}
-
-/// The sandbox's own subnets: internal for rebind protection.
-fn own_networks(config: &Config) -> Vec<(IpAddr, u8)> {
-    let net = &config.network;
-    let mut own = vec![(IpAddr::V4(net.ipv4_gateway), net.ipv4_prefix_len)];
-    if net.ipv6_enabled {
-        own.push((IpAddr::V6(net.ipv6_prefix.addr), net.ipv6_prefix.len));
-    }
-    own
 }

@@ -39,6 +39,16 @@ impl Sessions {
         }
     }
 
+    /// Every session's key.
+    pub fn keys(&self) -> Vec<Key> {
+        self.table.keys()
+    }
+
+    /// Closes the session `key`.
+    pub fn close(&mut self, key: &Key) {
+        self.table.close(key);
+    }
+
     /// Every session as the operator sees it (the ports are the echo
     /// identifier on the guest's side, 0 on the far side).
     pub fn report(&self, now: Instant) -> impl Iterator<Item = super::report::Flow> + '_ {

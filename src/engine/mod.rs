@@ -51,7 +51,6 @@ use vm_memory::GuestMemory;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::policy::Policy;
 use crate::proxy::Host;
 use crate::proxy::publish::Publisher;
 use crate::tls::intercept::Interceptor;
@@ -152,8 +151,8 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// Counters (process-wide).
     pub metrics: Arc<Metrics>,
-    /// The egress policy, compiled once.
-    pub policy: Arc<Policy>,
+    /// The egress policy and DNS rules in force (a reload swaps them).
+    pub rules: crate::dns::rules::Live,
     /// TLS interception, when on (its leaf cache outlives guests).
     pub tls: Option<Arc<Interceptor>>,
     /// Published ports (the config's, bound at start, and those added at
@@ -339,19 +338,106 @@ impl Engine {
     }
 
     /// Answers the operator's requests waiting for this pair.
-    fn answer_requests(&self, now: Instant) {
+    fn answer_requests(&mut self, now: Instant) {
         let requests = self.gateway.guest.requests(self.gateway.pair);
         if requests.is_empty() {
             return;
         }
-        let limit = requests.iter().map(|r| r.limit).max().unwrap_or(0);
-        let report = self.report(now, limit);
+        let mut reports = Vec::new();
         for request in requests {
-            let mut answer = report.clone();
-            answer.flows.truncate(request.limit);
-            // The asker may have given up waiting; then no one wants it.
-            let _ = request.reply.send(answer);
+            match request {
+                report::Request::Report { limit, reply } => reports.push((limit, reply)),
+                report::Request::Reconsider { old, new, reply } => {
+                    let reset = self.reconsider(&old, &new, now);
+                    // The reload may have given up waiting; the resets
+                    // stand and were counted.
+                    let _ = reply.send(reset);
+                }
+            }
         }
+        if reports.is_empty() {
+            return;
+        }
+        let limit = reports.iter().map(|(l, _)| *l).max().unwrap_or(0);
+        let report = self.report(now, limit);
+        for (limit, reply) in reports {
+            let mut answer = report.clone();
+            answer.flows.truncate(limit);
+            // The asker may have given up waiting; then no one wants it.
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// Judges this pair's live egress flows and sessions again after a
+    /// reload replaced `old` with `new`: what `new` denies and `old` did
+    /// not is reset (TCP: RST to the guest, reset to the host) or closed
+    /// (UDP, ICMP), counted and audited with reason `reload`. Returns how
+    /// many.
+    fn reconsider(
+        &mut self,
+        old: &crate::policy::Policy,
+        new: &crate::policy::Policy,
+        now: Instant,
+    ) -> usize {
+        use classify::{Echo, Kind};
+        let gw = &mut self.gateway;
+        let egress = gw.guest.services.egress().clone();
+        let pinned = |ip| egress.pinned(ip, now);
+        let mut revoked = Vec::new();
+        for ((src, dst), claims, gating) in gw.tcp.egress_flows() {
+            let live = police::Live {
+                kind: Kind::TcpSyn { src, dst, seq: 0 },
+                pinned: pinned(dst.ip()),
+                claims,
+                gating,
+            };
+            if let Some(deny) = police::revoked(&live, old, new) {
+                revoked.push(deny);
+                if let Some(seq) = gw.tcp.reset(&(src, dst), &mut self.sockets) {
+                    gw.refuse(src, dst, seq);
+                }
+            }
+        }
+        for (src, dst) in gw.udp.keys() {
+            let live = police::Live {
+                kind: Kind::Udp {
+                    src,
+                    dst,
+                    payload: &[],
+                },
+                pinned: pinned(dst.ip()),
+                claims: Vec::new(),
+                gating: false,
+            };
+            if let Some(deny) = police::revoked(&live, old, new) {
+                revoked.push(deny);
+                gw.udp.close(&(src, dst));
+            }
+        }
+        for (src, dst, ident) in gw.icmp.keys() {
+            let echo = Echo {
+                src,
+                dst,
+                ident,
+                seq: 0,
+                data: &[],
+            };
+            let live = police::Live {
+                kind: Kind::Echo(echo),
+                pinned: pinned(dst),
+                claims: Vec::new(),
+                gating: false,
+            };
+            if let Some(deny) = police::revoked(&live, old, new) {
+                revoked.push(deny);
+                gw.icmp.close(&(src, dst, ident));
+            }
+        }
+        for ((proto, dst, port), denied, name) in &revoked {
+            let name = name.as_ref().map(|(n, s)| (n.as_str(), *s));
+            egress.revoke(*proto, (*dst, *port), name, *denied);
+        }
+        revoked.len()
     }
 
     /// This pair's gauges and its oldest `limit` flows.
@@ -575,7 +661,7 @@ mod tests {
             .unwrap();
         let config = Config::embedded();
         let shared = Shared {
-            policy: Arc::new(config.policy()),
+            rules: crate::dns::rules::Rules::from_config(&config, None).live(),
             config: Arc::new(config.clone()),
             metrics: Arc::default(),
             tls: None,

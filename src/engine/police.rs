@@ -125,6 +125,78 @@ fn is_quic(kind: &Kind<'_>) -> bool {
     }
 }
 
+/// A live flow or session as a reload sees it: what it is (as its first
+/// frame would be classified), the names its address has now, what its
+/// bytes were allowed for (TCP), and whether its gate still reads them.
+pub struct Live<'a> {
+    /// The flow's opening frame, rebuilt (a SYN, a datagram, an echo).
+    pub kind: Kind<'a>,
+    /// The destination's live DNS names, newest first.
+    pub pinned: Vec<String>,
+    /// What its bytes were allowed for (TLS SNI, HTTP Hosts, or nothing
+    /// named), oldest first.
+    pub claims: Vec<crate::egress::ClaimRecord>,
+    /// Its first bytes are still being read: the gate judges them under
+    /// the rules in force.
+    pub gating: bool,
+}
+
+/// A deny of a live flow: what, the rule and reason, the name it carried.
+pub type Revoked = (Subject, Denied, Option<(String, NameSource)>);
+
+/// What `new` denies of a live flow that `old`, judging the same facts,
+/// allowed: a reload resets exactly these. Comparing with the old rules
+/// keeps a reload that changes nothing for a flow from touching it (a DNS
+/// pin that lapsed since the flow opened is not the reload's doing).
+pub fn revoked(live: &Live<'_>, old: &Policy, new: &Policy) -> Option<Revoked> {
+    let denied = judge_live(live, new)?;
+    judge_live(live, old).is_none().then_some(denied)
+}
+
+/// A live flow judged as at its opening under `policy`, then on every claim
+/// its bytes made; the first deny.
+fn judge_live(live: &Live<'_>, policy: &Policy) -> Option<Revoked> {
+    let names = match police(&live.kind, Facts::default(), policy, |_| {
+        live.pinned.clone()
+    }) {
+        Verdict::Exempt | Verdict::Allow(_) => return None,
+        Verdict::Deny {
+            subject,
+            denied,
+            name,
+        } => return Some((subject, denied, name.map(|n| (n, NameSource::Dns)))),
+        Verdict::Peek(names) => names,
+    };
+    let Kind::TcpSyn { dst, .. } = live.kind else {
+        return None;
+    };
+    let subject = (Proto::Tcp, dst.ip(), Some(dst.port()));
+    if live.gating {
+        return None;
+    }
+    if live.claims.is_empty() {
+        return Some((subject, (None, Reason::NameUnread), None));
+    }
+    for claim in &live.claims {
+        let query = Query {
+            dst: dst.ip(),
+            proto: Proto::Tcp,
+            port: Some(dst.port()),
+            pinned: &names,
+            claim: match claim {
+                Some((name, source)) => Claim::Named(name, *source),
+                None => Claim::Unnamed,
+            },
+        };
+        // A claim with no DNS answer behind it was resolved when it was
+        // decided; the name rules are what a reload changes.
+        if let Judged::Deny(denied) = policy.judge(&query) {
+            return Some((subject, denied, claim.clone()));
+        }
+    }
+    None
+}
+
 /// Whether a name rule could turn this flow's decision, named by any of
 /// the destination's pins or by none.
 fn name_matters(policy: &Policy, (proto, dst, port): Subject, pins: &[String]) -> bool {
@@ -323,5 +395,97 @@ mod tests {
             let got = police(&kind, facts, policy, |_| pins.clone());
             assert_eq!(got, want, "{kind:?} {facts:?} {pins:?}");
         }
+    }
+
+    fn live(kind: Kind<'static>, claims: &[(&str, NameSource)], gating: bool) -> Live<'static> {
+        Live {
+            kind,
+            pinned: Vec::new(),
+            claims: claims
+                .iter()
+                .map(|(n, s)| Some(((*n).to_owned(), *s)))
+                .collect(),
+            gating,
+        }
+    }
+
+    fn syn(dst: &str) -> Kind<'static> {
+        Kind::TcpSyn {
+            src: "198.19.0.2:40000".parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            seq: 0,
+        }
+    }
+
+    /// A reload resets what its rules deny and the old ones allowed, on
+    /// every transport, on what the flow's bytes claimed; a reload that
+    /// changes nothing for a flow leaves it.
+    #[test]
+    fn a_reload_revokes_what_the_new_rules_deny_and_only_that() {
+        let policy = |text: &str| Config::from_toml(text).unwrap().policy();
+        let open = policy("[policy]\npreset = \"allow-all\"\n");
+        let closed = policy(
+            "[policy]\npreset = \"allow-all\"\n[[policy.rule]]\naction = \"deny\"\n\
+             destination = \"192.0.2.0/24\"\n",
+        );
+        let names = policy(
+            "[policy]\npreset = \"none\"\n[[policy.rule]]\naction = \"allow\"\n\
+             destination = \"*.ok.test\"\n",
+        );
+        let udp = Kind::Udp {
+            src: "198.19.0.2:40000".parse().unwrap(),
+            dst: "192.0.2.10:5353".parse().unwrap(),
+            payload: &[],
+        };
+        let echo = Kind::Echo(crate::engine::classify::Echo {
+            src: "198.19.0.2".parse().unwrap(),
+            dst: "192.0.2.10".parse().unwrap(),
+            ident: 7,
+            seq: 0,
+            data: &[],
+        });
+        for kind in [syn("192.0.2.10:80"), udp, echo] {
+            let flow = live(kind, &[], false);
+            let (_, denied, _) = revoked(&flow, &open, &closed).expect("denied by rule 1");
+            assert_eq!(denied, (Some(1), Reason::Policy));
+            assert!(
+                revoked(&flow, &closed, &closed).is_none(),
+                "nothing changed"
+            );
+            assert!(revoked(&flow, &closed, &open).is_none(), "opened up");
+        }
+        let elsewhere = live(syn("198.51.100.1:80"), &[], false);
+        assert!(revoked(&elsewhere, &open, &closed).is_none());
+        // Under name rules, TCP flows are judged on what their bytes said.
+        let ok = live(
+            syn("198.51.100.1:443"),
+            &[("www.ok.test", NameSource::Sni)],
+            false,
+        );
+        assert!(revoked(&ok, &open, &names).is_none());
+        let evil = live(
+            syn("198.51.100.1:443"),
+            &[("evil.test", NameSource::Sni)],
+            false,
+        );
+        let (_, denied, name) = revoked(&evil, &open, &names).expect("evil.test is not allowed");
+        assert_eq!(denied.1, Reason::Policy);
+        assert_eq!(name, Some(("evil.test".to_owned(), NameSource::Sni)));
+        // One bad Host among good ones on a keep-alive flow is enough.
+        let mixed = live(
+            syn("198.51.100.1:80"),
+            &[
+                ("a.ok.test", NameSource::Host),
+                ("evil.test", NameSource::Host),
+            ],
+            false,
+        );
+        assert!(revoked(&mixed, &open, &names).is_some());
+        // Allowed by address alone before, its bytes never read for a name.
+        let unread = live(syn("198.51.100.1:22"), &[], false);
+        let (_, denied, _) = revoked(&unread, &open, &names).expect("needs a name now");
+        assert_eq!(denied, (None, Reason::NameUnread));
+        // Still being read: its gate decides under the new rules.
+        assert!(revoked(&live(syn("198.51.100.1:80"), &[], true), &open, &names).is_none());
     }
 }

@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::guest::{Guest, lock};
+use crate::policy::Policy;
 
 /// Where a flow is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -100,11 +101,20 @@ pub struct PairReport {
     pub total_flows: usize,
 }
 
-/// A question waiting in a pair's inbox.
-pub(super) struct Request {
-    /// At most this many flows in the answer.
-    pub limit: usize,
-    pub reply: oneshot::Sender<PairReport>,
+/// A request waiting in a pair's inbox.
+pub(super) enum Request {
+    /// Its gauges and at most `limit` flows.
+    Report {
+        limit: usize,
+        reply: oneshot::Sender<PairReport>,
+    },
+    /// A reload replaced `old` with `new`: reset what `new` denies of the
+    /// pair's live flows and sessions; the answer is how many.
+    Reconsider {
+        old: Arc<Policy>,
+        new: Arc<Policy>,
+        reply: oneshot::Sender<usize>,
+    },
 }
 
 /// A pair's inbox.
@@ -146,12 +156,34 @@ impl Guest {
     /// Asks every pair for its report (at most `limit` flows each); each
     /// receiver gets its pair's answer at that pair's next pass.
     pub fn ask(&self, limit: usize) -> Vec<oneshot::Receiver<PairReport>> {
+        self.post(|reply| Request::Report { limit, reply })
+    }
+
+    /// Tells every pair that a reload replaced the `old` policy with `new`;
+    /// each receiver gets how many flows its pair reset.
+    pub fn reconsider(
+        &self,
+        old: &Arc<Policy>,
+        new: &Arc<Policy>,
+    ) -> Vec<oneshot::Receiver<usize>> {
+        self.post(|reply| Request::Reconsider {
+            old: old.clone(),
+            new: new.clone(),
+            reply,
+        })
+    }
+
+    /// Puts a request into every pair's inbox and wakes the pair.
+    fn post<T>(
+        &self,
+        request: impl Fn(oneshot::Sender<T>) -> Request,
+    ) -> Vec<oneshot::Receiver<T>> {
         self.inboxes
             .iter()
             .zip(&self.wakes)
             .map(|(inbox, wake)| {
                 let (reply, answer) = oneshot::channel();
-                lock(inbox).push(Request { limit, reply });
+                lock(inbox).push(request(reply));
                 wake.wake();
                 answer
             })

@@ -277,6 +277,19 @@ impl<K: Copy + Eq + Hash> Datagrams<K> {
         Some((key, self.buf.get(..n).unwrap_or_default()))
     }
 
+    /// Every session's key.
+    pub fn keys(&self) -> Vec<K> {
+        self.by_key.keys().copied().collect()
+    }
+
+    /// Closes the session `key` (its socket with it).
+    pub fn close(&mut self, key: &K) {
+        if let Some(token) = self.by_key.remove(key) {
+            self.by_token.remove(&token);
+            self.readable.remove(&token);
+        }
+    }
+
     /// Closes sessions idle longer than `idle`.
     pub fn expire(&mut self, now: Instant, idle: Duration) {
         let by_key = &mut self.by_key;

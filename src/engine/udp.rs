@@ -36,6 +36,16 @@ impl Sessions {
         }
     }
 
+    /// Every session's key.
+    pub fn keys(&self) -> Vec<Key> {
+        self.table.keys()
+    }
+
+    /// Closes the session `key`.
+    pub fn close(&mut self, key: &Key) {
+        self.table.close(key);
+    }
+
     /// Every session as the operator sees it.
     pub fn report(&self, now: Instant) -> impl Iterator<Item = super::report::Flow> + '_ {
         self.table.report(now).map(|s| super::report::Flow {

@@ -102,6 +102,13 @@ impl Policy {
         }
     }
 
+    /// This policy over `host` instead of its own host set: a reloaded
+    /// policy keeps the set the daemon keeps up to date.
+    pub fn with_host_set(mut self, host: Arc<HostSet>) -> Self {
+        self.host = host;
+        self
+    }
+
     /// The rule numbered `n` (1-based).
     pub fn rule(&self, n: usize) -> Option<&Rule> {
         self.rules.get(n.checked_sub(1)?)

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::dns::tcp::serve_stream;
-use crate::egress::{Egress, Target};
+use crate::egress::{Claimed, Egress, Target};
 use crate::proxy::Host;
 use crate::proxy::stream::spawn_local;
 use crate::proxy::tcp::Channels;
@@ -67,25 +67,38 @@ impl Services {
         self.tls.is_some()
     }
 
-    fn target(&self, dst: SocketAddr, upstream: SocketAddr) -> Target {
+    fn target(&self, dst: SocketAddr, upstream: SocketAddr, claimed: Claimed) -> Target {
         Target {
             dst,
             upstream,
             connect_timeout: self.connect_timeout,
             egress: self.egress.clone(),
+            claimed,
         }
     }
 
-    /// A flow to `dst` (dialled at `upstream`) decided on its first bytes.
-    pub fn first_bytes(&self, dst: SocketAddr, upstream: SocketAddr) -> LocalService {
-        let target = self.target(dst, upstream);
+    /// A flow to `dst` (dialled at `upstream`) decided on its first bytes,
+    /// which go into `claimed` once allowed.
+    pub fn first_bytes(
+        &self,
+        dst: SocketAddr,
+        upstream: SocketAddr,
+        claimed: Claimed,
+    ) -> LocalService {
+        let target = self.target(dst, upstream, claimed);
         Box::new(move |host: &Host| first_bytes::spawn(target, host))
     }
 
-    /// A flow to an intercepted port; None when interception is off.
-    pub fn tls(&self, dst: SocketAddr, upstream: SocketAddr) -> Option<LocalService> {
+    /// A flow to an intercepted port (its allowed names go into
+    /// `claimed`); None when interception is off.
+    pub fn tls(
+        &self,
+        dst: SocketAddr,
+        upstream: SocketAddr,
+        claimed: Claimed,
+    ) -> Option<LocalService> {
         let tls = self.tls.clone()?;
-        let target = self.target(dst, upstream);
+        let target = self.target(dst, upstream, claimed);
         Some(Box::new(move |host: &Host| tls.spawn(host, target)))
     }
 

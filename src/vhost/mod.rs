@@ -485,7 +485,7 @@ mod tests {
 
     fn shared(config: crate::config::Config) -> Arc<Shared> {
         Arc::new(Shared {
-            policy: Arc::new(config.policy()),
+            rules: crate::dns::rules::Rules::from_config(&config, None).live(),
             config: Arc::new(config),
             metrics: Arc::default(),
             tls: None,

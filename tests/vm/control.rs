@@ -306,3 +306,157 @@ wget -q -O - http://192.0.2.10/small
     assert!(http.contains("hello from the namespace"), "{http}");
     assert!(!captures.0.join("again.pcap").exists());
 }
+
+/// Waits until the guest's console holds `text`.
+fn wait_console(guest: &Guest, text: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if guest.console().contains(text) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// A reload (`ctl reload`, then SIGHUP) swaps the policy under a running
+/// guest: a live flow the new policy denies is reset and audited with
+/// reason `reload`, one it allows goes on, new flows are decided by the
+/// new policy; an invalid config and one that changes the network are
+/// refused with the reason, and the old config keeps working.
+#[test]
+fn a_reload_resets_the_flows_the_new_policy_denies() {
+    let world = World::new("reload");
+    let daemon = Daemon::start(&world.ns, Some("# the embedded defaults\n"));
+    let phase = |name: &str| std::fs::write(world.www.0.join(name), "go\n").unwrap();
+    // The guest waits for each phase on the address no policy here denies.
+    let script = r#"
+dhcp
+wait_v6
+vg-probe tcp-echo-loop 192.0.2.10:7 120 &
+vg-probe tcp-echo-loop [2001:db8::10]:7 120 &
+sleep 2
+echo VG-LOOPING
+until wget -q -O /dev/null http://[2001:db8::10]/phase2; do sleep 0.3; done
+vg-probe tcp-connect 192.0.2.10:80
+vg-probe tcp-connect [2001:db8::10]:80
+echo VG-CHECKED-DENY
+until wget -q -O /dev/null http://[2001:db8::10]/phase3; do sleep 0.3; done
+vg-probe tcp-connect 192.0.2.10:80
+echo VG-CHECKED-ALLOW
+sleep 600
+"#;
+    let guest = Guest::spawn(&GuestOpts::new(&daemon.socket, script), "VG-LOOPING");
+    assert!(
+        guest.wait_marker(Duration::from_secs(120)),
+        "{}",
+        guest.console()
+    );
+    let console = guest.console();
+    assert!(
+        console.contains("VG-ECHOING 192.0.2.10:7")
+            && console.contains("VG-ECHOING [2001:db8::10]:7"),
+        "{console}"
+    );
+
+    // Refused: invalid, then a change that needs a new guest.
+    daemon.rewrite_config("[policy\n");
+    let (ok, out) = daemon.ctl(&["reload"]);
+    assert!(
+        !ok && out.contains("422") && out.contains("invalid"),
+        "{out}"
+    );
+    daemon.rewrite_config("[network]\nmtu = 9000\n");
+    let (ok, out) = daemon.ctl(&["reload"]);
+    assert!(
+        !ok && out.contains("422") && out.contains("network") && out.contains("restart"),
+        "{out}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !guest.console().contains("VG-ECHOLOOP"),
+        "a refused reload touched a flow: {}",
+        guest.console()
+    );
+
+    // Applied: 192.0.2.10 denied from now on.
+    daemon.rewrite_config("[[policy.rule]]\naction = \"deny\"\ndestination = \"192.0.2.10\"\n");
+    let done = daemon.ctl_json(&["reload"]);
+    assert_eq!(done["changed"], serde_json::json!(["policy"]), "{done}");
+    assert_eq!(done["flows_reset"], 1, "{done}");
+    assert!(
+        wait_console(
+            &guest,
+            "VG-ECHOLOOP 192.0.2.10:7 result=reset",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        guest.console()
+    );
+    let audit = daemon
+        .log()
+        .lines()
+        .find(|l| l.contains("revoked by a reload"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no audit line: {}", daemon.log()));
+    for field in [
+        "reason=\"reload\"",
+        "dst=192.0.2.10",
+        "rule=\"1\"",
+        "port=7",
+        "cause=\"policy\"",
+    ] {
+        assert!(audit.contains(field), "{field} missing: {audit}");
+    }
+    let flows = daemon.ctl_json(&["flows"]);
+    assert!(flow_to(&flows, "[2001:db8::10]:7").is_some(), "{flows}");
+    assert!(
+        flow_to(&flows, "192.0.2.10:7").is_none_or(|f| f["state"] == "closing"),
+        "{flows}"
+    );
+    phase("phase2");
+    assert!(
+        wait_console(&guest, "VG-CHECKED-DENY", Duration::from_secs(60)),
+        "{}",
+        guest.console()
+    );
+    let console = guest.console();
+    assert!(
+        console.contains("VG-CONNECT 192.0.2.10:80 result=refused"),
+        "{console}"
+    );
+    assert!(
+        console.contains("VG-CONNECT [2001:db8::10]:80 result=connected"),
+        "{console}"
+    );
+    let counters = daemon.ctl_json(&["counters"]);
+    assert_eq!(counters["counters"]["policy_revoked"], 1, "{counters}");
+    assert_eq!(counters["counters"]["reloads"], 1, "{counters}");
+    assert_eq!(counters["counters"]["reloads_refused"], 2, "{counters}");
+
+    // SIGHUP: back to the defaults.
+    daemon.rewrite_config("# the embedded defaults\n");
+    daemon.signal("HUP");
+    assert!(
+        daemon.wait_log("config reloaded", Duration::from_secs(10)),
+        "{}",
+        daemon.log()
+    );
+    phase("phase3");
+    assert!(
+        wait_console(&guest, "VG-CHECKED-ALLOW", Duration::from_secs(60)),
+        "{}",
+        guest.console()
+    );
+    let console = guest.console();
+    let after = &console[console.find("VG-CHECKED-DENY").unwrap_or(0)..];
+    assert!(
+        after.contains("VG-CONNECT 192.0.2.10:80 result=connected"),
+        "{console}"
+    );
+    assert!(
+        !console.contains("VG-ECHOLOOP [2001:db8::10]:7"),
+        "the allowed flow ended: {console}"
+    );
+    guest.kill();
+}

@@ -26,6 +26,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 use super::Ctx;
 use super::hostio::HostIo;
 use crate::config::Tcp as TcpConfig;
+use crate::egress::{ClaimRecord, Claimed};
 use crate::metrics::{Counter, Metrics};
 use crate::proxy::tcp::{FromHost, ToHost, spawn_outbound};
 use crate::services::LocalService;
@@ -47,6 +48,10 @@ struct Flow {
     gate: Option<super::gate::Gate>,
     opened: Instant,
     traffic: Traffic,
+    /// For an egress flow, what its bytes were allowed for (a reload
+    /// judges it again); None for inbound flows and DNS, which no policy
+    /// decides.
+    egress: Option<Claimed>,
 }
 
 impl Flow {
@@ -62,6 +67,7 @@ impl Flow {
             gate: None,
             opened: now,
             traffic: Traffic::default(),
+            egress: None,
         }
     }
 
@@ -179,7 +185,7 @@ impl Flows {
 
     /// A guest SYN (`frame`) from `src` to `dst` with sequence `seq`, of a
     /// flow that is opened with `opener` (None: only a retransmission of a
-    /// known flow is expected). A local service's task answers `Connected`
+    /// known flow is expected), with its claims when it is egress. A local service's task answers `Connected`
     /// like a dialled upstream; with `gate`, the guest's first bytes are
     /// checked before they go on.
     pub fn on_syn(
@@ -188,7 +194,7 @@ impl Flows {
         frame: &[u8],
         (src, dst): (SocketAddr, SocketAddr),
         seq: u32,
-        opener: Option<Opener>,
+        opener: Option<(Opener, Option<Claimed>)>,
         gate: Option<super::gate::Gate>,
     ) -> Syn {
         let metrics = ctx.metrics;
@@ -202,7 +208,7 @@ impl Flows {
             flow.syn_seq = seq;
             return Syn::Held;
         }
-        let Some(opener) = opener else {
+        let Some((opener, egress)) = opener else {
             return Syn::Refuse;
         };
         if self.flows.len() >= self.config.max_connections {
@@ -233,6 +239,7 @@ impl Flows {
         metrics.inc(Counter::tcp_flows);
         let mut flow = Flow::new(HostSide::task(channels), None, ctx.now);
         flow.gate = gate;
+        flow.egress = egress;
         flow.held_syn = frame.to_vec();
         flow.syn_seq = seq;
         self.flows.insert((src, dst), flow);
@@ -295,6 +302,37 @@ impl Flows {
             }
         }
         None
+    }
+
+    /// The egress flows a reload judges again: each one's key, what its
+    /// bytes were allowed for, and whether its gate still reads them.
+    /// Flows already going away are left to go.
+    pub fn egress_flows(&self) -> Vec<(Key, Vec<ClaimRecord>, bool)> {
+        self.flows
+            .iter()
+            .filter(|(_, f)| !f.ends.aborted)
+            .filter_map(|(key, f)| {
+                let claimed = f.egress.as_ref()?;
+                Some((*key, claimed.claims(), f.gate.is_some()))
+            })
+            .collect()
+    }
+
+    /// Resets the flow `key` both ways: an open socket is aborted (its RST
+    /// goes out at the next poll) and the host side reset; a flow still
+    /// dialling is dropped, and its SYN's sequence returned for the caller
+    /// to refuse.
+    pub fn reset(&mut self, key: &Key, sockets: &mut SocketSet<'static>) -> Option<u32> {
+        let flow = self.flows.get_mut(key)?;
+        flow.reset_host();
+        match flow.socket {
+            Some(handle) => {
+                sockets.get_mut::<tcp::Socket>(handle).abort();
+                flow.ends.aborted = true;
+                None
+            }
+            None => self.flows.remove(key).map(|f| f.syn_seq),
+        }
     }
 
     /// Every flow as the operator sees it, in no particular order.

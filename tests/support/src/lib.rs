@@ -429,6 +429,16 @@ impl Daemon {
         String::from_utf8_lossy(&answer).into_owned()
     }
 
+    /// Replaces the daemon's config file (started with one) with `text`,
+    /// as an operator edits it before a reload: a new file renamed onto
+    /// the old one.
+    pub fn rewrite_config(&self, text: &str) {
+        let dir = &self.dir.as_ref().expect("daemon directory").0;
+        let new = dir.join("config.toml.new");
+        std::fs::write(&new, text).unwrap();
+        std::fs::rename(&new, dir.join("config.toml")).unwrap();
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("daemon running").id()
     }

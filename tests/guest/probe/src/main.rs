@@ -42,6 +42,7 @@ fn main() {
         Some("tcp-send-file") => tcp_send_file(arg(&args, 2), &arg::<String>(&args, 3)),
         Some("tcp-connect") => tcp_connect(arg(&args, 2)),
         Some("tcp-hold") => tcp_hold(arg(&args, 2), arg(&args, 3)),
+        Some("tcp-echo-loop") => tcp_echo_loop(arg(&args, 2), arg(&args, 3)),
         Some("tls-hello") => tls_hello(arg(&args, 2), &arg::<String>(&args, 3)),
         Some("https-get") => {
             let sni: String = arg(&args, 3);
@@ -707,6 +708,39 @@ fn tcp_write(addr: SocketAddr, mib: usize) {
         }
     }
     println!("VG-WRITE {addr} bytes={total} end={end} ms={}", t.elapsed().as_millis());
+}
+
+/// Connects to an echo server and round-trips a line every 200 ms for SECS
+/// seconds or until the connection breaks; reports how it ended (reset,
+/// closed, open), when, and how many round trips came back.
+fn tcp_echo_loop(addr: SocketAddr, secs: u64) {
+    let start = Instant::now();
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut ok = 0u64;
+    let result = loop {
+        if start.elapsed() >= Duration::from_secs(secs) {
+            break "open";
+        }
+        let mut back = [0u8; 5];
+        let round = stream
+            .write_all(b"ping\n")
+            .and_then(|()| stream.read_exact(&mut back));
+        match round {
+            Ok(()) => ok += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break "closed",
+            Err(_) => break "error",
+        }
+        if ok == 1 {
+            println!("VG-ECHOING {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "VG-ECHOLOOP {addr} result={result} ok={ok} ms={}",
+        start.elapsed().as_millis()
+    );
 }
 
 fn tcp_hold(addr: SocketAddr, secs: u64) {
