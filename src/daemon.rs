@@ -11,6 +11,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
@@ -18,6 +19,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{Config, SeccompMode, Source};
 use crate::confine::{self, Landlocked};
+use crate::engine::Shared;
 use crate::metrics::{Counter, Metrics};
 use crate::vhost::compat;
 use crate::wiring::reload::Reloader;
@@ -41,6 +43,12 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The sockets systemd passed cannot be used.
+    #[error("socket activation")]
+    Activation(#[source] crate::activation::Error),
+    /// The watchdog thread could not start.
+    #[error("cannot start the watchdog thread")]
+    Supervisor(#[source] io::Error),
     /// Signal handler installation failed.
     #[error("cannot install signal handlers")]
     Signals(#[source] io::Error),
@@ -155,10 +163,17 @@ pub fn run(socket_path: &Path, config: Config, operations: Operations) -> Result
         Ok(limit) => tracing::debug!(soft = limit.soft, needed, "descriptor limit"),
         Err(e) => tracing::warn!(error = %e, "cannot read the descriptor limit"),
     }
+    // Before anything opens a descriptor: the passed ones start at 3.
+    let activated = crate::activation::take().map_err(Error::Activation)?;
     let pcap_dir = pcap_dir(&config, operations.pcap.as_deref());
     let prepared = Wiring::prepare(config)?;
-    let (listener, id) = bind(socket_path)?;
-    let control = match operations.control_socket.as_deref().map(bind).transpose() {
+    let (listener, id) = listen(socket_path, activated.vhost)?;
+    let control = match (activated.control, operations.control_socket.as_deref()) {
+        (Some(passed), path) => Ok(Some((passed, None, path))),
+        (None, Some(path)) => bind(path).map(|(l, id)| Some((l, Some(id), Some(path)))),
+        (None, None) => Ok(None),
+    };
+    let control = match control {
         Ok(control) => control,
         Err(e) => {
             remove_if_ours(socket_path, id);
@@ -169,15 +184,15 @@ pub fn run(socket_path: &Path, config: Config, operations: Operations) -> Result
         Ok(dir) => dir,
         Err(e) => {
             remove_if_ours(socket_path, id);
-            if let (Some(path), Some((_, control_id))) = (&operations.control_socket, &control) {
+            if let Some((_, control_id, Some(path))) = &control {
                 remove_if_ours(path, *control_id);
             }
             return Err(Error::HandlerDir(e));
         }
     };
-    let (control_listener, control_socket) = match (control, operations.control_socket) {
-        (Some((listener, id)), Some(path)) => (Some(listener), Some((path, id))),
-        _ => (None, None),
+    let (control_listener, control_socket) = match control {
+        Some((listener, id, path)) => (Some(listener), path.map(|p| (p.to_owned(), id))),
+        None => (None, None),
     };
     let cleanup = Cleanup {
         socket: socket_path.to_owned(),
@@ -228,6 +243,7 @@ pub fn run(socket_path: &Path, config: Config, operations: Operations) -> Result
     }
     tracing::info!(socket = %socket_path.display(), config = %wiring.config().summary(), "listening");
     notify_systemd("READY=1");
+    spawn_supervisor(wiring.shared(), wiring.handle().clone())?;
     loop {
         let vmm = match listener.accept() {
             Ok((stream, _)) => stream,
@@ -342,8 +358,9 @@ fn landlock_paths(config: &Config, cleanup: &Cleanup, source: &Source) -> confin
 /// and its handler directory.
 struct Cleanup {
     socket: PathBuf,
-    id: FileId,
-    control: Option<(PathBuf, FileId)>,
+    /// None: the socket was passed by systemd, whose socket unit owns it.
+    id: Option<FileId>,
+    control: Option<(PathBuf, Option<FileId>)>,
     handlers: HandlerDir,
     /// Where captures are written (landlock leaves it writable).
     pcap_dir: Option<PathBuf>,
@@ -388,6 +405,21 @@ impl HandlerDir {
 /// Which file a path named when we made it: (device, inode).
 type FileId = (u64, u64);
 
+/// The vhost socket: the one systemd passed (`passed`; its socket unit
+/// owns the path, so it is never removed) or one bound at `path`.
+fn listen(
+    path: &Path,
+    passed: Option<UnixListener>,
+) -> Result<(UnixListener, Option<FileId>), Error> {
+    match passed {
+        Some(listener) => {
+            tracing::info!(socket = %path.display(), "serving the socket systemd passed");
+            Ok((listener, None))
+        }
+        None => bind(path).map(|(listener, id)| (listener, Some(id))),
+    }
+}
+
 /// Binds the socket path. An existing socket nobody answers on is stale (a
 /// crashed daemon) and is replaced; one that answers is refused.
 ///
@@ -431,7 +463,10 @@ fn bind(path: &Path) -> Result<(UnixListener, FileId), Error> {
 
 /// Removes the socket file at exit, unless the path has since been given
 /// to another socket (a second daemon that found ours stale).
-fn remove_if_ours(path: &Path, id: FileId) {
+fn remove_if_ours(path: &Path, id: Option<FileId>) {
+    let Some(id) = id else {
+        return;
+    };
     use std::os::unix::fs::MetadataExt;
     let ours = std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == id);
     if ours && let Err(e) = std::fs::remove_file(path) {
@@ -534,6 +569,98 @@ fn spawn_signal_thread(
     Ok(())
 }
 
+/// How often the status line is refreshed without a watchdog.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// The watchdog period systemd asks for (`WatchdogSec=`: WATCHDOG_USEC, for
+/// this process when WATCHDOG_PID says so).
+fn watchdog_period() -> Option<Duration> {
+    let for_us = std::env::var("WATCHDOG_PID").map_or(true, |pid| {
+        pid.parse::<u32>().ok() == Some(std::process::id())
+    });
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    (for_us && usec > 0).then(|| Duration::from_micros(usec))
+}
+
+/// Under systemd (NOTIFY_SOCKET): a thread that keeps `STATUS=` current
+/// (VMM attached or not, live flows) and, with `WatchdogSec=`, sends
+/// `WATCHDOG=1` twice per period — but only while every queue pair's
+/// engine is between passes or in one that began less than half a period
+/// ago, and the host runtime runs a task within a quarter period. A worker
+/// stuck in a pass, or a wedged runtime, stops the pings, and systemd
+/// restarts the daemon (QEMU's `reconnect=` brings the guest back).
+fn spawn_supervisor(shared: Arc<Shared>, runtime: tokio::runtime::Handle) -> Result<(), Error> {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return Ok(());
+    }
+    let watchdog = watchdog_period();
+    let every = watchdog.map_or(STATUS_EVERY, |p| (p / 2).min(STATUS_EVERY));
+    let stuck_after = watchdog.map_or(STATUS_EVERY, |p| p / 2);
+    if let Some(period) = watchdog {
+        tracing::info!(period_ms = period.as_millis(), "systemd watchdog on");
+    }
+    std::thread::Builder::new()
+        .name("vg-watchdog".into())
+        .spawn(move || {
+            let mut last = String::new();
+            loop {
+                std::thread::sleep(every);
+                let stuck = shared
+                    .board
+                    .guest()
+                    .and_then(|(guest, _)| guest.stuck(stuck_after));
+                let runs = runtime.block_on(async {
+                    tokio::time::timeout(every / 2, tokio::spawn(async {})).await
+                });
+                match (stuck, runs) {
+                    (None, Ok(Ok(()))) => {
+                        if watchdog.is_some() {
+                            notify_systemd("WATCHDOG=1");
+                        }
+                    }
+                    (Some((pair, took)), _) => tracing::error!(
+                        pair,
+                        stuck_ms = took.as_millis(),
+                        "a queue pair's engine is stuck in one pass: no watchdog ping"
+                    ),
+                    (None, _) => {
+                        tracing::error!("the host runtime runs no task: no watchdog ping")
+                    }
+                }
+                let line = runtime.block_on(async {
+                    tokio::time::timeout(every / 2, status_line(&shared)).await
+                });
+                // A report that takes longer (a pair whose queues do not run
+                // yet) leaves the last line standing.
+                if let Ok(line) = line
+                    && line != last
+                {
+                    notify_systemd(&format!("STATUS={line}"));
+                    last = line;
+                }
+            }
+        })
+        .map_err(Error::Supervisor)?;
+    Ok(())
+}
+
+/// The status line systemd shows.
+async fn status_line(shared: &Shared) -> String {
+    let report = crate::control::api::report(shared, 0).await;
+    let Some((status, _, _)) = report.guest else {
+        return "waiting for a VMM".to_owned();
+    };
+    let g = &report.gauges;
+    let tcp = g.tcp_connecting + g.tcp_established + g.tcp_closing;
+    format!(
+        "VMM attached, {} queue pair(s), lease {}; {tcp} TCP flow(s), {} UDP and {} ICMP session(s)",
+        status.queue_pairs,
+        if status.mac.is_some() { "held" } else { "none" },
+        g.udp_sessions,
+        g.icmp_sessions,
+    )
+}
+
 /// sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET.
 fn notify_systemd(state: &str) {
     use std::os::linux::net::SocketAddrExt;
@@ -573,14 +700,14 @@ mod tests {
         let (_again, second) = bind(&path).unwrap();
         assert_ne!(first, second);
         // The first daemon's exit leaves the second one's socket alone.
-        remove_if_ours(&path, first);
+        remove_if_ours(&path, Some(first));
         UnixStream::connect(&path).unwrap();
         let names: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["s.sock"], "no temporary name is left");
-        remove_if_ours(&path, second);
+        remove_if_ours(&path, Some(second));
         assert!(!path.exists());
         let file = dir.join("plain");
         std::fs::write(&file, b"x").unwrap();

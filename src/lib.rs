@@ -44,6 +44,7 @@
 //! (vhost-user messages) are parsed with lengths checked first. Every
 //! outbound flow is decided by [`policy`] before it leaves.
 
+pub mod activation;
 pub mod audit;
 pub mod cli;
 pub mod commands;

@@ -27,6 +27,7 @@ const LAYERS: &[&[&str]] = &[
     &["policy"],
     &["sniff"],
     &[
+        "activation",
         "audit",
         "cli",
         "confine",

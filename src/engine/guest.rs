@@ -41,6 +41,9 @@ pub struct Guest {
     pub(super) inboxes: Vec<super::report::Inbox>,
     /// The names the guest resolved (shared with the forwarder).
     pub(super) pins: Arc<Pins>,
+    /// Per pair: when its current pass began (report::stamp), 0 between
+    /// passes.
+    pub(super) busy: Vec<std::sync::atomic::AtomicU64>,
 }
 
 /// Locks one of the guest's parts. A pair that panicked holding it left
@@ -92,6 +95,7 @@ impl Guest {
             steer::Steer::new(wakes.clone(), max)
         });
         let inboxes = wakes.iter().map(|_| Default::default()).collect();
+        let busy = wakes.iter().map(|_| Default::default()).collect();
         Arc::new(Self {
             setup,
             dhcp: Mutex::new(dhcp::Server::new(net)),
@@ -102,6 +106,7 @@ impl Guest {
             wakes,
             inboxes,
             pins,
+            busy,
         })
     }
 }

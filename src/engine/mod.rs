@@ -275,6 +275,15 @@ impl Engine {
     /// One pass: drain the TX queue (bounded per poll), run smoltcp, move
     /// flow data, run timers, flush frames for the guest into the RX queue.
     pub fn pass<M: GuestMemory>(&mut self, mem: &M, tx: &mut Queue, rx: &mut Queue) -> PassResult {
+        // The watchdog tells a pass that never ends from an idle pair.
+        let (guest, pair) = (self.gateway.guest.clone(), self.gateway.pair);
+        guest.pass_begins(pair);
+        let result = self.run_pass(mem, tx, rx);
+        guest.pass_ends(pair);
+        result
+    }
+
+    fn run_pass<M: GuestMemory>(&mut self, mem: &M, tx: &mut Queue, rx: &mut Queue) -> PassResult {
         let now = Instant::now();
         self.gateway.host.wake.clear();
         self.answer_requests(now);
@@ -660,16 +669,7 @@ mod tests {
             .build()
             .unwrap();
         let config = Config::embedded();
-        let shared = Shared {
-            rules: crate::dns::rules::Rules::from_config(&config, None).live(),
-            config: Arc::new(config.clone()),
-            metrics: Arc::default(),
-            tls: None,
-            publisher: None,
-            icmp_available: false,
-            board: Default::default(),
-            tap: Default::default(),
-        };
+        let shared = shared(&config);
         let host = Host {
             runtime: runtime.handle().clone(),
             wake: Arc::new(crate::proxy::Wake::new().unwrap()),
@@ -686,6 +686,42 @@ mod tests {
             IpAddr::V6(GATEWAY_LINK_LOCAL),
         ] {
             assert!(held.contains(&want), "{want} missing from {held:?}");
+        }
+    }
+
+    /// The watchdog's question: a pair inside one pass for longer than
+    /// the limit is stuck; one between passes never is.
+    #[test]
+    fn a_pair_inside_one_pass_too_long_is_stuck() {
+        let shared = shared(&Config::embedded());
+        let wakes = (0..2)
+            .map(|_| Arc::new(crate::proxy::Wake::new().unwrap()))
+            .collect();
+        let guest = Guest::new(&shared, wakes);
+        assert_eq!(guest.stuck(Duration::ZERO), None);
+        guest.pass_begins(1);
+        std::thread::sleep(Duration::from_millis(20));
+        let (pair, took) = guest.stuck(Duration::from_millis(5)).unwrap();
+        assert_eq!(pair, 1);
+        assert!(took >= Duration::from_millis(15), "{took:?}");
+        assert_eq!(guest.stuck(Duration::from_secs(3600)), None);
+        guest.pass_ends(1);
+        assert_eq!(guest.stuck(Duration::ZERO), None);
+        // A pair number the guest does not have is nobody's.
+        guest.pass_begins(7);
+        assert_eq!(guest.stuck(Duration::ZERO), None);
+    }
+
+    fn shared(config: &Config) -> Shared {
+        Shared {
+            rules: crate::dns::rules::Rules::from_config(config, None).live(),
+            config: Arc::new(config.clone()),
+            metrics: Arc::default(),
+            tls: None,
+            publisher: None,
+            icmp_available: false,
+            board: Default::default(),
+            tap: Default::default(),
         }
     }
 }

@@ -9,8 +9,9 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -120,6 +121,14 @@ pub(super) enum Request {
 /// A pair's inbox.
 pub(super) type Inbox = Mutex<Vec<Request>>;
 
+/// Milliseconds since the first stamp of the process, plus one (never 0,
+/// which means "between passes").
+fn stamp() -> u64 {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let ms = BASE.get_or_init(Instant::now).elapsed().as_millis();
+    u64::try_from(ms).unwrap_or(u64::MAX - 1) + 1
+}
+
 /// The guest a daemon is attached to, for the control API. Holds it
 /// weakly: a guest whose VMM went away is gone from here with it.
 #[derive(Default)]
@@ -207,6 +216,36 @@ impl Guest {
             mac: lease.map(|(mac, _)| mac.to_string()),
             lease_seconds_left: lease.map(|(_, left)| left.as_secs()),
         }
+    }
+
+    /// Pair `pair` starts a pass.
+    pub(super) fn pass_begins(&self, pair: usize) {
+        if let Some(busy) = self.busy.get(pair) {
+            busy.store(stamp(), Ordering::Relaxed);
+        }
+    }
+
+    /// Pair `pair` finished its pass.
+    pub(super) fn pass_ends(&self, pair: usize) {
+        if let Some(busy) = self.busy.get(pair) {
+            busy.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The pair that has been inside one pass the longest, if for more
+    /// than `limit`, and for how long: a worker that is stuck (a pass takes
+    /// microseconds to milliseconds; an idle pair is between passes).
+    pub fn stuck(&self, limit: Duration) -> Option<(usize, Duration)> {
+        let now = stamp();
+        self.busy
+            .iter()
+            .enumerate()
+            .filter_map(|(pair, busy)| {
+                let began = busy.load(Ordering::Relaxed);
+                (began != 0).then(|| (pair, Duration::from_millis(now.saturating_sub(began))))
+            })
+            .filter(|(_, took)| *took > limit)
+            .max_by_key(|(_, took)| *took)
     }
 
     /// DNS pins held for this guest.

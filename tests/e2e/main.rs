@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)] // test harness: a failed set-up step should panic
 
 use std::net::Ipv4Addr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
@@ -392,6 +392,76 @@ fn ready_notification_and_clean_sigterm() {
     let status = daemon.terminate();
     assert!(status.success(), "{status}");
     assert!(!daemon.socket.exists());
+}
+
+/// Under systemd's watchdog (WATCHDOG_USEC), the daemon pings twice per
+/// period and keeps STATUS= current: waiting, then the attached VMM.
+#[test]
+fn watchdog_pings_and_status_lines() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = kit::TempDir::new("watchdog");
+    let notify_path = dir.0.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(WAIT)).unwrap();
+    let daemon = Daemon::start_with(
+        None,
+        None,
+        &[
+            ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let mut buf = [0u8; 512];
+    let mut next = || {
+        let n = notify.recv(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next(), "READY=1");
+    let started = Instant::now();
+    let (mut pings, mut statuses) = (0, Vec::new());
+    while started.elapsed() < Duration::from_secs(2) {
+        match next() {
+            m if m == "WATCHDOG=1" => pings += 1,
+            m => statuses.push(m),
+        }
+    }
+    // Every 200 ms: about 10 in 2 s.
+    assert!((7..=12).contains(&pings), "{pings} pings");
+    assert_eq!(statuses, ["STATUS=waiting for a VMM"]);
+    let mut vmm = Vmm::qemu_start(&daemon.socket, true);
+    exercise_gateway(&mut vmm);
+    let attached = (0..40)
+        .map(|_| next())
+        .find(|m| m.starts_with("STATUS=VMM attached"));
+    assert!(
+        attached
+            .as_deref()
+            .is_some_and(|m| m.contains("1 queue pair(s)")),
+        "{attached:?}"
+    );
+    assert!(daemon.log().contains("systemd watchdog on"));
+}
+
+/// Started by socket activation, the daemon serves the sockets systemd
+/// passed (named vhost and control) and leaves their files to the socket
+/// unit when it stops.
+#[test]
+fn socket_activation_serves_the_passed_sockets() {
+    let mut daemon = Daemon::start_activated(None, None);
+    // The first connection starts the daemon.
+    let mut vmm = Vmm::qemu_start(&daemon.socket, true);
+    exercise_gateway(&mut vmm);
+    assert!(
+        daemon.wait_log("serving the socket systemd passed", WAIT),
+        "{}",
+        daemon.log()
+    );
+    let status = daemon.ctl_json(&["status"]);
+    assert_eq!(status["vmm_attached"], true, "{status}");
+    drop(vmm);
+    let exit = daemon.terminate();
+    assert!(exit.success(), "{exit}");
+    assert!(daemon.socket.exists() && daemon.control.exists());
 }
 
 /// The running daemon, started as root, can gain no privileges and holds

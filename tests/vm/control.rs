@@ -460,3 +460,35 @@ sleep 600
     );
     guest.kill();
 }
+
+/// A guest boots through a daemon that systemd socket activation started:
+/// QEMU's connection starts it on the passed socket, the guest gets its
+/// lease and reaches a namespace host, and the control API answers on its
+/// passed socket.
+#[test]
+fn a_guest_boots_through_a_socket_activated_daemon() {
+    let world = World::new("activate");
+    let daemon = Daemon::start_activated(Some(&world.ns), None);
+    let script = r#"
+dhcp
+echo VG-GET; wget -q -O - http://192.0.2.10/small
+echo VG-DONE
+sleep 600
+"#;
+    let guest = Guest::spawn(&GuestOpts::new(&daemon.socket, script), "VG-DONE");
+    assert!(
+        guest.wait_marker(Duration::from_secs(120)),
+        "{}",
+        guest.console()
+    );
+    assert!(
+        guest.console().contains("hello from the namespace"),
+        "{}",
+        guest.console()
+    );
+    assert!(daemon.log().contains("serving the socket systemd passed"));
+    let status = daemon.ctl_json(&["status"]);
+    assert_eq!(status["vmm_attached"], true, "{status}");
+    assert!(status["guest"]["mac"].is_string(), "{status}");
+    guest.kill();
+}

@@ -275,6 +275,25 @@ impl Daemon {
         )
     }
 
+    /// Starts the daemon as systemd socket activation does
+    /// (`systemd-socket-activate`, which binds the vhost and control
+    /// sockets, names them `vhost` and `control` in LISTEN_FDNAMES, and
+    /// execs the daemon with them at the first connection to either).
+    pub fn start_activated(ns: Option<&Netns>, config: Option<&str>) -> Self {
+        let dir = TempDir::new("daemon");
+        let (socket, control) = (dir.0.join("vhost.sock"), dir.0.join("control.sock"));
+        let wrapper = [
+            "systemd-socket-activate",
+            "-l",
+            socket.to_str().unwrap(),
+            "--fdname=vhost",
+            "-l",
+            control.to_str().unwrap(),
+            "--fdname=control",
+        ];
+        Self::spawn_in(dir, ns, config, &[], &[], &wrapper)
+    }
+
     /// Starts the daemon, in a namespace or not, with extra environment.
     pub fn start_with(ns: Option<&Netns>, config: Option<&str>, env: &[(&str, &str)]) -> Self {
         Self::spawn(ns, config, env, &[])
