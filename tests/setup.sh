@@ -8,9 +8,11 @@ set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
 
 # util-linux: setpriv and prlimit (the unprivileged and descriptor-limit
-# tests); systemd: systemd-socket-activate (the socket activation tests).
-# tests). iperf3 and passt are for the benchmark (bench/vm.rs).
-packages=(qemu-system-x86 busybox-static cpio kmod iproute2 procps util-linux libc6-dev dnsmasq-base iperf3 passt tcpdump systemd)
+# tests); systemd: systemd-socket-activate (the socket activation tests);
+# libvirt-*: the libvirt boot test (its libvirtd, QEMU as libvirt-qemu).
+# iperf3 and passt are for the benchmark (bench/vm.rs).
+packages=(qemu-system-x86 busybox-static cpio kmod iproute2 procps util-linux libc6-dev dnsmasq-base iperf3 passt tcpdump systemd
+  libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
 
 missing=()
 for p in "${packages[@]}"; do

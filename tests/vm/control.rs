@@ -492,3 +492,43 @@ sleep 600
     assert!(status["guest"]["mac"].is_string(), "{status}");
     guest.kill();
 }
+
+/// The libvirt path: Debian's libvirtd starts QEMU from the documented
+/// domain XML (`config/libvirt-domain.xml`: shared memfd memory, a
+/// vhostuser interface in client mode), and the guest gets its lease and
+/// reaches a namespace host through the daemon.
+#[test]
+fn a_guest_boots_through_libvirt() {
+    let libvirt = match kit::libvirt::Libvirt::start() {
+        Ok(libvirt) => libvirt,
+        Err(why) => {
+            eprintln!("SKIPPED: libvirt cannot run here: {why}");
+            return;
+        }
+    };
+    let world = World::new("libvirt");
+    let daemon = Daemon::start(&world.ns, None);
+    kit::libvirt::admit_qemu_user(&daemon.socket).unwrap();
+    let script = r#"
+dhcp
+echo VG-GET; wget -q -O - http://192.0.2.10/small
+echo VG-DONE
+"#;
+    let domain =
+        kit::libvirt::Domain::create(&GuestOpts::new(&daemon.socket, script), &daemon.socket)
+            .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    assert!(
+        domain.wait_console("VG-DONE", Duration::from_secs(120)),
+        "{}\n{}",
+        domain.console(),
+        daemon.log()
+    );
+    let console = domain.console();
+    assert!(console.contains("VG-LEASE ip=198.19.0.2"), "{console}");
+    assert!(console.contains("hello from the namespace"), "{console}");
+    assert!(daemon.log().contains("VMM connected"));
+    let running = kit::libvirt::virsh(&["list", "--name"]).unwrap_or_default();
+    assert!(running.contains(&domain.name) || !console.is_empty());
+    drop(domain);
+    drop(libvirt);
+}

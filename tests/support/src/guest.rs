@@ -110,6 +110,21 @@ impl<'a> GuestOpts<'a> {
     }
 }
 
+/// Writes the guest's initramfs with the test's script (and extra files)
+/// into `dir`; returns its path.
+pub fn write_initrd(opts: &GuestOpts<'_>, dir: &Path) -> std::path::PathBuf {
+    let initrd = dir.join("initrd");
+    let mut data = std::fs::read(&guest_image().initramfs).unwrap();
+    let script = format!("{PRELUDE}\n{}", opts.script);
+    let mut files: Vec<(&str, &[u8], u32)> = vec![("test.sh", script.as_bytes(), 0o100_755)];
+    for (path, contents, mode) in &opts.extra_files {
+        files.push((path.as_str(), contents.as_slice(), *mode));
+    }
+    data.extend(cpio_newc(&files));
+    std::fs::write(&initrd, data).unwrap();
+    initrd
+}
+
 /// A running QEMU with its console being collected.
 pub struct Guest {
     child: Child,
@@ -134,15 +149,7 @@ impl Guest {
     pub fn spawn(opts: &GuestOpts<'_>, marker: &str) -> Self {
         let image = guest_image();
         let dir = TempDir::new("guest");
-        let initrd = dir.0.join("initrd");
-        let mut data = std::fs::read(&image.initramfs).unwrap();
-        let script = format!("{PRELUDE}\n{}", opts.script);
-        let mut files: Vec<(&str, &[u8], u32)> = vec![("test.sh", script.as_bytes(), 0o100_755)];
-        for (path, contents, mode) in &opts.extra_files {
-            files.push((path.as_str(), contents.as_slice(), *mode));
-        }
-        data.extend(cpio_newc(&files));
-        std::fs::write(&initrd, data).unwrap();
+        let initrd = write_initrd(opts, &dir.0);
         // No MSI-X (vectors=0, INTx): QEMU 7.2 under TCG segfaults in
         // msix_set_vector_notifiers when vhost-user starts with MSI-X on
         // (seen with mq=on, vectors=6).

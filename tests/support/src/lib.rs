@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod guest;
+pub mod libvirt;
 pub mod tls;
 pub mod vmm;
 
