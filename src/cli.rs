@@ -33,6 +33,10 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 
+    /// Also serve the Prometheus exposition (`GET /metrics`, nothing else)
+    /// on this TCP address, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Capture every frame to and from the guest into FILE (libpcap), from
     /// the start; `[pcap]` sets the size and ring of files.
     #[arg(long, value_name = "FILE")]

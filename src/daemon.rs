@@ -46,6 +46,9 @@ pub enum Error {
     /// The sockets systemd passed cannot be used.
     #[error("socket activation")]
     Activation(#[source] crate::activation::Error),
+    /// The `--metrics-listen` address could not be bound.
+    #[error("cannot listen for metrics")]
+    MetricsListen(#[source] io::Error),
     /// The watchdog thread could not start.
     #[error("cannot start the watchdog thread")]
     Supervisor(#[source] io::Error),
@@ -139,6 +142,8 @@ pub struct Operations {
     pub pcap: Option<PathBuf>,
     /// Where the config was read from: a reload reads it again.
     pub source: crate::config::Source,
+    /// Also serve `GET /metrics` on this TCP address.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Runs the daemon until a signal ends it.
@@ -201,6 +206,14 @@ pub fn run(socket_path: &Path, config: Config, operations: Operations) -> Result
         handlers,
         pcap_dir: pcap_dir.clone(),
     };
+    // Bound before the capabilities go (a port below 1024 needs one).
+    let metrics_listener = match operations.metrics_listen.map(std::net::TcpListener::bind) {
+        Some(Err(e)) => {
+            cleanup.run();
+            return Err(Error::MetricsListen(e));
+        }
+        bound => bound.and_then(Result::ok),
+    };
     let wiring = match confine_and_start(prepared, &cleanup, &operations.source) {
         Ok(wiring) => wiring,
         Err(e) => {
@@ -225,15 +238,21 @@ pub fn run(socket_path: &Path, config: Config, operations: Operations) -> Result
         operations.source,
         wiring.config().clone(),
     ));
+    let state = Arc::new(crate::control::api::State::new(
+        wiring.shared(),
+        operations.log_level,
+        pcap_dir,
+        Some(reloader.clone()),
+    ));
+    use crate::control::server::{Endpoint, spawn as serve_api};
     if let Some(listener) = control_listener {
-        let state = crate::control::api::State::new(
-            wiring.shared(),
-            operations.log_level,
-            pcap_dir,
-            Some(reloader.clone()),
-        );
-        crate::control::server::spawn(wiring.handle(), listener, Arc::new(state))
+        serve_api(wiring.handle(), Endpoint::Control(listener), state.clone())
             .map_err(Error::Control)?;
+    }
+    if let Some(listener) = metrics_listener {
+        let addr = listener.local_addr().map_err(Error::Control)?;
+        serve_api(wiring.handle(), Endpoint::Metrics(listener), state).map_err(Error::Control)?;
+        tracing::info!(%addr, "serving /metrics over TCP");
     }
     let handlers = cleanup.handlers.path.clone();
     let reload = (reloader, wiring.handle().clone());

@@ -163,6 +163,7 @@ impl Egress {
         denied: Denied,
     ) {
         self.metrics.inc(Counter::policy_denied);
+        self.count_rule(denied);
         audit(proto, (dst, port), name, denied, false);
     }
 
@@ -176,7 +177,17 @@ impl Egress {
         denied: Denied,
     ) {
         self.metrics.inc(Counter::policy_revoked);
+        self.count_rule(denied);
         audit(proto, (dst, port), name, denied, true);
+    }
+
+    /// Counts a deny against the rule that decided it (one that no rule
+    /// decided — a name that does not belong to its address — is not a
+    /// rule's).
+    pub fn count_rule(&self, (rule, reason): Denied) {
+        if reason == Reason::Policy {
+            self.metrics.rule_denied(rule);
+        }
     }
 
     /// Counts an allowed flow.

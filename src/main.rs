@@ -48,6 +48,7 @@ fn main() -> ExitCode {
         pcap: cli.pcap.clone(),
         log_level: Some(log_level),
         source,
+        metrics_listen: cli.metrics_listen,
     };
     match vhost_gateway::daemon::run(&socket_path, config, operations) {
         Ok(()) => ExitCode::SUCCESS,

@@ -225,6 +225,34 @@ pub struct Metrics {
     values: [AtomicU64; Counter::ALL.len()],
     /// Frames taken from each queue pair's TX queue.
     pair_frames: [AtomicU64; PAIRS],
+    /// Denies by the rule that decided: [0] the default, [n] rule n (up to
+    /// [`RULES`]), [RULES + 1] any later rule.
+    rule_denies: [AtomicU64; RULES + 2],
+}
+
+/// Rules counted one by one; later ones share a slot.
+pub const RULES: usize = 254;
+
+/// Which rule a counted deny came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleSlot {
+    /// The policy's default.
+    Default,
+    /// Rule n (1-based), n <= [`RULES`].
+    Rule(usize),
+    /// A rule after the first [`RULES`].
+    Later,
+}
+
+impl RuleSlot {
+    /// The label value: `default`, the rule's number, or `later`.
+    pub fn label(self) -> String {
+        match self {
+            RuleSlot::Default => "default".to_owned(),
+            RuleSlot::Rule(n) => n.to_string(),
+            RuleSlot::Later => "later".to_owned(),
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -232,6 +260,7 @@ impl Default for Metrics {
         Self {
             values: std::array::from_fn(|_| AtomicU64::new(0)),
             pair_frames: std::array::from_fn(|_| AtomicU64::new(0)),
+            rule_denies: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 }
@@ -261,6 +290,35 @@ impl Metrics {
         if let Some(v) = self.pair_frames.get(pair) {
             v.fetch_add(n, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a deny by the policy's rule `rule` (None: its default).
+    pub fn rule_denied(&self, rule: Option<usize>) {
+        let slot = match rule {
+            None => 0,
+            Some(n) if (1..=RULES).contains(&n) => n,
+            Some(_) => RULES + 1,
+        };
+        if let Some(v) = self.rule_denies.get(slot) {
+            v.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The rules that denied anything, with how often.
+    pub fn rule_denies(&self) -> Vec<(RuleSlot, u64)> {
+        self.rule_denies
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let slot = match i {
+                    0 => RuleSlot::Default,
+                    n if n <= RULES => RuleSlot::Rule(n),
+                    _ => RuleSlot::Later,
+                };
+                (slot, v.load(Ordering::Relaxed))
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect()
     }
 
     /// Frames taken from each queue pair's TX queue, up to the last pair
@@ -328,6 +386,35 @@ mod tests {
         assert_eq!(
             Counter::drop_too_short.help(),
             "TX frames shorter than header + Ethernet."
+        );
+    }
+
+    #[test]
+    fn denies_are_counted_by_rule() {
+        let m = Metrics::default();
+        assert!(m.rule_denies().is_empty());
+        m.rule_denied(None);
+        m.rule_denied(Some(1));
+        m.rule_denied(Some(1));
+        m.rule_denied(Some(RULES));
+        m.rule_denied(Some(RULES + 1));
+        m.rule_denied(Some(usize::MAX));
+        m.rule_denied(Some(0));
+        let labels: Vec<(String, u64)> = m
+            .rule_denies()
+            .into_iter()
+            .map(|(slot, n)| (slot.label(), n))
+            .collect();
+        // Rule 0 does not exist: counted with the default's slot 0 would
+        // be wrong, so it goes with the rules past the last counted one.
+        assert_eq!(
+            labels,
+            [
+                ("default".to_owned(), 1),
+                ("1".to_owned(), 2),
+                (RULES.to_string(), 1),
+                ("later".to_owned(), 3)
+            ]
         );
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! Names: every counter as `vhost_gateway_<name>_total` with its doc comment
 //! as help; frames per queue pair as `vhost_gateway_pair_frames_total{pair}`;
+//! denies per policy rule as `vhost_gateway_policy_rule_denied_total{rule}`;
 //! live flows as `vhost_gateway_flows{proto,state}`; the other gauges as
 //! `vhost_gateway_<gauge>`.
 #![forbid(unsafe_code)]
@@ -22,6 +23,7 @@ use crate::metrics::Counter;
 struct Snapshot {
     counters: Vec<(Counter, u64)>,
     pairs: Vec<u64>,
+    rules: Vec<(String, u64)>,
     flows: Vec<(&'static str, &'static str, usize)>,
     gauges: Vec<(&'static str, &'static str, usize)>,
 }
@@ -55,6 +57,22 @@ impl Collector for Snapshot {
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
             }
         }
+        if !self.rules.is_empty() {
+            let kind = ConstCounter::new(0u64).metric_type();
+            let mut family = encoder.encode_descriptor(
+                "policy_rule_denied",
+                "Flows, datagrams and echoes denied (or revoked by a reload) by each rule of the \
+                 policy in force: its number as `ctl`/`explain` show it, `default`, or `later` \
+                 past rule 254. Numbers are positions: a reload that reorders rules carries \
+                 the counts over to the rules now at those positions.",
+                None,
+                kind,
+            )?;
+            for (rule, value) in &self.rules {
+                let labels = [("rule", rule.as_str())];
+                ConstCounter::new(*value).encode(family.encode_family(&labels)?)?;
+            }
+        }
         let kind = gauge(0).metric_type();
         let mut family = encoder.encode_descriptor(
             "flows",
@@ -86,6 +104,11 @@ pub fn text(shared: &Shared, report: &Report) -> Result<String, std::fmt::Error>
     let snapshot = Snapshot {
         counters: Counter::ALL.iter().map(|&c| (c, metrics.get(c))).collect(),
         pairs: metrics.pair_frames(),
+        rules: metrics
+            .rule_denies()
+            .into_iter()
+            .map(|(slot, n)| (slot.label(), n))
+            .collect(),
         flows: vec![
             ("tcp", "connecting", g.tcp_connecting),
             ("tcp", "established", g.tcp_established),

@@ -23,59 +23,106 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a client has to send a request's body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves `listener` on `runtime` until the process ends.
+/// What a listener serves.
+pub enum Endpoint {
+    /// The whole API, on the control socket.
+    Control(std::os::unix::net::UnixListener),
+    /// `GET /metrics` only, on a TCP address (`--metrics-listen`).
+    Metrics(std::net::TcpListener),
+}
+
+/// A listener the accept loop takes connections from.
+trait Accept: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn next_stream(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn next_stream(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn next_stream(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+/// Serves `endpoint` on `runtime` until the process ends.
 pub fn spawn(
     runtime: &tokio::runtime::Handle,
-    listener: std::os::unix::net::UnixListener,
+    endpoint: Endpoint,
     state: Arc<State>,
 ) -> std::io::Result<()> {
-    listener.set_nonblocking(true)?;
-    let listener = {
-        let _entered = runtime.enter();
-        tokio::net::UnixListener::from_std(listener)?
-    };
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    runtime.spawn(async move {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of descriptors passes as flows close: wait.
-                    tracing::warn!(error = %e, "control socket: cannot accept");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(
-                    max = MAX_CONNECTIONS,
-                    "control socket: too many connections; one closed"
-                );
-                continue;
-            };
-            let state = state.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(handle(&state, request).await) }
-                });
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEAD_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service);
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "control connection ended with an error");
-                }
-                drop(permit);
-            });
+    let _entered = runtime.enter();
+    match endpoint {
+        Endpoint::Control(listener) => {
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::UnixListener::from_std(listener)?;
+            runtime.spawn(accept_loop(listener, state, false));
         }
-    });
+        Endpoint::Metrics(listener) => {
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            runtime.spawn(accept_loop(listener, state, true));
+        }
+    }
     Ok(())
 }
 
-async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
+/// Accepts connections and serves each on a task of its own, at most
+/// [`MAX_CONNECTIONS`] at once; `metrics_only` answers nothing but
+/// `GET /metrics`.
+async fn accept_loop(listener: impl Accept, state: Arc<State>, metrics_only: bool) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.next_stream().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                // Out of descriptors passes as flows close: wait.
+                tracing::warn!(error = %e, "control socket: cannot accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                max = MAX_CONNECTIONS,
+                "control socket: too many connections; one closed"
+            );
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, request, metrics_only).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "control connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn handle(
+    state: &State,
+    request: Request<Incoming>,
+    metrics_only: bool,
+) -> Response<Full<Bytes>> {
     let method = request.method().as_str().to_owned();
     let path = request.uri().path().to_owned();
+    if metrics_only && (method.as_str(), path.as_str()) != ("GET", "/metrics") {
+        return respond(Answer::error(404, "only GET /metrics is served here"));
+    }
     let query = request.uri().query().unwrap_or("").to_owned();
     let body = Limited::new(request.into_body(), api::MAX_BODY).collect();
     let body = match tokio::time::timeout(BODY_TIMEOUT, body).await {

@@ -221,6 +221,7 @@ impl Gateway {
                 .is_some_and(|t| now.saturating_duration_since(*t) < AUDIT_REPEAT);
         if quiet {
             self.metrics.inc(Counter::policy_denied);
+            self.guest.services.egress().count_rule(denied);
             return;
         }
         if self.audit_logged.len() >= AUDIT_MEMORY {

@@ -442,6 +442,44 @@ fn watchdog_pings_and_status_lines() {
     assert!(daemon.log().contains("systemd watchdog on"));
 }
 
+/// `--metrics-listen` serves the Prometheus text over TCP and nothing else.
+#[test]
+fn metrics_over_tcp_and_only_metrics() {
+    use std::io::{Read, Write};
+    let daemon = Daemon::start_args(None, None, &["--metrics-listen", "127.0.0.1:0"]);
+    assert!(daemon.wait_log("serving /metrics over TCP", WAIT));
+    let log = daemon.log();
+    let addr = log
+        .lines()
+        .find(|l| l.contains("serving /metrics over TCP"))
+        .and_then(|l| l.split("addr=").nth(1))
+        .map(|a| a.split_whitespace().next().unwrap_or("").to_owned())
+        .unwrap();
+    let get = |path: &str| {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    let metrics = get("/metrics");
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(
+        metrics.contains("vhost_gateway_vmm_connections_total 0"),
+        "{metrics}"
+    );
+    assert!(metrics.trim_end().ends_with("# EOF"), "{metrics}");
+    for path in ["/v1/status", "/v1/counters", "/v1/flows"] {
+        let refused = get(path);
+        assert!(refused.starts_with("HTTP/1.1 404"), "{path}: {refused}");
+    }
+}
+
 /// Started by socket activation, the daemon serves the sockets systemd
 /// passed (named vhost and control) and leaves their files to the socket
 /// unit when it stops.

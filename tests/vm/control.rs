@@ -433,6 +433,13 @@ sleep 600
     assert_eq!(counters["counters"]["policy_revoked"], 1, "{counters}");
     assert_eq!(counters["counters"]["reloads"], 1, "{counters}");
     assert_eq!(counters["counters"]["reloads_refused"], 2, "{counters}");
+    // Rule 1 revoked the echo flow and refused the new connection.
+    let (ok, metrics) = daemon.ctl(&["metrics"]);
+    let by_rule_1 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("vhost_gateway_policy_rule_denied_total{rule=\"1\"} "))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    assert!(ok && by_rule_1 >= Some(2), "{metrics}");
 
     // SIGHUP: back to the defaults.
     daemon.rewrite_config("# the embedded defaults\n");
