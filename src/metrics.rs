@@ -225,8 +225,8 @@ pub struct Metrics {
     values: [AtomicU64; Counter::ALL.len()],
     /// Frames taken from each queue pair's TX queue.
     pair_frames: [AtomicU64; PAIRS],
-    /// Denies by the rule that decided: [0] the default, [n] rule n (up to
-    /// [`RULES`]), [RULES + 1] any later rule.
+    /// Denies by the rule that decided: slot 0 the default, slot n rule n
+    /// (up to [`RULES`]), slot `RULES + 1` any later rule.
     rule_denies: [AtomicU64; RULES + 2],
 }
 
