@@ -166,6 +166,24 @@ pub struct Shared {
     pub tap: Arc<crate::pcap::Tap>,
 }
 
+impl Shared {
+    /// Shared parts for unit tests: `config`'s rules, no TLS, no
+    /// publisher, no ping sockets.
+    #[cfg(test)]
+    pub(crate) fn for_tests(config: &Config) -> Self {
+        Self {
+            rules: crate::dns::rules::Rules::from_config(config, None).live(),
+            config: Arc::new(config.clone()),
+            metrics: Arc::default(),
+            tls: None,
+            publisher: None,
+            icmp_available: false,
+            board: Default::default(),
+            tap: Default::default(),
+        }
+    }
+}
+
 impl Engine {
     /// A fresh engine for queue pair `pair` of `guest`, its host side on
     /// `host`, the host sockets it owns in `io`.
@@ -669,7 +687,7 @@ mod tests {
             .build()
             .unwrap();
         let config = Config::embedded();
-        let shared = shared(&config);
+        let shared = Shared::for_tests(&config);
         let host = Host {
             runtime: runtime.handle().clone(),
             wake: Arc::new(crate::proxy::Wake::new().unwrap()),
@@ -693,7 +711,7 @@ mod tests {
     /// the limit is stuck; one between passes never is.
     #[test]
     fn a_pair_inside_one_pass_too_long_is_stuck() {
-        let shared = shared(&Config::embedded());
+        let shared = Shared::for_tests(&Config::embedded());
         let wakes = (0..2)
             .map(|_| Arc::new(crate::proxy::Wake::new().unwrap()))
             .collect();
@@ -710,18 +728,5 @@ mod tests {
         // A pair number the guest does not have is nobody's.
         guest.pass_begins(7);
         assert_eq!(guest.stuck(Duration::ZERO), None);
-    }
-
-    fn shared(config: &Config) -> Shared {
-        Shared {
-            rules: crate::dns::rules::Rules::from_config(config, None).live(),
-            config: Arc::new(config.clone()),
-            metrics: Arc::default(),
-            tls: None,
-            publisher: None,
-            icmp_available: false,
-            board: Default::default(),
-            tap: Default::default(),
-        }
     }
 }

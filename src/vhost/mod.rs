@@ -484,16 +484,7 @@ mod tests {
     }
 
     fn shared(config: crate::config::Config) -> Arc<Shared> {
-        Arc::new(Shared {
-            rules: crate::dns::rules::Rules::from_config(&config, None).live(),
-            config: Arc::new(config),
-            metrics: Arc::default(),
-            tls: None,
-            publisher: None,
-            icmp_available: false,
-            board: Default::default(),
-            tap: Default::default(),
-        })
+        Arc::new(Shared::for_tests(&config))
     }
 
     #[test]

@@ -309,14 +309,7 @@ wget -q -O - http://192.0.2.10/small
 
 /// Waits until the guest's console holds `text`.
 fn wait_console(guest: &Guest, text: &str, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if guest.console().contains(text) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
+    kit::wait_until(limit, || guest.console().contains(text))
 }
 
 /// A reload (`ctl reload`, then SIGHUP) swaps the policy under a running

@@ -235,6 +235,18 @@ impl Drop for Netns {
     }
 }
 
+/// Polls `done` every 10 ms until it holds (true) or `limit` passes.
+pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
 /// The daemon under test, running inside a namespace; its stderr is kept.
 pub struct Daemon {
     child: Option<Child>,
@@ -482,14 +494,7 @@ impl Daemon {
 
     /// Waits until the log contains `text`.
     pub fn wait_log(&self, text: &str, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if self.log().contains(text) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        false
+        wait_until(limit, || self.log().contains(text))
     }
 
     /// SIGTERM; returns the exit status.

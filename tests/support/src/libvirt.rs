@@ -120,14 +120,7 @@ impl Domain {
 
     /// Waits until the console holds `text`.
     pub fn wait_console(&self, text: &str, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if self.console().contains(text) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        false
+        crate::wait_until(limit, || self.console().contains(text))
     }
 }
 
