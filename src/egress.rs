@@ -1,7 +1,7 @@
 //! The egress boundary's async side and its audit: the parts of a decision
 //! that need I/O or shared state — the guest's name pins, our own
 //! resolution of a claimed name, and the audit line with its counter —
-//! around the pure [`Policy::judge`]. Every path that decides a flow comes
+//! around the pure [`Policy::judge`](crate::policy::Policy::judge). Every path that decides a flow comes
 //! here or to `judge` directly: the engine at a SYN, datagram or echo and
 //! in its first-bytes gate (synchronously, with [`Egress::pinned`]), the
 //! first-bytes service and TLS interception ([`Egress::decide`]).
@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use crate::audit::{self, Reason};
 use crate::dns::forward::Forwarder;
 use crate::dns::pins::Pins;
-use crate::dns::rules::Live;
+use crate::dns::rules::{Live, Rules};
 use crate::metrics::{Counter, Metrics};
 use crate::names::NameSource;
-use crate::policy::{Claim, Denied, Policy, Proto, Query, Verdict};
+use crate::policy::{Claim, Denied, Proto, Query, Verdict};
 
 /// The egress side of one guest.
 pub struct Egress {
@@ -106,9 +106,10 @@ impl Egress {
         }
     }
 
-    /// The policy in force now.
-    pub fn policy(&self) -> Arc<Policy> {
-        self.rules.load().policy.clone()
+    /// The rules in force now (`.policy` is the policy). A guard, not a
+    /// clone: taken per policed frame, it costs no reference count.
+    pub fn rules(&self) -> arc_swap::Guard<Arc<Rules>> {
+        self.rules.load()
     }
 
     /// The counters.
@@ -140,7 +141,7 @@ impl Egress {
             pinned: &pinned,
             claim,
         };
-        match self.policy().judge(&query) {
+        match self.rules().policy.judge(&query) {
             Verdict::Allow(_) | Verdict::NeedsName => Ok(()),
             Verdict::Deny(denied) => Err(denied),
             Verdict::Resolve(name) => {

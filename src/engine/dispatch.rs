@@ -117,7 +117,7 @@ impl Gateway {
             },
         };
         let egress = self.guest.services.egress().clone();
-        let verdict = police::police(&kind, facts, &egress.policy(), |dst| {
+        let verdict = police::police(&kind, facts, &egress.rules().policy, |dst| {
             egress.pinned(dst, now)
         });
         self.count(&verdict, now);

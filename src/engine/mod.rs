@@ -294,10 +294,9 @@ impl Engine {
     /// flow data, run timers, flush frames for the guest into the RX queue.
     pub fn pass<M: GuestMemory>(&mut self, mem: &M, tx: &mut Queue, rx: &mut Queue) -> PassResult {
         // The watchdog tells a pass that never ends from an idle pair.
-        let (guest, pair) = (self.gateway.guest.clone(), self.gateway.pair);
-        guest.pass_begins(pair);
+        self.gateway.guest.pass_begins(self.gateway.pair);
         let result = self.run_pass(mem, tx, rx);
-        guest.pass_ends(pair);
+        self.gateway.guest.pass_ends(self.gateway.pair);
         result
     }
 

@@ -66,7 +66,8 @@ impl Libvirt {
 impl Drop for Libvirt {
     fn drop(&mut self) {
         for child in &mut self.started {
-            // Gone already is as good as stopped.
+            // Gone already is as good as stopped, and a daemon that cannot
+            // be reaped has nothing left to tell the test.
             let _ = child.kill();
             let _ = child.wait();
         }
