@@ -248,7 +248,11 @@ fn syn_flood(iface: &str, gw_mac: &str, src: std::net::IpAddr, count: u32) {
     // SAFETY: plain socket syscalls on a fresh AF_PACKET socket; every
     // buffer passed is live and sized as told.
     unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from((libc::ETH_P_ALL as u16).to_be()));
+        let fd = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from((libc::ETH_P_ALL as u16).to_be()),
+        );
         if fd < 0 {
             println!("VG-FLOOD sent=0 error=nosocket");
             return;
@@ -266,7 +270,14 @@ fn syn_flood(iface: &str, gw_mac: &str, src: std::net::IpAddr, count: u32) {
             let frame = syn_frame(own_mac, gw, src, dst.into(), sport, port);
             // A full device queue (ENOBUFS): give the link a moment, retry.
             for _ in 0..100 {
-                let n = libc::sendto(fd, frame.as_ptr() as *const libc::c_void, frame.len(), 0, &addr as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32);
+                let n = libc::sendto(
+                    fd,
+                    frame.as_ptr() as *const libc::c_void,
+                    frame.len(),
+                    0,
+                    &addr as *const _ as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
                 if n > 0 {
                     sent += 1;
                     break;
@@ -314,7 +325,9 @@ fn icmp_flood(count: u32) {
         }
         for i in 0..count {
             let ident = (i / 240) as u16;
-            let mut msg = [8u8, 0, 0, 0, 0, 0, 0, 1, b'f', b'l', b'o', b'o', b'd', 0, 0, 0];
+            let mut msg = [
+                8u8, 0, 0, 0, 0, 0, 0, 1, b'f', b'l', b'o', b'o', b'd', 0, 0, 0,
+            ];
             msg[4..6].copy_from_slice(&ident.to_be_bytes());
             let mut acc: u32 = 0;
             for pair in msg.chunks(2) {
@@ -329,7 +342,14 @@ fn icmp_flood(count: u32) {
             addr.sin_addr.s_addr = u32::from_ne_bytes([198, 51, 100, 10 + (i % 240) as u8]);
             // A full socket or device queue (ENOBUFS): a moment, retry.
             for _ in 0..100 {
-                let n = libc::sendto(fd, msg.as_ptr() as *const libc::c_void, msg.len(), 0, &addr as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_in>() as u32);
+                let n = libc::sendto(
+                    fd,
+                    msg.as_ptr() as *const libc::c_void,
+                    msg.len(),
+                    0,
+                    &addr as *const _ as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                );
                 if n > 0 {
                     sent += 1;
                     break;
@@ -350,7 +370,11 @@ fn raw_syn(iface: &str, gw_mac: &str, src: std::net::IpAddr, dst: std::net::IpAd
     // SAFETY: plain socket syscalls on a fresh AF_PACKET socket; every
     // buffer passed is live and sized as told.
     let result = unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from((libc::ETH_P_ALL as u16).to_be()));
+        let fd = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from((libc::ETH_P_ALL as u16).to_be()),
+        );
         if fd < 0 {
             println!("VG-RAW {dst}:{port} result=nosocket");
             return;
@@ -362,9 +386,25 @@ fn raw_syn(iface: &str, gw_mac: &str, src: std::net::IpAddr, dst: std::net::IpAd
         addr.sll_ifindex = index as i32;
         addr.sll_halen = 6;
         addr.sll_addr[..6].copy_from_slice(&gw);
-        let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as u32);
-        libc::sendto(fd, frame.as_ptr() as *const libc::c_void, frame.len(), 0, &addr as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32);
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+        libc::sendto(
+            fd,
+            frame.as_ptr() as *const libc::c_void,
+            frame.len(),
+            0,
+            &addr as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
         let deadline = Instant::now() + Duration::from_secs(3);
         let mut buf = [0u8; 2048];
         let mut result = "none";
@@ -378,7 +418,10 @@ fn raw_syn(iface: &str, gw_mac: &str, src: std::net::IpAddr, dst: std::net::IpAd
                 continue;
             }
             let (proto_at, tcp_at) = match u16::from_be_bytes([f[12], f[13]]) {
-                0x0800 => (14 + 9, 14 + usize::from(f.get(14).map_or(5, |b| b & 0x0f)) * 4),
+                0x0800 => (
+                    14 + 9,
+                    14 + usize::from(f.get(14).map_or(5, |b| b & 0x0f)) * 4,
+                ),
                 0x86dd => (14 + 6, 14 + 40),
                 _ => continue,
             };
@@ -386,7 +429,8 @@ fn raw_syn(iface: &str, gw_mac: &str, src: std::net::IpAddr, dst: std::net::IpAd
                 continue;
             }
             let t = &f[tcp_at..];
-            if u16::from_be_bytes([t[0], t[1]]) != port || u16::from_be_bytes([t[2], t[3]]) != sport {
+            if u16::from_be_bytes([t[0], t[1]]) != port || u16::from_be_bytes([t[2], t[3]]) != sport
+            {
                 continue;
             }
             result = match t[13] & 0x16 {
@@ -675,8 +719,23 @@ fn ending(e: &std::io::Error) -> &'static str {
 /// it ended: eof, reset, timeout.
 fn tcp_read(addr: SocketAddr) {
     let t = Instant::now();
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // A peer that resets at once may do so before the guest's handshake
+    // completes (the gateway answers the SYN only once the peer accepted):
+    // that is the reset this probe reports, not a probe failure.
+    let mut stream = match TcpStream::connect(addr) {
+        Ok(stream) => stream,
+        Err(e) => {
+            let end = ending(&e);
+            println!(
+                "VG-READ {addr} bytes=0 end={end} ms={}",
+                t.elapsed().as_millis()
+            );
+            return;
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     let end = loop {
@@ -686,15 +745,31 @@ fn tcp_read(addr: SocketAddr) {
             Err(e) => break ending(&e),
         }
     };
-    println!("VG-READ {addr} bytes={total} end={end} ms={}", t.elapsed().as_millis());
+    println!(
+        "VG-READ {addr} bytes={total} end={end} ms={}",
+        t.elapsed().as_millis()
+    );
 }
 
 /// Writes MIB MiB (30 s at most per write) and says how it ended: done,
 /// reset, broken-pipe, timeout.
 fn tcp_write(addr: SocketAddr, mib: usize) {
     let t = Instant::now();
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    // As in tcp_read: a reset during the handshake is the peer's reset.
+    let mut stream = match TcpStream::connect(addr) {
+        Ok(stream) => stream,
+        Err(e) => {
+            let end = ending(&e);
+            println!(
+                "VG-WRITE {addr} bytes=0 end={end} ms={}",
+                t.elapsed().as_millis()
+            );
+            return;
+        }
+    };
+    stream
+        .set_write_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let chunk = vec![0x77u8; 1 << 20];
     let mut total = 0u64;
     let mut end = "done";
@@ -707,7 +782,10 @@ fn tcp_write(addr: SocketAddr, mib: usize) {
             }
         }
     }
-    println!("VG-WRITE {addr} bytes={total} end={end} ms={}", t.elapsed().as_millis());
+    println!(
+        "VG-WRITE {addr} bytes={total} end={end} ms={}",
+        t.elapsed().as_millis()
+    );
 }
 
 /// Connects to an echo server and round-trips a line every 200 ms for SECS
@@ -716,7 +794,9 @@ fn tcp_write(addr: SocketAddr, mib: usize) {
 fn tcp_echo_loop(addr: SocketAddr, secs: u64) {
     let start = Instant::now();
     let mut stream = TcpStream::connect(addr).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut ok = 0u64;
     let result = loop {
         if start.elapsed() >= Duration::from_secs(secs) {
@@ -839,7 +919,10 @@ fn dns_flood(addr: SocketAddr, count: u32) {
                     sent += 1;
                     break;
                 }
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) || e.kind() == std::io::ErrorKind::WouldBlock => {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOBUFS)
+                        || e.kind() == std::io::ErrorKind::WouldBlock =>
+                {
                     std::thread::sleep(Duration::from_micros(200));
                 }
                 Err(_) => break,
@@ -852,7 +935,8 @@ fn dns_flood(addr: SocketAddr, count: u32) {
 /// One A query, timed: its rcode and answer count, or a timeout after 3 s.
 fn dns_a(addr: SocketAddr, name: &str) {
     let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     report_send_drops(&sock);
     let query = a_query(0x4242, name);
     let t = Instant::now();
@@ -862,7 +946,10 @@ fn dns_a(addr: SocketAddr, name: &str) {
     let mut dropped = 0;
     loop {
         match sock.send_to(&query, addr) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) && t.elapsed() < Duration::from_secs(3) => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOBUFS)
+                    && t.elapsed() < Duration::from_secs(3) =>
+            {
                 dropped += 1;
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -891,7 +978,10 @@ fn dns_a(addr: SocketAddr, name: &str) {
         );
         return;
     }
-    println!("VG-DNSA {name} result=timeout ms={}", t.elapsed().as_millis());
+    println!(
+        "VG-DNSA {name} result=timeout ms={}",
+        t.elapsed().as_millis()
+    );
 }
 
 /// One TXT query over UDP (no EDNS: 512-byte answers) or TCP; prints the
