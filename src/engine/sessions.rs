@@ -31,6 +31,14 @@ pub const TAG_SHIFT: u32 = 60;
 pub const EVICT_IDLE: Duration = Duration::from_secs(1);
 /// Socket errors passed over in one read before giving the pass back.
 const MAX_ERRORS_PER_READ: usize = 64;
+/// Sessions checked for an unread reply before a new one is refused.
+const MAX_PEEKS_PER_ADMISSION: usize = 8;
+
+/// Whether a datagram waits on `socket` (a pending socket error is not
+/// one: an ICMP error answers nothing).
+fn has_datagram(socket: &std::net::UdpSocket) -> bool {
+    socket.peek(&mut [0u8; 1]).is_ok()
+}
 
 struct Session<K> {
     key: K,
@@ -114,6 +122,13 @@ impl<K: Copy + Eq + Hash> Datagrams<K> {
     /// guest's new sessions out, while sessions in use (answered, or busy
     /// within the last second) keep theirs. Counts `full` when nothing
     /// gives way.
+    ///
+    /// A reply that has arrived but that the engine has not read yet
+    /// (its readiness comes in a later pass, after this frame's batch)
+    /// already makes a session answered: each candidate's socket is
+    /// peeked before it goes. Without that, a flood of new sessions pushes
+    /// a guest's new ping or lookup out between its request and the read
+    /// of its reply, and the reply is lost.
     pub fn admits(
         &mut self,
         max: usize,
@@ -124,19 +139,30 @@ impl<K: Copy + Eq + Hash> Datagrams<K> {
         if self.by_key.len() < max {
             return true;
         }
-        let quietest = self
+        let quiet = self
             .by_token
             .iter()
             .min_by_key(|(_, s)| s.last_active)
             .filter(|(_, s)| now.saturating_duration_since(s.last_active) >= EVICT_IDLE)
-            .or_else(|| {
-                self.by_token
-                    .iter()
-                    .filter(|(_, s)| !s.answered)
-                    .min_by_key(|(_, s)| s.last_active)
-            })
             .map(|(token, _)| *token);
-        match quietest.and_then(|token| self.by_token.remove(&token).map(|s| (token, s))) {
+        let victim = quiet.or_else(|| {
+            // Bounded: a flood into hosts that answer fills the table with
+            // sessions in use, and then nothing gives way.
+            for _ in 0..MAX_PEEKS_PER_ADMISSION {
+                let (token, session) = self
+                    .by_token
+                    .iter_mut()
+                    .filter(|(_, s)| !s.answered)
+                    .min_by_key(|(_, s)| s.last_active)?;
+                if !has_datagram(&session.socket) {
+                    return Some(*token);
+                }
+                session.answered = true;
+                self.readable.insert(*token);
+            }
+            None
+        });
+        match victim.and_then(|token| self.by_token.remove(&token).map(|s| (token, s))) {
             Some((token, session)) => {
                 self.by_key.remove(&session.key);
                 self.readable.remove(&token);
@@ -375,6 +401,43 @@ mod tests {
         assert!(!table.admits(1, now, &metrics, counters));
         assert!(table.contains(&1));
         assert_eq!(metrics.get(Counter::udp_session_evicted), 2);
+    }
+
+    #[test]
+    fn an_unread_reply_keeps_a_session_from_giving_way() {
+        let io = HostIo::new().unwrap();
+        let metrics = Metrics::default();
+        let counters = (Counter::udp_over_limit, Counter::udp_session_evicted);
+        let mut table: Datagrams<u8> = Datagrams::new(1, Counter::udp_reply_dropped);
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let t0 = Instant::now();
+        let mut addrs = Vec::new();
+        for (i, key) in [1u8, 2, 3].into_iter().enumerate() {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket.connect(peer.local_addr().unwrap()).unwrap();
+            addrs.push(socket.local_addr().unwrap());
+            let at = t0 + Duration::from_millis(10 * i as u64);
+            table.open(&io, key, socket, at).unwrap();
+        }
+        // 1 and 2 were answered, but no pass has read the replies yet.
+        peer.send_to(b"reply", addrs[0]).unwrap();
+        peer.send_to(b"reply", addrs[1]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let now = t0 + Duration::from_millis(50);
+        assert!(table.admits(3, now, &metrics, counters));
+        assert!(table.contains(&1) && table.contains(&2) && !table.contains(&3));
+        // They are in use now, and their replies are read in the next pass.
+        assert!(table.has_readable());
+        let mut got = Vec::new();
+        while let Some((key, bytes)) = table.next(now, &metrics, |_, _| true) {
+            got.push((key, bytes.to_vec()));
+        }
+        got.sort();
+        assert_eq!(got, [(1, b"reply".to_vec()), (2, b"reply".to_vec())]);
+        // Nothing is left to give way: the next session is refused.
+        assert!(!table.admits(2, now, &metrics, counters));
+        assert_eq!(metrics.get(Counter::udp_over_limit), 1);
+        assert_eq!(metrics.get(Counter::udp_session_evicted), 1);
     }
 
     #[test]

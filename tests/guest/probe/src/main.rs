@@ -268,22 +268,17 @@ fn syn_flood(iface: &str, gw_mac: &str, src: std::net::IpAddr, count: u32) {
             let port = 1000 + (i / 240) as u16;
             let sport = 1024 + (i % 60000) as u16;
             let frame = syn_frame(own_mac, gw, src, dst.into(), sport, port);
-            // A full device queue (ENOBUFS): give the link a moment, retry.
-            for _ in 0..100 {
-                let n = libc::sendto(
+            let delivered = retry_full_queue(|| {
+                libc::sendto(
                     fd,
                     frame.as_ptr() as *const libc::c_void,
                     frame.len(),
                     0,
                     &addr as *const _ as *const libc::sockaddr,
                     std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                );
-                if n > 0 {
-                    sent += 1;
-                    break;
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
+                )
+            });
+            sent += u32::from(delivered);
         }
         libc::close(fd);
     }
@@ -340,26 +335,38 @@ fn icmp_flood(count: u32) {
             let mut addr: libc::sockaddr_in = std::mem::zeroed();
             addr.sin_family = libc::AF_INET as u16;
             addr.sin_addr.s_addr = u32::from_ne_bytes([198, 51, 100, 10 + (i % 240) as u8]);
-            // A full socket or device queue (ENOBUFS): a moment, retry.
-            for _ in 0..100 {
-                let n = libc::sendto(
+            let delivered = retry_full_queue(|| {
+                libc::sendto(
                     fd,
                     msg.as_ptr() as *const libc::c_void,
                     msg.len(),
                     0,
                     &addr as *const _ as *const libc::sockaddr,
                     std::mem::size_of::<libc::sockaddr_in>() as u32,
-                );
-                if n > 0 {
-                    sent += 1;
-                    break;
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
+                )
+            });
+            sent += u32::from(delivered);
         }
         libc::close(fd);
     }
     println!("VG-ICMPFLOOD sent={sent} ms={}", t.elapsed().as_millis());
+}
+
+/// Runs `send` until it sends something, pausing while the socket or
+/// device queue is full (ENOBUFS), for up to 5 s: on a loaded host the
+/// virtio queue can stay full for a long while, and a flood that gave up
+/// on a frame would not be the flood the test asked for.
+fn retry_full_queue(mut send: impl FnMut() -> isize) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if send() > 0 {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
 }
 
 fn raw_syn(iface: &str, gw_mac: &str, src: std::net::IpAddr, dst: std::net::IpAddr, port: u16) {
