@@ -853,12 +853,7 @@ echo VG-AFTER; wget -q -O - http://{HOST_V4}/small
             .unwrap_or("")
             .contains("hello from the namespace")
     );
-    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid()))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap();
+    let rss_kib = status_kib(daemon.pid(), "VmRSS:");
     assert!(
         rss_kib < 128 * 1024,
         "daemon RSS {rss_kib} KiB after the flood"
@@ -920,28 +915,19 @@ echo VG-RIGHT-AFTER
                 .unwrap_or("")
         );
     }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib = |key: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(u64::MAX)
-    };
+    let peak = status_kib(pid, "VmHWM:");
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .count();
     let log = daemon_counters(&daemon);
     eprintln!(
-        "flood: peak RSS {} KiB, {fds} fds after, {}, connects: {:?}",
-        kib("VmHWM:"),
+        "syn flood: peak RSS {peak} KiB, {fds} fds after, {}, dial evictions {}, over limit {}, probes: {:?}",
         line_after(&console, "VG-FLOOD").unwrap_or(""),
-        console
-            .lines()
-            .filter(|l| l.starts_with("VG-CONNECT") || l.starts_with("VG-DNSA"))
-            .collect::<Vec<_>>()
+        counter(&log, "tcp_dial_evicted"),
+        counter(&log, "tcp_over_limit"),
+        probes(&console)
     );
-    assert!(kib("VmHWM:") < 128 * 1024, "peak RSS {} KiB", kib("VmHWM:"));
+    assert!(peak < 128 * 1024, "peak RSS {peak} KiB");
     assert!(fds < 1024 + 128, "{fds} descriptors after the flood");
     assert!(counter(&log, "tcp_dial_evicted") > 0, "{log}");
 }
@@ -982,14 +968,15 @@ vg-probe udp-echo {HOST_V4}:7 3 100
         .collect();
     assert_eq!(echoes, ["VG-UDP sent=3 ok=3"; 2], "{console}");
     let log = daemon_counters(&daemon);
+    let peak = status_kib(daemon.pid(), "VmHWM:");
     eprintln!(
-        "udp flood: {} / {:?}",
+        "udp flood: peak RSS {peak} KiB, {}, evicted {}, over limit {}, probes: {:?}",
         line_after(&console, "VG-UDPFLOOD").unwrap_or(""),
-        console
-            .lines()
-            .filter(|l| l.starts_with("VG-CONNECT") || l.starts_with("VG-DNSA"))
-            .collect::<Vec<_>>()
+        counter(&log, "udp_session_evicted"),
+        counter(&log, "udp_over_limit"),
+        probes(&console)
     );
+    assert!(peak < 128 * 1024, "peak RSS {peak} KiB");
     assert!(counter(&log, "udp_session_evicted") > 0, "{log}");
 }
 
@@ -1032,6 +1019,15 @@ echo VG-PING-AFTER; ping -c 3 -W 1 {HOST_V4}
         "{console}"
     );
     let log = daemon_counters(&daemon);
+    let peak = status_kib(daemon.pid(), "VmHWM:");
+    eprintln!(
+        "icmp flood: peak RSS {peak} KiB, {}, evicted {}, over limit {}, pings during {during:?}, probes: {:?}",
+        line_after(&console, "VG-ICMPFLOOD").unwrap_or(""),
+        counter(&log, "icmp_session_evicted"),
+        counter(&log, "icmp_over_limit"),
+        probes(&console)
+    );
+    assert!(peak < 128 * 1024, "peak RSS {peak} KiB");
     assert!(counter(&log, "icmp_session_evicted") > 0, "{log}");
 }
 
@@ -1075,13 +1071,22 @@ vg-probe tcp-connect 203.0.113.5:80
     );
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// A `/proc/PID/status` figure in KiB (`VmRSS:`, `VmHWM:`).
+fn status_kib(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap()
+}
+
+/// The usability probes' lines (lookups and connects, with their times).
+fn probes(console: &str) -> Vec<&str> {
+    console
+        .lines()
+        .filter(|l| l.starts_with("VG-CONNECT") || l.starts_with("VG-DNSA"))
+        .collect()
 }
 
 #[test]
@@ -1137,7 +1142,7 @@ wait
     // Both transfers are stalled by their readers now; the daemon must hold
     // at most its per-flow buffers, not the 200 MiB the senders have.
     std::thread::sleep(Duration::from_secs(5));
-    let stalled_rss = rss_kib(daemon.pid());
+    let stalled_rss = status_kib(daemon.pid(), "VmRSS:");
     eprintln!("daemon RSS with both readers stalled: {stalled_rss} KiB");
     let console = guest.finish();
     assert!(

@@ -9,10 +9,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use crate::{Daemon, Netns};
-use crate::{TempDir, collect, run, wait_timeout};
+use crate::{TempDir, collect, run};
 
 /// The cached guest (kernel, base initramfs), built once per test binary.
 pub struct GuestImage {
@@ -42,6 +42,9 @@ fn nix_is_root() -> bool {
 }
 
 /// Shell functions every guest script can use.
+/// How long a guest whose script has ended may take to power off.
+pub const POWER_OFF_GRACE: Duration = Duration::from_secs(15);
+
 const PRELUDE: &str = r#"
 # DAD would delay the SLAAC address by a second for no benefit here.
 echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_dad
@@ -249,8 +252,38 @@ impl Guest {
     }
 
     /// Waits for the guest to power off; returns its console.
+    ///
+    /// Once the script has ended (`VG-EXIT` on the console) the guest gets
+    /// [`POWER_OFF_GRACE`] to power off and is then killed: Debian's 6.1
+    /// guest kernel can soft-lock in virtio_net's transmit completion
+    /// during `poweroff -f` (ksoftirqd spinning, seen under TCG on a loaded
+    /// host), after everything the test looks at has been printed.
     pub fn finish(mut self) -> String {
-        let status = wait_timeout(&mut self.child, self.timeout);
+        let deadline = Instant::now() + self.timeout;
+        let mut ended_at = None;
+        let status = loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                break Some(status);
+            }
+            let now = Instant::now();
+            if ended_at.is_none() && self.console().contains("VG-EXIT ") {
+                ended_at = Some(now);
+            }
+            let hung = ended_at.is_some_and(|t| now.duration_since(t) > POWER_OFF_GRACE);
+            if hung || now > deadline {
+                if hung {
+                    eprintln!(
+                        "the guest did not power off {POWER_OFF_GRACE:?} after its script ended; killed"
+                    );
+                }
+                // Killing can fail only if it has exited meanwhile; wait
+                // reaps it either way.
+                self.child.kill().ok();
+                let reaped = self.child.wait().ok();
+                break reaped.filter(|_| hung);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         // Let the collector threads drain the pipes.
         std::thread::sleep(Duration::from_millis(100));
         let console = self.console();

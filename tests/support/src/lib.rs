@@ -506,10 +506,19 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// Stops the daemon the way systemd does (SIGTERM, then SIGKILL after
+    /// a grace period), so its clean exit runs in every test and no
+    /// handler directory is left behind in /tmp.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: a signal to our own child, which has not been
+                // reaped yet (so the pid is still its own).
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            // Past the grace period it is killed; a failure then means it
+            // is gone already.
+            wait_timeout(&mut child, Duration::from_secs(3));
         }
     }
 }
