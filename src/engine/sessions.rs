@@ -343,88 +343,98 @@ mod tests {
         (peer, socket)
     }
 
-    #[test]
-    fn at_the_limit_the_quietest_session_gives_way_after_a_second() {
+    /// The counters `admits` is given in these tests.
+    const COUNTERS: (Counter, Counter) = (Counter::udp_over_limit, Counter::udp_session_evicted);
+
+    /// A table holding one session per key, opened `step` apart from
+    /// `t0`, each connected to one loopback peer.
+    struct Filled {
+        /// Held: the sessions are registered in it.
+        _io: HostIo,
+        table: Datagrams<u8>,
+        peer: std::net::UdpSocket,
+        /// Each session's own address, in key order.
+        addrs: Vec<std::net::SocketAddr>,
+        t0: Instant,
+    }
+
+    fn filled(keys: &[u8], step: Duration) -> Filled {
         let io = HostIo::new().unwrap();
-        let metrics = Metrics::default();
-        let counters = (Counter::udp_over_limit, Counter::udp_session_evicted);
-        let mut table: Datagrams<u8> = Datagrams::new(1, Counter::udp_reply_dropped);
+        let mut table = Datagrams::new(1, Counter::udp_reply_dropped);
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let t0 = Instant::now();
-        for key in [1, 2] {
+        let mut addrs = Vec::new();
+        let mut at = t0;
+        for key in keys {
             let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             socket.connect(peer.local_addr().unwrap()).unwrap();
-            table.open(&io, key, socket, t0).unwrap();
+            addrs.push(socket.local_addr().unwrap());
+            table.open(&io, *key, socket, at).unwrap();
+            at += step;
         }
+        Filled {
+            _io: io,
+            table,
+            peer,
+            addrs,
+            t0,
+        }
+    }
+
+    #[test]
+    fn at_the_limit_the_quietest_session_gives_way_after_a_second() {
+        let metrics = Metrics::default();
+        let mut filled = filled(&[1, 2], Duration::ZERO);
+        let (table, t0) = (&mut filled.table, filled.t0);
         // Both fresh and answered (in use): nothing gives way.
         for session in table.by_token.values_mut() {
             session.answered = true;
         }
-        assert!(!table.admits(2, t0, &metrics, counters));
+        assert!(!table.admits(2, t0, &metrics, COUNTERS));
         assert_eq!(metrics.get(Counter::udp_over_limit), 1);
         // Session 2 stays in use; 1 has been quiet for over a second.
         let later = t0 + EVICT_IDLE + Duration::from_millis(100);
         assert!(table.send(&2, b"still here", later));
-        assert!(table.admits(2, later, &metrics, counters));
+        assert!(table.admits(2, later, &metrics, COUNTERS));
         assert!(!table.contains(&1) && table.contains(&2));
         assert_eq!(table.len(), 1);
         assert_eq!(metrics.get(Counter::udp_session_evicted), 1);
         // Below the limit nothing is touched.
-        assert!(table.admits(2, later, &metrics, counters));
+        assert!(table.admits(2, later, &metrics, COUNTERS));
         assert!(table.contains(&2));
     }
 
     #[test]
     fn at_the_limit_an_unanswered_session_gives_way_at_once() {
-        let io = HostIo::new().unwrap();
         let metrics = Metrics::default();
-        let counters = (Counter::udp_over_limit, Counter::udp_session_evicted);
-        let mut table: Datagrams<u8> = Datagrams::new(1, Counter::udp_reply_dropped);
-        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let t0 = Instant::now();
-        for (i, key) in [1u8, 2, 3].into_iter().enumerate() {
-            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            socket.connect(peer.local_addr().unwrap()).unwrap();
-            let at = t0 + Duration::from_millis(10 * i as u64);
-            table.open(&io, key, socket, at).unwrap();
-        }
+        let mut filled = filled(&[1, 2, 3], Duration::from_millis(10));
+        let (table, t0) = (&mut filled.table, filled.t0);
         // 1 is answered (in use); 2 and 3 are probes into the void.
         let one = table.by_key[&1];
         table.by_token.get_mut(&one).unwrap().answered = true;
         let now = t0 + Duration::from_millis(50);
         // The least recently active unanswered one goes, a flood's next
         // session cannot push out one in use.
-        assert!(table.admits(3, now, &metrics, counters));
+        assert!(table.admits(3, now, &metrics, COUNTERS));
         assert!(table.contains(&1) && !table.contains(&2) && table.contains(&3));
-        assert!(table.admits(2, now, &metrics, counters));
+        assert!(table.admits(2, now, &metrics, COUNTERS));
         assert!(table.contains(&1) && !table.contains(&3));
-        assert!(!table.admits(1, now, &metrics, counters));
+        assert!(!table.admits(1, now, &metrics, COUNTERS));
         assert!(table.contains(&1));
         assert_eq!(metrics.get(Counter::udp_session_evicted), 2);
     }
 
     #[test]
     fn an_unread_reply_keeps_a_session_from_giving_way() {
-        let io = HostIo::new().unwrap();
         let metrics = Metrics::default();
-        let counters = (Counter::udp_over_limit, Counter::udp_session_evicted);
-        let mut table: Datagrams<u8> = Datagrams::new(1, Counter::udp_reply_dropped);
-        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let t0 = Instant::now();
-        let mut addrs = Vec::new();
-        for (i, key) in [1u8, 2, 3].into_iter().enumerate() {
-            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            socket.connect(peer.local_addr().unwrap()).unwrap();
-            addrs.push(socket.local_addr().unwrap());
-            let at = t0 + Duration::from_millis(10 * i as u64);
-            table.open(&io, key, socket, at).unwrap();
-        }
+        let mut filled = filled(&[1, 2, 3], Duration::from_millis(10));
+        let (table, t0) = (&mut filled.table, filled.t0);
         // 1 and 2 were answered, but no pass has read the replies yet.
-        peer.send_to(b"reply", addrs[0]).unwrap();
-        peer.send_to(b"reply", addrs[1]).unwrap();
+        filled.peer.send_to(b"reply", filled.addrs[0]).unwrap();
+        filled.peer.send_to(b"reply", filled.addrs[1]).unwrap();
         std::thread::sleep(Duration::from_millis(20));
         let now = t0 + Duration::from_millis(50);
-        assert!(table.admits(3, now, &metrics, counters));
+        assert!(table.admits(3, now, &metrics, COUNTERS));
         assert!(table.contains(&1) && table.contains(&2) && !table.contains(&3));
         // They are in use now, and their replies are read in the next pass.
         assert!(table.has_readable());
@@ -435,7 +445,7 @@ mod tests {
         got.sort();
         assert_eq!(got, [(1, b"reply".to_vec()), (2, b"reply".to_vec())]);
         // Nothing is left to give way: the next session is refused.
-        assert!(!table.admits(2, now, &metrics, counters));
+        assert!(!table.admits(2, now, &metrics, COUNTERS));
         assert_eq!(metrics.get(Counter::udp_over_limit), 1);
         assert_eq!(metrics.get(Counter::udp_session_evicted), 1);
     }
