@@ -722,23 +722,28 @@ fn ending(e: &std::io::Error) -> &'static str {
     }
 }
 
+/// Connects, or prints `TAG ADDR bytes=0 end=...` and gives up. A peer
+/// that resets at once may do so before the guest's handshake completes
+/// (the gateway answers the SYN only once the peer accepted): that is the
+/// reset the probe reports, not a probe failure.
+fn connect_or_report(addr: SocketAddr, tag: &str, t: Instant) -> Option<TcpStream> {
+    TcpStream::connect(addr)
+        .map_err(|e| {
+            println!(
+                "{tag} {addr} bytes=0 end={} ms={}",
+                ending(&e),
+                t.elapsed().as_millis()
+            );
+        })
+        .ok()
+}
+
 /// Reads a connection to its end (30 s at most without data) and says how
 /// it ended: eof, reset, timeout.
 fn tcp_read(addr: SocketAddr) {
     let t = Instant::now();
-    // A peer that resets at once may do so before the guest's handshake
-    // completes (the gateway answers the SYN only once the peer accepted):
-    // that is the reset this probe reports, not a probe failure.
-    let mut stream = match TcpStream::connect(addr) {
-        Ok(stream) => stream,
-        Err(e) => {
-            let end = ending(&e);
-            println!(
-                "VG-READ {addr} bytes=0 end={end} ms={}",
-                t.elapsed().as_millis()
-            );
-            return;
-        }
+    let Some(mut stream) = connect_or_report(addr, "VG-READ", t) else {
+        return;
     };
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -762,17 +767,8 @@ fn tcp_read(addr: SocketAddr) {
 /// reset, broken-pipe, timeout.
 fn tcp_write(addr: SocketAddr, mib: usize) {
     let t = Instant::now();
-    // As in tcp_read: a reset during the handshake is the peer's reset.
-    let mut stream = match TcpStream::connect(addr) {
-        Ok(stream) => stream,
-        Err(e) => {
-            let end = ending(&e);
-            println!(
-                "VG-WRITE {addr} bytes=0 end={end} ms={}",
-                t.elapsed().as_millis()
-            );
-            return;
-        }
+    let Some(mut stream) = connect_or_report(addr, "VG-WRITE", t) else {
+        return;
     };
     stream
         .set_write_timeout(Some(Duration::from_secs(30)))
